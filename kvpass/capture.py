@@ -1,0 +1,126 @@
+"""Capture a PyTorch model as one FX graph of ATen ops, the input of every FX pass.
+
+`torch.export` (non-strict) is tried first: it gives a single graph with `nn_module_stack` and fake-tensor
+`val` metadata on every node. Models it cannot trace (data-dependent Python control flow, unsupported
+builtins) fall back to dynamo, which splits the model at graph breaks; each piece is then traced to ATen
+with the same metadata. Both paths return a `GraphModule` whose parameters and buffers are `get_attr`
+nodes holding real tensors, so passes can read constant masks by value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from kvpass.errors import CaptureError
+
+DEFAULT_SEQ_LEN = 8
+"""Length of the `input_ids` made up for a model given without example inputs (short keeps export fast)."""
+
+
+@dataclass
+class CapturedGraph:
+    """A captured model: the graph, how it was obtained, and why the fallback was used (if it was)."""
+
+    graph_module: torch.fx.GraphModule
+    how: str
+    """'torch.export' or 'dynamo'."""
+    note: str = ""
+
+
+def default_example_inputs(model: torch.nn.Module) -> tuple[tuple, dict[str, Any]]:
+    """Example inputs for a transformers model: a short `input_ids` batch with the KV cache turned off.
+
+    Raises CaptureError for models that are not transformers text models: those need `example_inputs`.
+    """
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None) if config is not None else None
+    if not isinstance(vocab, int) or vocab < 2:
+        raise CaptureError(
+            f"{type(model).__name__} needs example_inputs: kvpass can only make up inputs for "
+            "transformers text models (a config with vocab_size)"
+        )
+    input_ids = (torch.arange(DEFAULT_SEQ_LEN) % (vocab - 1) + 1).unsqueeze(0)
+    return (input_ids,), {"use_cache": False}
+
+
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None) -> CapturedGraph:
+    """Capture `model(*args, **kwargs)` in eval mode without gradients, export first, dynamo second."""
+    if not kwargs and _is_transformers_model(model):
+        kwargs = {"use_cache": False}
+    with _eval_no_grad(model):
+        try:
+            exported = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
+            return CapturedGraph(exported.module(), "torch.export")
+        except Exception as export_error:  # noqa: BLE001 - any export failure means: try dynamo
+            note = f"torch.export failed ({type(export_error).__name__}: {_first_line(export_error)})"
+        try:
+            graph_module = _dynamo_capture(model, tuple(args), dict(kwargs or {}))
+        except Exception as dynamo_error:  # noqa: BLE001
+            raise CaptureError(
+                f"could not capture {type(model).__name__} with the given example_inputs: {note}; "
+                f"dynamo failed too ({type(dynamo_error).__name__}: {_first_line(dynamo_error)}). "
+                "Check that example_inputs run the model's forward."
+            ) from dynamo_error
+    return CapturedGraph(graph_module, "dynamo", note)
+
+
+def _dynamo_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.fx.GraphModule:
+    """Run the model under dynamo, trace each graph piece to ATen, and hold the pieces in one module.
+
+    With graph breaks there are several pieces; the returned module keeps them as submodules
+    `piece_0`, `piece_1`, ... in execution order (passes walk every submodule's graph). It is a
+    container for analysis, not a runnable replacement of the model.
+    """
+    pieces: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        with torch.fx.traceback.preserve_node_meta():
+            traced = make_fx(torch.fx.Interpreter(gm).run, tracing_mode="fake", pre_dispatch=True)(*example_inputs)
+        pieces.append(traced)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(model, backend=backend, fullgraph=False, dynamic=False)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    if not pieces:
+        raise RuntimeError("dynamo produced no graph")
+    if len(pieces) == 1:
+        return pieces[0]
+    container = torch.fx.Graph()
+    container.output(None)
+    holder = torch.fx.GraphModule(torch.nn.Module(), container, class_name="CapturedPieces")
+    for index, piece in enumerate(pieces):
+        holder.add_module(f"piece_{index}", piece)
+    return holder
+
+
+def _is_transformers_model(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: torch.nn.Module) -> Iterator[None]:
+    """Trace the inference graph (no dropout, no autograd), then restore the caller's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""

@@ -1,0 +1,1 @@
+"""Quality evaluation on real models: model loading, passkey retrieval, budget sweeps."""

@@ -1,0 +1,92 @@
+"""Budget sweeps that share one prefill across every (method, budget) pair.
+
+Cache-eviction methods never change the prefill's own outputs (DESIGN invariant 2), so
+a prompt can be prefilled once, recording each layer's K/V and every attention statistic
+a method may ask for; each (method, budget) then starts from that recording, evicts,
+and decodes. This is what makes a 7-method x 3-budget x 2-mode passkey table affordable
+on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from kvpass.kernels import ops
+from kvpass.methods import Method, Stat
+from kvpass.plan import Plan
+from kvpass.runtime.compacted_cache import CompactedKV
+from kvpass.runtime.hf import KVPassCacheLayer, set_attn_implementation
+
+RECORDER = "kvpass_record"
+STAT_WINDOW = 32
+
+
+@dataclass
+class LayerRecording:
+    keys: torch.Tensor
+    values: torch.Tensor
+    stats: dict[Stat, torch.Tensor]
+
+
+@dataclass
+class PrefillRecording:
+    """Per-layer K/V and statistics of one prefill (batch 1, no padding)."""
+
+    layers: dict[int, LayerRecording] = field(default_factory=dict)
+
+
+_active: list[PrefillRecording] = []
+
+
+def _record_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention implementation that also records what every method could need."""
+    batch, _, length, _ = query.shape
+    q_slots = torch.arange(length, dtype=torch.int32).expand(batch, length).contiguous()
+    k_slots = torch.arange(length, dtype=torch.int32).expand(batch, key.shape[1], length).contiguous()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    stats = {}
+    out = None
+    for mode in (Stat.COLUMN_SUM, Stat.WINDOW, Stat.LAST_QUERY):
+        result, stats[mode] = ops.attention(query, key, value, q_slots, k_slots, scale, True, mode.value, STAT_WINDOW)
+        out = result if out is None else out
+    _active[-1].layers[module.layer_idx] = LayerRecording(key, value, stats)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def record_prefill(model, input_ids: torch.Tensor) -> PrefillRecording:
+    """Prefill `input_ids` [1, L] through `model`, recording every layer (stats window: 32)."""
+    AttentionInterface.register(RECORDER, _record_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(RECORDER, sdpa_mask)
+    previous = set_attn_implementation(model, RECORDER)
+    _active.append(PrefillRecording())
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+        return _active[-1]
+    finally:
+        _active.pop()
+        set_attn_implementation(model, previous)
+
+
+def cache_from_recording(model, recording: PrefillRecording, plan: Plan) -> DynamicCache:
+    """A DynamicCache of kvpass layers for optimized `model`, evicted from the recording under `plan`."""
+    modules = dict(model.named_modules())
+    by_layer = {modules[site.name].layer_idx: site for site in model.kvpass_sites}
+    dtype_bytes = next(model.parameters()).element_size()
+    layers = []
+    for index in sorted(recording.layers):
+        layer = recording.layers[index]
+        site = by_layer[index]
+        method: Method = plan.method
+        stat = layer.stats.get(method.stat) if method.stat is not Stat.NONE else None
+        site_cache = CompactedKV.from_prefill(
+            plan.schedule(site, dtype_bytes), method, site.group_size, layer.keys, layer.values, stat
+        )
+        layers.append(KVPassCacheLayer(site_cache))
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache

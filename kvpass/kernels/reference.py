@@ -1,0 +1,103 @@
+"""Reference torch implementations of kvpass's kernels.
+
+These run everywhere and are the oracle the Triton kernels are tested against. The
+attention never builds the full [Hq, Lq, Lk] probability matrix at once: queries are
+processed in chunks, so scoring a 32K prefill costs O(chunk x Lk) memory.
+
+Slot convention: every cached token carries its logical position in the sequence
+(`slot`). Padding tokens carry `-1 - slot`, so they stay masked, yet a padding query can
+still see itself (which keeps its output finite instead of NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpass.methods.base import Stat
+
+QUERY_CHUNK = 256
+
+
+def slot_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Boolean visibility [B, Hkv, Lq, Lk]: which cached slots each query may attend to."""
+    k = k_slots[:, :, None, :]
+    q = q_slots[:, None, :, None]
+    visible = k >= 0
+    if causal:
+        visible = visible & (k <= q)
+    return visible | (k == -1 - q)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_slots: torch.Tensor,
+    k_slots: torch.Tensor,
+    scale: float,
+    causal: bool,
+    stat: str,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a (possibly compacted) cache, plus the eviction statistic it asks for.
+
+    q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D]; q_slots [B, Lq]; k_slots [B, Hkv, Lk].
+    Returns out [B, Hq, Lq, D] and stat [B, Hkv, Lk] (float32, summed over the query group;
+    zeros when `stat` is 'none').
+    """
+    mode = Stat(stat)
+    batch, hq, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    out = torch.empty_like(q)
+    stats = torch.zeros(batch, hkv, lk, dtype=torch.float32, device=q.device)
+    first_scored = first_scored_query(mode, lq, window)
+    k_rep = k.repeat_interleave(group, dim=1) if group > 1 else k
+    v_rep = v.repeat_interleave(group, dim=1) if group > 1 else v
+    for start in range(0, lq, QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, lq)
+        mask = slot_mask(q_slots[:, start:stop], k_slots, causal)
+        mask = mask.repeat_interleave(group, dim=1) if group > 1 else mask
+        q_chunk = q[:, :, start:stop]
+        if stop <= first_scored:
+            out[:, :, start:stop] = torch.nn.functional.scaled_dot_product_attention(
+                q_chunk, k_rep, v_rep, attn_mask=mask, scale=scale
+            )
+            continue
+        logits = (q_chunk.float() @ k_rep.float().transpose(-1, -2)) * scale
+        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        out[:, :, start:stop] = (probs @ v_rep.float()).to(q.dtype)
+        scored = probs[:, :, max(first_scored - start, 0):]
+        stats += scored.sum(dim=2).view(batch, hkv, group, lk).sum(dim=2)
+    return out, stats
+
+
+def first_scored_query(mode: Stat, lq: int, window: int) -> int:
+    """Index of the first query whose attention row contributes to the statistic."""
+    if mode is Stat.NONE:
+        return lq
+    if mode is Stat.LAST_QUERY:
+        return lq - 1
+    if mode is Stat.WINDOW:
+        return max(lq - window, 0)
+    return 0
+
+
+def select_and_compact(
+    k: torch.Tensor, v: torch.Tensor, k_slots: torch.Tensor, scores: torch.Tensor, keep: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the `keep` highest-scoring tokens of every (batch, KV head), in slot order.
+
+    Ties break towards the earlier token (a stable sort), the same rule as ONNX TopK, so
+    the torch and onnxruntime paths keep the same positions. Returns new contiguous
+    (k, v, slots) of length `keep` and the kept indices [B, Hkv, keep] into the old cache.
+    """
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]
+    index = torch.sort(order, dim=-1).values
+    gather = index[..., None].expand(-1, -1, -1, k.shape[-1])
+    return (
+        torch.gather(k, 2, gather),
+        torch.gather(v, 2, gather),
+        torch.gather(k_slots, 2, index),
+        index,
+    )

@@ -1,0 +1,403 @@
+"""Triton attention over a (compacted) KV cache, with the eviction statistics methods need.
+
+Three kernels, all specialised by `KernelSpec` constexprs:
+
+* prefill: flash-style online softmax per query tile; writes the output and each query
+  row's log-sum-exp (base 2), never the L x L matrix.
+* decode: split-K over long caches, the whole GQA group's queries packed in one tile so
+  every K/V byte is read once per KV head; a reduction kernel merges the splits.
+* stats: one key tile per program re-derives the probabilities from the saved LSE and sums
+  them over the scored queries and the GQA group (COLUMN_SUM / WINDOW / LAST_QUERY), so the
+  statistic is deterministic (no atomics) and costs one extra QK^T, not an L x L buffer.
+
+Masking follows `kvpass.kernels.reference.slot_mask` exactly. An optional `lengths [B, Hkv]`
+bounds each head's keys (head-wise budgets): keys at or past it are never read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvpass.kernels.reference import _first_scored_query
+from kvpass.kernels.triton_spec import KernelSpec
+from kvpass.methods.base import Stat
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _visible(q_slot, k_slot, row_ok, col_ok, CAUSAL: tl.constexpr):
+    """[M, N] visibility: key slot >= 0 (and <= query slot if causal), or the query's own padded slot."""
+    qs = q_slot[:, None]
+    ks = k_slot[None, :]
+    vis = ks >= 0
+    if CAUSAL:
+        vis = vis & (ks <= qs)
+    vis = vis | (ks == -1 - qs)
+    return vis & row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """tl.dot, or an fp32 dot of the same (already rounded) operands where the target mishandles them."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _key_end(Lengths, b, h, n_kv_heads, lk, HAS_LENGTHS: tl.constexpr):
+    """Number of keys this (batch, KV head) holds."""
+    if HAS_LENGTHS:
+        return tl.minimum(tl.load(Lengths + b * n_kv_heads + h).to(tl.int32), lk)
+    return lk
+
+
+@triton.jit
+def _attend(
+    q, q_slot, row_ok, m_i, l_i, acc,
+    K, V, KS, stride_kn, stride_kd, stride_vn, stride_vd,
+    lo, hi, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Online-softmax accumulation of keys [lo, hi) into (m_i, l_i, acc); tiles nobody sees are skipped."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k_slot = tl.load(KS + offs_n, mask=n_ok, other=0)
+        vis = _visible(q_slot, k_slot, row_ok, n_ok, CAUSAL)
+        if tl.max(vis.to(tl.int32)) > 0:
+            kt = tl.load(
+                K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=n_ok[None, :] & d_ok[:, None], other=0.0,
+            )
+            s = _dot(q, kt, PRECISION, DOT_FP32) * qk_scale
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+            )
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, DOT_FP32)
+            m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _finish(m_i, l_i, acc):
+    """Normalised output and base-2 LSE; rows that saw nothing give 0 and -inf."""
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, QS, KS, Lengths, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    n_q_heads, lq, lk, qk_scale,
+    HAS_LENGTHS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_q_heads
+    hq = pid_bh % n_q_heads
+    hk = hq // GROUP
+    n_kv_heads = n_q_heads // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < lq
+    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(
+        Q + b * stride_qb + hq * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=tile_ok, other=0.0,
+    )
+    q_slot = tl.load(QS + b * lq + offs_m, mask=row_ok, other=0)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _attend(
+        q, q_slot, row_ok, m_i, l_i, acc,
+        K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+        KS + (b * n_kv_heads + hk) * lk, stride_kn, stride_kd, stride_vn, stride_vd,
+        0, _key_end(Lengths, b, hk, n_kv_heads, lk, HAS_LENGTHS), qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION, DOT_FP32,
+    )
+    out, lse = _finish(m_i, l_i, acc)
+    tl.store(
+        Out + b * stride_ob + hq * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty), mask=tile_ok,
+    )
+    tl.store(Lse + pid_bh * lq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, QS, KS, Lengths, PartOut, PartLse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    n_kv_heads, lq, lk, split_len, qk_scale,
+    HAS_LENGTHS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_splits = tl.num_programs(0)
+    b = pid_bh // n_kv_heads
+    hk = pid_bh % n_kv_heads
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * lq
+    g = rows // lq
+    i = rows % lq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + b * stride_qb + (hk * GROUP + g)[:, None] * stride_qh + i[:, None] * stride_qm
+        + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    q_slot = tl.load(QS + b * lq + i, mask=row_ok, other=0)
+    end = _key_end(Lengths, b, hk, n_kv_heads, lk, HAS_LENGTHS)
+    lo = pid_s * split_len
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _attend(
+        q, q_slot, row_ok, m_i, l_i, acc,
+        K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+        KS + pid_bh * lk, stride_kn, stride_kd, stride_vn, stride_vd,
+        lo, tl.minimum(lo + split_len, end), qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION, DOT_FP32,
+    )
+    out, lse = _finish(m_i, l_i, acc)
+    part = pid_bh * n_splits + pid_s
+    tl.store(PartOut + (part * BLOCK_M + rows[:, None]) * BLOCK_D + offs_d[None, :], out)
+    tl.store(PartLse + part * BLOCK_M + rows, lse)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    PartOut, PartLse, Out, Lse,
+    stride_ob, stride_oh, stride_om, stride_od,
+    n_kv_heads, lq, n_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merge the splits' normalised partial outputs by their LSEs (log-sum-exp of LSEs)."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // n_kv_heads
+    hk = pid_bh % n_kv_heads
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    w = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(n_splits):
+        part = pid_bh * n_splits + s
+        lse_s = tl.load(PartLse + part * BLOCK_M + rows)
+        out_s = tl.load(PartOut + (part * BLOCK_M + rows[:, None]) * BLOCK_D + offs_d[None, :])
+        m_new = tl.maximum(m, lse_s)
+        alpha = tl.exp2(m - m_new)
+        beta = tl.exp2(lse_s - m_new)
+        acc = acc * alpha[:, None] + out_s * beta[:, None]
+        w = w * alpha + beta
+        m = m_new
+    out, lse = _finish(m, w, acc)
+    row_ok = rows < GROUP * lq
+    g = rows // lq
+    i = rows % lq
+    hq = hk * GROUP + g
+    tl.store(
+        Out + b * stride_ob + hq[:, None] * stride_oh + i[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+    )
+    tl.store(Lse + (b * n_kv_heads * GROUP + hq) * lq + i, lse, mask=row_ok)
+
+
+@triton.jit
+def _stats_kernel(
+    Q, K, QS, KS, Lengths, Lse, Stats,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    n_kv_heads, lq, lk, first_row, qk_scale,
+    HAS_LENGTHS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """stats[b, h, n] = sum over the group's heads and queries >= first_row of softmax(q k^T)[q, n]."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    hk = pid_bh % n_kv_heads
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    n_ok = offs_n < _key_end(Lengths, b, hk, n_kv_heads, lk, HAS_LENGTHS)
+    kt = tl.load(
+        K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        mask=n_ok[None, :] & d_ok[:, None], other=0.0,
+    )
+    k_slot = tl.load(KS + pid_bh * lk + offs_n, mask=n_ok, other=0)
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for g in range(GROUP):
+        hq = hk * GROUP + g
+        for start in range(first_row, lq, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < lq
+            q_slot = tl.load(QS + b * lq + offs_m, mask=row_ok, other=0)
+            vis = _visible(q_slot, k_slot, row_ok, n_ok, CAUSAL)
+            if tl.max(vis.to(tl.int32)) > 0:
+                q = tl.load(
+                    Q + b * stride_qb + hq * stride_qh + offs_m[:, None] * stride_qm
+                    + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+                )
+                lse = tl.load(Lse + ((b * n_kv_heads * GROUP) + hq) * lq + offs_m, mask=row_ok, other=0.0)
+                s = _dot(q, kt, PRECISION, DOT_FP32) * qk_scale
+                p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+                total += tl.sum(p, 0)
+    tl.store(Stats + pid_bh * lk + offs_n, total, mask=offs_n < lk)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.stride())
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor) -> None:
+    """Shape errors that name the argument, instead of an out-of-bounds read inside a kernel."""
+    batch, _, lq, dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[-1] != dim:
+        raise ValueError(
+            f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, Hkv, Lk, {dim}] for q {tuple(q.shape)}"
+        )
+    if tuple(q_slots.shape) != (batch, lq):
+        raise ValueError(f"q_slots must be [B, Lq] = {(batch, lq)}, got {tuple(q_slots.shape)}")
+    if tuple(k_slots.shape) != tuple(k.shape[:3]):
+        raise ValueError(f"k_slots must be [B, Hkv, Lk] = {tuple(k.shape[:3])}, got {tuple(k_slots.shape)}")
+
+
+def _lengths_arg(lengths: torch.Tensor | None, k: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    if lengths is None:
+        return _absent(k), False
+    if tuple(lengths.shape) != tuple(k.shape[:2]):
+        raise ValueError(f"lengths must be [B, Hkv] = {tuple(k.shape[:2])}, got {tuple(lengths.shape)}")
+    return lengths.contiguous(), True
+
+
+def _absent(k: torch.Tensor) -> torch.Tensor:
+    """A placeholder pointer for an absent optional tensor (never dereferenced)."""
+    return k.new_empty(1, dtype=torch.int32)
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor,
+    scale: float, causal: bool, lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash-style attention: out [B, Hq, Lq, D] and base-2 log-sum-exp [B, Hq, Lq] (float32)."""
+    _check(q, k, v, q_slots, k_slots)
+    spec = KernelSpec.from_tensors(q, k, causal, Stat.NONE)
+    launch = spec.prefill()
+    batch, hq, lq, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, hq, lq, dtype=torch.float32, device=q.device)
+    lens, has_lengths = _lengths_arg(lengths, k)
+    grid = (triton.cdiv(lq, launch.block_m), batch * hq)
+    torch.library.wrap_triton(_prefill_kernel)[grid](
+        q, k, v, q_slots.contiguous(), k_slots.contiguous(), lens, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        hq, lq, k.shape[2], scale * LOG2E,
+        HAS_LENGTHS=has_lengths, **spec.constexprs(), **launch.options(),
+    )
+    return out, lse
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor,
+    scale: float, causal: bool, lengths: torch.Tensor | None = None, num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K attention for a few queries over a long cache; same outputs as `prefill_attention`.
+
+    `lengths [B, Hkv]` gives each head's number of valid keys (head-wise budgets): keys past
+    it are not read. `num_splits` overrides the spec's split-K factor.
+    """
+    _check(q, k, v, q_slots, k_slots)
+    spec = KernelSpec.from_tensors(q, k, causal, Stat.NONE)
+    batch, hq, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    launch = spec.decode(lq)
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+        num_splits = spec.decode_splits(lk, batch * hkv, sms)
+    split_len = triton.cdiv(triton.cdiv(lk, num_splits), launch.block_n) * launch.block_n
+    num_splits = max(1, triton.cdiv(lk, split_len))
+    parts = batch * hkv * num_splits * launch.block_m
+    part_out = torch.empty(parts * spec.block_d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(parts, dtype=torch.float32, device=q.device)
+    lens, has_lengths = _lengths_arg(lengths, k)
+    consts = spec.constexprs()
+    torch.library.wrap_triton(_decode_split_kernel)[(num_splits, batch * hkv)](
+        q, k, v, q_slots.contiguous(), k_slots.contiguous(), lens, part_out, part_lse,
+        *_strides(q), *_strides(k), *_strides(v),
+        hkv, lq, lk, split_len, scale * LOG2E,
+        HAS_LENGTHS=has_lengths, **consts, **launch.options(),
+    )
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, hq, lq, dtype=torch.float32, device=q.device)
+    torch.library.wrap_triton(_decode_reduce_kernel)[(batch * hkv,)](
+        part_out, part_lse, out, lse, *_strides(out), hkv, lq, num_splits,
+        GROUP=consts["GROUP"], HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=consts["BLOCK_D"],
+        BLOCK_M=launch.block_m, num_warps=launch.num_warps,
+    )
+    return out, lse
+
+
+def attention_stats(
+    q: torch.Tensor, k: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor, lse: torch.Tensor,
+    scale: float, causal: bool, stat: Stat | str, window: int, lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-key statistic [B, Hkv, Lk] (float32) from the attention's saved base-2 LSE."""
+    spec = KernelSpec.from_tensors(q, k, causal, stat)
+    batch, _, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    stats = torch.zeros(batch, hkv, lk, dtype=torch.float32, device=q.device)
+    first = _first_scored_query(spec.stat, lq, window)
+    if first >= lq or lk == 0:
+        return stats
+    launch = spec.stats()
+    lens, has_lengths = _lengths_arg(lengths, k)
+    torch.library.wrap_triton(_stats_kernel)[(triton.cdiv(lk, launch.block_n), batch * hkv)](
+        q, k, q_slots.contiguous(), k_slots.contiguous(), lens, lse, stats,
+        *_strides(q), *_strides(k),
+        hkv, lq, lk, first, scale * LOG2E,
+        HAS_LENGTHS=has_lengths, **spec.constexprs(), **launch.options(),
+    )
+    return stats
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor,
+    scale: float, causal: bool, stat: str, window: int, lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `reference.attention`: decode kernel for few queries, prefill kernel otherwise."""
+    spec = KernelSpec.from_tensors(q, k, causal, stat)
+    lq = q.shape[2]
+    if spec.uses_decode(lq):
+        out, lse = decode_attention(q, k, v, q_slots, k_slots, scale, causal, lengths)
+    else:
+        out, lse = prefill_attention(q, k, v, q_slots, k_slots, scale, causal, lengths)
+    return out, attention_stats(q, k, q_slots, k_slots, lse, scale, causal, stat, window, lengths)

@@ -1,0 +1,650 @@
+"""Find attention in an FX graph of ATen ops, and rewrite cached attention onto a replacement op.
+
+Matching is driven by the op tables below, not by per-model code. Two anchors start a match:
+
+* an SDPA op (`scaled_dot_product_attention` and its fused variants): q, k, v, mask and flags are
+  read from the op's own arguments;
+* a softmax: its input is walked up to a score product `q @ kᵀ` (matmul, bmm, einsum, baddbmm)
+  through *transparent* ops (layout and dtype moves), *scale* ops (mul/div by a constant) and *mask*
+  ops (add, masked_fill, where), and its output is walked down to the `probs @ v` product.
+
+From the q, k, v operands the walk continues up through transparent and *repeat* ops (GQA/MQA
+expand or repeat_interleave) to the projections, which give the geometry (heads, KV heads, head
+dim), self vs cross, whether K/V are concatenated onto a past cache read from the graph inputs, and
+the module that owns the site. A softmax over a product of two activations that fails any later
+step is reported in `SiteReport.unsupported` with the reason.
+
+Causality is decided from the graph, never from the model's class: an SDPA `is_causal=True`, or a
+mask whose producers contain `tril`/`triu`, an ordering comparison (`<`, `<=`, `>`, `>=`) between two
+tensors (how HF builds masks from position indices), or a constant buffer that is triangular.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.fx import GraphModule, Node
+
+from kvpass.site import AttentionSite, SiteReport, UnsupportedAttention
+
+aten = torch.ops.aten
+
+# --- the pattern vocabulary -------------------------------------------------------------------
+
+TRANSPARENT_OPS = frozenset({
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default, aten.t.default, aten.clone.default, aten.contiguous.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.flatten.using_ints, aten.unflatten.int, aten._to_copy.default, aten.to.dtype,
+    aten.to.dtype_layout, aten.to.device, aten.type_as.default, aten.dropout.default,
+    aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
+})
+"""Ops that move, relabel or cast data without mixing values: walked through in every direction."""
+
+REPEAT_OPS = frozenset({aten.expand.default, aten.repeat_interleave.self_int, aten.repeat.default})
+"""Ops that replicate K/V heads for GQA/MQA (or broadcast in decomposed matmuls)."""
+
+SOFTMAX_OPS = frozenset({aten._softmax.default, aten.softmax.int, aten._safe_softmax.default})
+
+
+@dataclass(frozen=True)
+class ArgRule:
+    """Which schema arguments of an op play which role (names as in the ATen schema)."""
+
+    q: str = ""
+    k: str = ""
+    v: str = ""
+    mask: str = ""
+    scale: str = ""
+    causal: str = ""
+
+
+SDPA_OPS: dict[Any, ArgRule] = {
+    aten.scaled_dot_product_attention.default: ArgRule(
+        "query", "key", "value", mask="attn_mask", scale="scale", causal="is_causal"),
+    aten._scaled_dot_product_attention_math.default: ArgRule(
+        "query", "key", "value", mask="attn_mask", scale="scale", causal="is_causal"),
+    aten._scaled_dot_product_flash_attention.default: ArgRule(
+        "query", "key", "value", scale="scale", causal="is_causal"),
+    aten._scaled_dot_product_flash_attention_for_cpu.default: ArgRule(
+        "query", "key", "value", mask="attn_mask", scale="scale", causal="is_causal"),
+    aten._scaled_dot_product_efficient_attention.default: ArgRule(
+        "query", "key", "value", mask="attn_bias", scale="scale", causal="is_causal"),
+    aten._scaled_dot_product_cudnn_attention.default: ArgRule(
+        "query", "key", "value", mask="attn_bias", scale="scale", causal="is_causal"),
+}
+"""Fused attention ops and where their operands are; fused variants return a tuple (output first)."""
+
+SCORE_OPS: dict[Any, ArgRule] = {
+    aten.matmul.default: ArgRule(q="self", k="other"),
+    aten.bmm.default: ArgRule(q="self", k="mat2"),
+    aten.baddbmm.default: ArgRule(q="batch1", k="batch2", mask="self", scale="alpha"),
+    aten.einsum.default: ArgRule(),  # operands come from the equation, see `_einsum_roles`
+}
+"""Producers of the score matrix q·kᵀ (also used, with probs as q, to find the probs·v product)."""
+
+SCALE_OPS = {aten.mul.Tensor: False, aten.mul.Scalar: False, aten.div.Tensor: True, aten.div.Scalar: True}
+"""Multiplications by a constant; the flag says the constant divides."""
+
+MASK_OPS: dict[Any, tuple[str, ...]] = {
+    aten.add.Tensor: ("self", "other"),
+    aten.sub.Tensor: ("self",),
+    aten.masked_fill.Scalar: ("self",),
+    aten.masked_fill.Tensor: ("self",),
+    aten.where.self: ("self",),
+    aten.where.ScalarOther: ("self",),
+}
+"""Ops that combine scores with a mask or bias; the names list the arguments that may carry scores."""
+
+PROJECTION_OPS = {aten.linear.default: "input", aten.addmm.default: "mat1", aten.mm.default: "self"}
+"""Projections from hidden states; the name is the activation argument (the other is a weight)."""
+
+CAUSAL_OPS = frozenset({aten.tril.default, aten.triu.default})
+ORDER_COMPARISONS = frozenset({aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor})
+CACHE_INDEX_OPS = frozenset({aten.select.int, aten.slice.Tensor, operator.getitem})
+"""Ops that pick one layer's past K/V out of a stacked cache input."""
+
+MASK_CONE_LIMIT = 400
+"""How many producer nodes of a mask are inspected to decide causality."""
+
+
+# --- small graph helpers ----------------------------------------------------------------------
+
+def _is_call(node: Any, ops: Iterable) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in ops
+
+
+def _arguments(node: Node) -> dict[str, Any]:
+    """The node's arguments by ATen schema name (so rules can say 'key' instead of 'args[1]')."""
+    named = {}
+    for index, argument in enumerate(node.target._schema.arguments):
+        if index < len(node.args):
+            named[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            named[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            named[argument.name] = argument.default_value
+    return named
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    value = node.meta.get("val") if isinstance(node, Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _shape(node: Any) -> tuple[int, ...]:
+    value = _val(node)
+    return tuple(int(s) for s in value.shape) if value is not None else ()
+
+
+def _numel(node: Node) -> int:
+    return math.prod(_shape(node))
+
+
+def _walk_up(node: Node, through: frozenset) -> tuple[Node, list[Node]]:
+    """Follow the data input (first argument) up through `through` ops; return the top and the path."""
+    path = []
+    while _is_call(node, through) and isinstance(node.args[0], Node):
+        path.append(node)
+        node = node.args[0]
+    return node, path
+
+
+def _constant(arg: Any) -> float | None:
+    """The value of a scalar constant: a literal, `full`/`scalar_tensor`, a one-element buffer, a sqrt."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg)
+    if not isinstance(arg, Node):
+        return None
+    if arg.op == "get_attr":
+        value = _attribute(arg)
+        return float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else None
+    if _is_call(arg, TRANSPARENT_OPS | REPEAT_OPS):
+        return _constant(arg.args[0])
+    if _is_call(arg, {aten.full.default, aten.full_like.default}):
+        return _constant(arg.args[1])
+    if _is_call(arg, {aten.scalar_tensor.default}):
+        return _constant(arg.args[0])
+    if _is_call(arg, {aten.sqrt.default}):
+        inner = _constant(arg.args[0])
+        return math.sqrt(inner) if inner is not None and inner >= 0 else None
+    return None
+
+
+def _attribute(node: Node) -> Any:
+    value: Any = node.graph.owning_module
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _peel_scale(node: Node) -> tuple[Node, float] | None:
+    """If `node` multiplies or divides a tensor by a constant, return (tensor, factor)."""
+    if not _is_call(node, SCALE_OPS) or len(node.args) < 2:
+        return None
+    divides = SCALE_OPS[node.target]
+    left, right = node.args[0], node.args[1]
+    for data, const in ((left, right), (right, left)) if not divides else ((left, right),):
+        value = _constant(const)
+        if value is not None and isinstance(data, Node) and _val(data) is not None and value != 0:
+            return data, (1.0 / value if divides else value)
+    return None
+
+
+def _walk_up_scaled(node: Node) -> tuple[Node, float]:
+    """Walk up through transparent and constant-scale ops, multiplying the scale factors found."""
+    factor = 1.0
+    while True:
+        if _is_call(node, TRANSPARENT_OPS):
+            node = node.args[0]
+            continue
+        peeled = _peel_scale(node)
+        if peeled is None:
+            return node, factor
+        node, factor = peeled[0], factor * peeled[1]
+
+
+def _is_weight(node: Node) -> bool:
+    top, _ = _walk_up(node, TRANSPARENT_OPS | REPEAT_OPS)
+    return top.op == "get_attr"
+
+
+def _module_path(raw: str) -> str:
+    """Normalise an `nn_module_stack` path (export or dynamo spelling) to a `named_modules()` key."""
+    path = re.sub(r"^(L\['self'\]|L__self__|self(?=[.\[]|$))", "", raw)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
+    return path.strip(".")
+
+
+def _module_stack(node: Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [_module_path(entry[0]) for entry in stack.values()]
+
+
+def _owning_module(nodes: list[Node]) -> str:
+    """The deepest module whose stack contains all `nodes` (e.g. q projection and attention op)."""
+    stacks = [_module_stack(n) for n in nodes if n.meta.get("nn_module_stack")]
+    if not stacks:
+        return ""
+    common = ""
+    for depth in range(min(len(s) for s in stacks)):
+        paths = {s[depth] for s in stacks}
+        if len(paths) != 1:
+            break
+        common = paths.pop()
+    return common
+
+
+# --- per-site analysis ------------------------------------------------------------------------
+
+@dataclass
+class _Core:
+    """What a pattern extracted from the attention op(s) before geometry is worked out."""
+
+    pattern: str
+    anchor: Node
+    q: Node
+    k: Node
+    v: Node
+    out: Node
+    num_heads: int
+    head_dim: int
+    heads_of_k: int
+    """Head count of the k operand as the attention op sees it (after any repeat)."""
+    scale: float
+    causal_flag: bool = False
+    masks: list[Node] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)
+    weights_used: bool = False
+
+
+class _Miss(Exception):
+    """An attention-like subgraph that no rule fits; the message is the reason reported."""
+
+
+def _match_sdpa(node: Node) -> _Core:
+    rule = SDPA_OPS[node.target]
+    args = _arguments(node)
+    q, k, v = args[rule.q], args[rule.k], args[rule.v]
+    q_shape, k_shape = _shape(q), _shape(k)
+    if len(q_shape) != 4 or len(k_shape) != 4:
+        raise _Miss(f"SDPA with {len(q_shape)}-d query; expected [batch, heads, seq, head_dim]")
+    out = node
+    if isinstance(node.meta.get("val"), (tuple, list)):
+        outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        if not outs:
+            raise _Miss("fused attention output is never read")
+        out = outs[0]
+    head_dim = q_shape[-1]
+    scale = args.get(rule.scale) if rule.scale else None
+    mask = args.get(rule.mask) if rule.mask else None
+    return _Core(
+        pattern="sdpa", anchor=node, q=q, k=k, v=v, out=out, num_heads=q_shape[-3], head_dim=head_dim,
+        heads_of_k=k_shape[-3], scale=float(scale) if scale is not None else 1.0 / math.sqrt(head_dim),
+        causal_flag=bool(args.get(rule.causal, False)), masks=[mask] if isinstance(mask, Node) else [],
+        nodes=[node] + ([out] if out is not node else []),
+    )
+
+
+@dataclass
+class _ScorePath:
+    """What lies between the score product and the softmax."""
+
+    producer: Node
+    scale: float = 1.0
+    masks: list[Node] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)
+
+
+def _find_scores(node: Node) -> _ScorePath | None:
+    """Walk from the softmax input up to the q·kᵀ product, collecting scale factors and masks."""
+    path: list[Node] = []
+    scale = 1.0
+    while True:
+        if _is_call(node, SCORE_OPS):
+            return _ScorePath(node, scale, [], path)
+        if _is_call(node, TRANSPARENT_OPS):
+            path.append(node)
+            node = node.args[0]
+            continue
+        peeled = _peel_scale(node)
+        if peeled is not None:
+            path.append(node)
+            node, scale = peeled[0], scale * peeled[1]
+            continue
+        if not _is_call(node, MASK_OPS):
+            return None
+        args = _arguments(node)
+        for name in MASK_OPS[node.target]:
+            below = _find_scores(args[name]) if isinstance(args.get(name), Node) else None
+            if below is not None:
+                others = [a for n, a in args.items() if n != name and isinstance(a, Node)]
+                below.scale *= scale
+                below.masks += others
+                below.nodes += path + [node]
+                return below
+        return None
+
+
+def _einsum_roles(node: Node) -> tuple[Node, Node, int, int, int]:
+    """(q, k, num_heads, head_dim, heads_of_k) of a two-operand score einsum such as 'bhqd,bhkd->bhqk'."""
+    equation, operands = node.args[0], node.args[1]
+    if len(operands) != 2 or "->" not in equation or "." in equation:
+        raise _Miss(f"einsum '{equation}' is not a two-operand explicit score product")
+    inputs, out = equation.replace(" ", "").split("->")
+    q_sub, k_sub = inputs.split(",")
+    q, k = operands
+    sizes = dict(zip(q_sub, _shape(q)))
+    contracted = [c for c in q_sub if c in k_sub and c not in out]
+    if len(out) != 4 or not contracted:
+        raise _Miss(f"einsum '{equation}' does not give [batch, heads, q, k] scores")
+    head = out[-3]
+    heads_of_k = dict(zip(k_sub, _shape(k))).get(head, 1)
+    return q, k, sizes[head], math.prod(sizes[c] for c in contracted), heads_of_k
+
+
+def _heads_of_folded(q: Node, head_dim: int) -> int:
+    """Heads when they are folded into the batch ([B·H, L, D]): from the nearest unsplit projection."""
+    node = q
+    while isinstance(node, Node):
+        shape = _shape(node)
+        if shape and shape[-1] != head_dim and shape[-1] % head_dim == 0:
+            return shape[-1] // head_dim
+        if not (_is_call(node, TRANSPARENT_OPS | SCALE_OPS.keys() | CACHE_INDEX_OPS) and node.args):
+            break
+        node = node.args[0]
+    raise _Miss("heads are folded into the batch dimension and no projection shows the head count")
+
+
+def _probs_times_v(softmax: Node) -> tuple[Node, Node, list[Node], bool]:
+    """Find `probs @ v` below the softmax: (product, v, path, whether probs are also used elsewhere)."""
+    frontier, path, products, elsewhere = [softmax], [], [], False
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user.target is aten._assert_tensor_metadata.default:
+                continue
+            if _is_call(user, TRANSPARENT_OPS) and user.args[0] is node:
+                path.append(user)
+                frontier.append(user)
+            elif _is_call(user, SCORE_OPS) and _first_operand(user) is node:
+                products.append(user)
+            else:
+                elsewhere = True
+    if len(products) != 1:
+        raise _Miss("softmax output is not multiplied by values with a matmul" if not products
+                    else "softmax output feeds several value products")
+    product = products[0]
+    v = product.args[1][1] if product.target is aten.einsum.default else _arguments(product)[SCORE_OPS[product.target].k]
+    return product, v, path, elsewhere
+
+
+def _first_operand(node: Node) -> Any:
+    if node.target is aten.einsum.default:
+        return node.args[1][0] if len(node.args[1]) == 2 else None
+    return _arguments(node)[SCORE_OPS[node.target].q]
+
+
+def _match_softmax_chain(softmax: Node) -> _Core | None:
+    """Returns None when the softmax is not attention-like (no product of two activations above it)."""
+    scores = _find_scores(softmax.args[0])
+    if scores is None:
+        return None
+    producer = scores.producer
+    if producer.target is aten.einsum.default:
+        if len(producer.args[1]) != 2 or any(_is_weight(t) for t in producer.args[1]):
+            return None
+        q, k, num_heads, head_dim, heads_of_k = _einsum_roles(producer)
+    else:
+        rule = SCORE_OPS[producer.target]
+        args = _arguments(producer)
+        q, k = args[rule.q], args[rule.k]
+        if _is_weight(q) or _is_weight(k):
+            return None
+        head_dim = _shape(q)[-1]
+        score_shape = _shape(producer)
+        num_heads = score_shape[-3] if len(score_shape) == 4 else _heads_of_folded(q, head_dim)
+        heads_of_k = _shape(k)[-3] if len(_shape(k)) == 4 else num_heads
+        if rule.mask and isinstance(args.get(rule.mask), Node):
+            scores.masks.append(args[rule.mask])
+        if rule.scale:
+            scores.scale *= float(args.get(rule.scale, 1.0))
+    dim = softmax.args[1] if len(softmax.args) > 1 else -1
+    if dim % len(_shape(softmax)) != len(_shape(softmax)) - 1:
+        raise _Miss(f"softmax over dim {dim}, not over the key axis")
+    product, v, down, elsewhere = _probs_times_v(softmax)
+    return _Core(
+        pattern="eager_softmax_chain", anchor=softmax, q=q, k=k, v=v, out=product, num_heads=num_heads,
+        head_dim=head_dim, heads_of_k=heads_of_k, scale=scores.scale, masks=scores.masks,
+        nodes=[producer, *scores.nodes, softmax, *down, product], weights_used=elsewhere,
+    )
+
+
+def _projection(node: Node, limit: int = 64) -> Node | None:
+    """The nearest projection (linear/addmm/mm with a weight) at or above `node`, breadth first."""
+    seen, queue = {node}, deque([node])
+    while queue and len(seen) < limit:
+        current = queue.popleft()
+        if _is_call(current, PROJECTION_OPS):
+            return current
+        for arg in current.all_input_nodes:
+            if arg not in seen and arg.op == "call_function":
+                seen.add(arg)
+                queue.append(arg)
+    return None
+
+
+def _projection_source(projection: Node) -> Node:
+    activation = _arguments(projection)[PROJECTION_OPS[projection.target]]
+    return _walk_up(activation, TRANSPARENT_OPS)[0]
+
+
+def _mask_is_causal(masks: list[Node]) -> bool:
+    """True if a mask's producers contain tril/triu, a tensor-tensor order comparison or a triangular buffer."""
+    seen, queue = set(masks), deque(masks)
+    while queue and len(seen) < MASK_CONE_LIMIT:
+        node = queue.popleft()
+        if _is_call(node, CAUSAL_OPS):
+            return True
+        if _is_call(node, ORDER_COMPARISONS) and all(isinstance(a, Node) for a in node.args[:2]):
+            return True
+        if node.op == "get_attr" and _is_triangular(_attribute(node)):
+            return True
+        for arg in node.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                queue.append(arg)
+    return False
+
+
+def _is_triangular(value: Any) -> bool:
+    """A square constant whose nonzeros form a lower (keep) or strictly upper (block) triangle."""
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[-1] != value.shape[-2] or value.shape[-1] < 2:
+        return False
+    nonzero = value != 0
+    ones = torch.ones(value.shape[-2:], dtype=torch.bool, device=value.device)
+    return bool((nonzero == ones.tril()).all() or (nonzero == ones.triu(1)).all())
+
+
+@dataclass
+class _CacheRead:
+    cat: Node
+    past: Node
+    """The cat operand holding the past K or V (one layer, [B, Hkv, L_past, D])."""
+    new: Node
+    placeholder: Node
+
+
+def _cache_read(top: Node) -> _CacheRead | None:
+    """K/V built as cat([past, new], seq dim) where `past` comes from a graph input."""
+    if not _is_call(top, {aten.cat.default}):
+        return None
+    tensors, dim = top.args[0], top.args[1] if len(top.args) > 1 else 0
+    rank = len(_shape(top))
+    if len(tensors) != 2 or not rank or dim % rank != rank - 2:
+        return None
+    source, _ = _walk_up(tensors[0], TRANSPARENT_OPS | CACHE_INDEX_OPS)
+    if source.op != "placeholder":
+        return None
+    return _CacheRead(top, tensors[0], tensors[1], source)
+
+
+def _position_input(q: Node) -> Node | None:
+    """The integer graph input that feeds q's position encoding (RoPE), found without crossing projections."""
+    seen, queue, found = {q}, deque([q]), set()
+    while queue:
+        node = queue.popleft()
+        value = _val(node)
+        if node.op == "placeholder" and value is not None and not value.dtype.is_floating_point:
+            found.add(node)
+        if _is_call(node, PROJECTION_OPS):
+            continue
+        for arg in node.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                queue.append(arg)
+    return found.pop() if len(found) == 1 else None
+
+
+def _output_positions(gm: GraphModule, node: Node) -> list[int]:
+    """Indices of the flattened graph outputs that are exactly `node`."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    flat = torch.utils._pytree.tree_leaves(output.args[0])
+    return [i for i, leaf in enumerate(flat) if leaf is node]
+
+
+def _describe(core: _Core, gm: GraphModule, graph_name: str, layer: int) -> AttentionSite:
+    """Turn a matched core into an AttentionSite: KV heads, cache, cross, causality, owner module."""
+    k_top, k_path = _walk_up(core.k, TRANSPARENT_OPS | REPEAT_OPS)
+    v_top, v_path = _walk_up(core.v, TRANSPARENT_OPS | REPEAT_OPS)
+    repeat = _numel(core.k) / max(_numel(k_top), 1)
+    num_kv_heads = core.heads_of_k / repeat if repeat >= 1 else core.heads_of_k
+    if num_kv_heads < 1 or num_kv_heads != int(num_kv_heads) or core.num_heads % int(num_kv_heads):
+        raise _Miss(f"cannot tell KV heads: {core.heads_of_k} heads seen, repeated {repeat:g}x")
+    num_kv_heads = int(num_kv_heads)
+
+    q_inner, q_factor = _walk_up_scaled(core.q)
+    k_cache, v_cache = _cache_read(k_top), _cache_read(v_top)
+    reads_cache = k_cache is not None and v_cache is not None
+    q_proj = _projection(q_inner)
+    k_proj = _projection(k_cache.new if reads_cache else k_top)
+    if q_proj is not None and k_proj is not None:
+        cross = _projection_source(q_proj) is not _projection_source(k_proj)
+    else:
+        cross = not reads_cache and _shape(core.q)[-2] != _shape(k_top)[-2]
+
+    q_unscaled, outer_q_factor = core.q, 1.0
+    while (peeled := _peel_scale(q_unscaled)) is not None:
+        q_unscaled, outer_q_factor = peeled[0], outer_q_factor * peeled[1]
+    _, k_factor = _walk_up_scaled(k_top)
+    anchor_group = [core.anchor] + ([q_proj] if q_proj is not None else [])
+    extra: dict[str, Any] = {
+        "graph": graph_name, "anchor": core.anchor.name, "q": q_unscaled.name, "q_scale": outer_q_factor,
+        "k": core.k.name, "v": core.v.name, "k_top": k_top.name, "v_top": v_top.name, "out": core.out.name,
+        "masks": [m.name for m in core.masks], "weights_used": core.weights_used,
+        "q_projection": q_proj.name if q_proj is not None else None,
+        "k_projection": k_proj.name if k_proj is not None else None,
+    }
+    if reads_cache:
+        positions = _position_input(q_unscaled)
+        if positions is None:
+            raise _Miss("positions must be an explicit input")
+        extra |= {
+            "q_positions": positions.name,
+            "k_cat": k_cache.cat.name, "v_cat": v_cache.cat.name, "past_k": k_cache.past.name,
+            "past_v": v_cache.past.name, "past_k_input": k_cache.placeholder.name,
+            "past_v_input": v_cache.placeholder.name, "k_new": k_cache.new.name, "v_new": v_cache.new.name,
+            "present_k_outputs": _output_positions(gm, k_cache.cat),
+            "present_v_outputs": _output_positions(gm, v_cache.cat),
+        }
+    nodes = core.nodes + k_path + v_path
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    value = _val(core.out)
+    return AttentionSite(
+        name=_owning_module(anchor_group), layer=layer, num_heads=core.num_heads, num_kv_heads=num_kv_heads,
+        head_dim=core.head_dim, scale=core.scale * q_factor * k_factor,
+        causal=core.causal_flag or _mask_is_causal(core.masks), cross=cross, masked=bool(core.masks),
+        reads_cache=reads_cache, pattern=core.pattern,
+        dtype=str(value.dtype).removeprefix("torch.") if value is not None else "float32",
+        nodes=[n.name for n in sorted(set(nodes), key=order.__getitem__)], extra=extra,
+    )
+
+
+def find_sites(gm: GraphModule) -> SiteReport:
+    """Every attention in `gm` (and in its GraphModule children), in graph order.
+
+    Example:
+        >>> report = find_sites(capture(model, (x,)).graph_module)   # doctest: +SKIP
+        >>> [(s.name, s.num_heads, s.num_kv_heads) for s in report]  # doctest: +SKIP
+    """
+    report = SiteReport()
+    for graph_name, module in gm.named_modules():
+        if not isinstance(module, GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op != "call_function" or node.target not in SDPA_OPS.keys() | SOFTMAX_OPS:
+                continue
+            try:
+                core = _match_sdpa(node) if node.target in SDPA_OPS else _match_softmax_chain(node)
+                if core is not None:
+                    report.append(_describe(core, module, graph_name, len(report)))
+            except _Miss as miss:
+                report.unsupported.append(UnsupportedAttention(
+                    name=_owning_module([node]), pattern="sdpa" if node.target in SDPA_OPS else "eager_softmax_chain",
+                    reason=str(miss), nodes=[node.name]))
+    return report
+
+
+# --- rewrite ----------------------------------------------------------------------------------
+
+CachedAttention = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""`fn(q, k_new, v_new, past_k, past_v, q_positions) -> (out, present_k, present_v)`.
+
+q is [B, Hq, Lq, D] before any softmax scale; K/V are un-repeated [B, Hkv, L, D]; out is [B, Hq, Lq, D]
+like SDPA's; present K/V may be shorter than past + new (that is the point: a physically pruned cache).
+"""
+
+
+def rewrite_cached_sites(
+    gm: GraphModule, sites: Iterable[AttentionSite], make_replacement: Callable[[AttentionSite], CachedAttention]
+) -> GraphModule:
+    """Replace each cache-reading site's cat(past, new) + GQA repeat + attention by one call.
+
+    The call is `make_replacement(site)` (chosen by the caller, so this pass knows nothing of
+    kernels or runtime); uses of the attention output are rewired to its first result and every
+    other use of the K/V cats (the graph's present-cache outputs) to its second and third. The
+    rewrite happens in place; `gm` is recompiled and returned.
+    """
+    for site in sites:
+        if not site.reads_cache:
+            continue
+        graph_module = gm.get_submodule(site.extra["graph"]) if site.extra["graph"] else gm
+        graph = graph_module.graph
+        node = {n.name: n for n in graph.nodes}
+        extra = site.extra
+        if len(_shape(node[extra["out"]])) != 4:
+            raise ValueError(f"{site.name}: attention output is not [batch, heads, seq, head_dim]")
+        inputs = [node[extra[key]] for key in ("q", "k_new", "v_new", "past_k", "past_v", "q_positions")]
+        spanned = {node[name] for name in site.nodes}
+        with graph.inserting_before(node[extra["out"]]):
+            call = graph.call_function(make_replacement(site), tuple(inputs))
+            out, present_k, present_v = (graph.call_function(operator.getitem, (call, i)) for i in range(3))
+        node[extra["out"]].replace_all_uses_with(out)
+        cats = (node[extra["k_cat"]], node[extra["v_cat"]])
+        for cat, present in zip(cats, (present_k, present_v)):
+            cat.replace_all_uses_with(present, delete_user_cb=lambda user: user not in spanned)
+        for replaced in reversed([n for n in graph.nodes if n in spanned or n in cats]):
+            if not replaced.users:  # erased by hand: fused attention ops count as impure for DCE
+                graph.erase_node(replaced)
+    for module in gm.modules():
+        if isinstance(module, GraphModule):
+            module.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
+            module.recompile()
+    return gm

@@ -1,0 +1,218 @@
+"""Running rewritten sites inside Hugging Face models, so `model.generate` keeps working.
+
+A transformers model owns its cache object (`DynamicCache`) and calls each attention
+module as `cache.update(k, v, layer_idx)` followed by the function registered for
+`config._attn_implementation`. kvpass plugs into exactly those two seams, for the modules
+the graph matcher found:
+
+* `KVPassCacheLayer` replaces the cache's per-layer storage with a `CompactedKV`
+  (installed by a forward pre-hook on the attention module, so a cache created by
+  `generate` or by the user is adopted on its first use);
+* `kvpass_attention` is registered as the "kvpass" attention implementation and runs the
+  `torch.ops.kvpass.attention` custom op over the compacted cache, then evicts.
+
+The cache reports the *logical* sequence length (tokens seen), so position ids, RoPE and
+`cache_position` stay right after eviction, while the tensors it holds are smaller.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from kvpass.errors import UnsupportedModelError
+from kvpass.methods import Method
+from kvpass.plan import SiteSchedule
+from kvpass.runtime.compacted_cache import CompactedKV
+from kvpass.site import AttentionSite
+
+IMPLEMENTATION = "kvpass"
+
+
+class KVPassCacheLayer(CacheLayerMixin):
+    """A transformers cache layer whose storage is a `CompactedKV`."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, site_cache: CompactedKV):
+        super().__init__()
+        self.site_cache = site_cache
+        self.is_initialized = True
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self.site_cache.keys
+
+    @keys.setter
+    def keys(self, value) -> None:  # CacheLayerMixin.__init__ assigns None
+        pass
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self.site_cache.values
+
+    @values.setter
+    def values(self, value) -> None:
+        pass
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.site_cache.extend(key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.site_cache.seen + self.site_cache.pending
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        cache = self.site_cache
+        self.site_cache = CompactedKV(cache.schedule, cache.method, cache.group_size)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.site_cache.select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.site_cache.select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        batch = self.site_cache.keys.shape[0] if self.site_cache.keys is not None else 0
+        self.site_cache.select_batch(torch.arange(batch).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise UnsupportedModelError(
+            "kvpass caches cannot be cropped: assisted/speculative decoding rolls back tokens that may "
+            "already have been evicted; generate without an assistant model"
+        )
+
+
+@dataclass
+class SiteBinding:
+    """What one rewritten attention module runs: its site, schedule and method."""
+
+    site: AttentionSite
+    method: Method
+    schedule: SiteSchedule
+    layer: KVPassCacheLayer | None = None
+    calls: int = 0
+    hooks: list = field(default_factory=list)
+
+
+_BINDINGS: "weakref.WeakKeyDictionary[torch.nn.Module, SiteBinding]" = weakref.WeakKeyDictionary()
+
+
+def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """The "kvpass" attention implementation: custom-op attention over the compacted cache."""
+    binding = _BINDINGS.get(module)
+    if binding is None:
+        raise UnsupportedModelError(
+            f"attention module {type(module).__name__} routes to kvpass but was not rewritten by kvpass.optimize"
+        )
+    binding.calls += 1
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    layer = binding.layer
+    binding.layer = None
+    if layer is None:  # use_cache=False: attention over this call's tokens, nothing is kept
+        layer_cache = CompactedKV(replace(binding.schedule, fraction=1.0), binding.method, binding.site.group_size)
+        layer_cache.extend(key, value)
+    else:
+        layer_cache = layer.site_cache
+    padding = _new_key_padding(attention_mask, layer_cache.pending)
+    out = layer_cache.attend(query, scale, causal, padding)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _new_key_padding(attention_mask: torch.Tensor | None, new: int) -> torch.Tensor | None:
+    """[B, new] True where an appended token is padding, read off the model's own mask.
+
+    The last query row of a causal mask sees every real token, so a column hidden from it
+    is padding. Only the appended columns are read: older slots carry their own flag.
+    """
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    last_row = attention_mask[:, 0, -1, -new:]
+    visible = last_row if last_row.dtype == torch.bool else last_row == 0
+    return ~visible
+
+
+def _adopt_cache_layer(module, args, kwargs):
+    """Forward pre-hook: make sure this layer of the model's cache is a kvpass layer."""
+    binding = _BINDINGS[module]
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        binding.layer = None
+        return None
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(
+            f"{type(cache).__name__} is not supported by kvpass at {binding.site.name}: pass a DynamicCache "
+            "(the default of generate) or none"
+        )
+    index = module.layer_idx
+    while len(layers) <= index:
+        layers.append(DynamicLayer())
+    layer = layers[index]
+    if not isinstance(layer, KVPassCacheLayer):
+        layer = _convert_layer(layer, binding)
+        layers[index] = layer
+    binding.layer = layer
+    return None
+
+
+def _convert_layer(layer: CacheLayerMixin, binding: SiteBinding) -> KVPassCacheLayer:
+    """A fresh or filled DynamicLayer becomes a kvpass layer; static/sliding layers are refused."""
+    if type(layer) is not DynamicLayer:
+        raise UnsupportedModelError(
+            f"{type(layer).__name__} at {binding.site.name} is not supported: kvpass compacts dynamic caches only "
+            "(static, sliding-window, quantized and offloaded caches are refused)"
+        )
+    cache = CompactedKV(binding.schedule, binding.method, binding.site.group_size)
+    if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+        cache.keys, cache.values = layer.keys, layer.values
+        cache.seen = layer.keys.shape[-2]
+    return KVPassCacheLayer(cache)
+
+
+def set_attn_implementation(model: torch.nn.Module, implementation: str) -> str:
+    """Point every config inside `model` at `implementation`; returns the previous one."""
+    previous = model.config._attn_implementation
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = implementation
+    return previous
+
+
+def bind(model: torch.nn.Module, modules: dict[str, torch.nn.Module], bindings: dict[str, SiteBinding]) -> None:
+    """Route every bound module's attention through kvpass (reversible with `unbind`)."""
+    AttentionInterface.register(IMPLEMENTATION, kvpass_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+    for name, binding in bindings.items():
+        module = modules[name]
+        if not hasattr(module, "layer_idx"):
+            raise UnsupportedModelError(f"attention module {name} has no layer_idx: it cannot own a cache layer")
+        _BINDINGS[module] = binding
+        binding.hooks.append(module.register_forward_pre_hook(_adopt_cache_layer, with_kwargs=True))
+
+
+def unbind(modules: dict[str, torch.nn.Module], bindings: dict[str, SiteBinding]) -> None:
+    """Undo `bind` for these modules."""
+    for name, binding in bindings.items():
+        for hook in binding.hooks:
+            hook.remove()
+        binding.hooks.clear()
+        _BINDINGS.pop(modules[name], None)
+

@@ -1,0 +1,93 @@
+"""AttentionSite: the framework-neutral description of one attention found in a graph.
+
+Both graph worlds (FX and ONNX) produce and consume this class, so methods, the planner
+and the rewriters never need to know which framework a site came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class AttentionSite:
+    """One attention computation found in a captured graph.
+
+    Example:
+        >>> site = AttentionSite(name="model.layers.0.self_attn", layer=0, num_heads=9,
+        ...                      num_kv_heads=3, head_dim=64, scale=0.125, causal=True)
+        >>> site.group_size
+        3
+    """
+
+    name: str
+    """Module path (FX) or node-name prefix (ONNX) of the attention."""
+    layer: int
+    """Index of the site among the model's attention sites, in graph order."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float | None
+    """Softmax scale; None means the kernel default 1/sqrt(head_dim)."""
+    causal: bool
+    cross: bool = False
+    """True when keys/values come from a different sequence than the queries."""
+    masked: bool = False
+    """True when an explicit additive/boolean mask (padding, bias) feeds the softmax."""
+    reads_cache: bool = False
+    """True when the site's keys/values are concatenated onto a past cache read from the graph inputs."""
+    pattern: str = ""
+    """Name of the pattern that matched (e.g. 'sdpa', 'eager_softmax_chain')."""
+    dtype: str = "float32"
+    nodes: list[str] = field(default_factory=list)
+    """Names of the graph nodes the site spans, in graph order."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Framework-specific details a rewriter needs (never read by methods or the planner)."""
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA/MQA group)."""
+        return self.num_heads // self.num_kv_heads
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """Bytes one cached token costs at this site (K and V, all KV heads), per sequence."""
+        return 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+@dataclass
+class UnsupportedAttention:
+    """An attention-like subgraph that was seen but cannot be rewritten, and why."""
+
+    name: str
+    pattern: str
+    reason: str
+    nodes: list[str] = field(default_factory=list)
+
+
+class SiteReport(list):
+    """The list of `AttentionSite` found in a model, plus what was seen but not supported.
+
+    Example:
+        >>> report = SiteReport([], unsupported=[UnsupportedAttention("blk", "eager", "no softmax")])
+        >>> len(report), report.unsupported[0].reason
+        (0, 'no softmax')
+    """
+
+    def __init__(self, sites=(), unsupported=(), capture: str = "", capture_note: str = ""):
+        super().__init__(sites)
+        self.unsupported: list[UnsupportedAttention] = list(unsupported)
+        self.capture = capture
+        """How the graph was captured: 'torch.export' or 'dynamo'."""
+        self.capture_note = capture_note
+        """Why the fallback capture was used, when it was."""
+
+    def __repr__(self) -> str:
+        rows = [f"SiteReport({len(self)} sites via {self.capture or '?'}"]
+        rows += [
+            f"  {s.name}: layer={s.layer} heads={s.num_heads}/{s.num_kv_heads} d={s.head_dim} "
+            f"causal={s.causal} cross={s.cross} pattern={s.pattern}"
+            for s in self
+        ]
+        rows += [f"  unsupported {u.name}: {u.reason}" for u in self.unsupported]
+        return "\n".join(rows) + ")"
