@@ -1,0 +1,65 @@
+"""Models that carry their own cache tensors: an FX graph rewrite onto evicting attention.
+
+For `forward(input_ids, position_ids, past_keys, past_values) -> (logits, keys, values)`
+the model is exported, each site's `cat(past, new)` + attention becomes one call that
+attends over the cache and returns *compacted* present K/V, and the rewritten graph keeps
+the model's signature. The cache tensors are all the state there is, so:
+
+* positions must be explicit inputs (the logical position of the new tokens);
+* past tokens are taken to sit just before the first new position (true for the recent
+  window, which eviction always keeps; older kept tokens only lose their exact slot, which
+  matters to the `recent` carve-out alone);
+* statistics come from the current call's queries only (no running H2O sums across calls).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpass.capture import capture
+from kvpass.errors import UnsupportedModelError
+from kvpass.plan import Plan
+from kvpass.rewrites.fx import find_sites, rewrite_cached_sites
+from kvpass.runtime.compacted_cache import CompactedKV
+from kvpass.site import AttentionSite, SiteReport
+
+
+def rewrite_explicit_cache(
+    model: torch.nn.Module, report: SiteReport, plan: Plan, example_inputs: tuple | None
+) -> torch.fx.GraphModule:
+    """The rewritten graph module (the original model is left untouched)."""
+    if example_inputs is None:
+        raise ValueError(
+            "example_inputs is required for a model that carries its own cache tensors: "
+            "pass the tuple of positional arguments of one decode step"
+        )
+    captured = capture(model, example_inputs, {})
+    sites = find_sites(captured.graph_module)
+    not_cached = [site.name for site in sites if not site.reads_cache]
+    if not_cached:
+        raise UnsupportedModelError(
+            f"sites {not_cached} do not read a cache passed in as a graph input, so kvpass cannot prune them"
+        )
+    rewritten = rewrite_cached_sites(captured.graph_module, sites, lambda site: _evicting_attention(site, plan))
+    rewritten.kvpass_plan, rewritten.kvpass_sites = plan, report
+    return rewritten
+
+
+def _evicting_attention(site: AttentionSite, plan: Plan):
+    """The callable that replaces one site: attention over past + new, then eviction to the cap."""
+    scale = site.scale if site.scale is not None else site.head_dim**-0.5
+
+    def evicting_attention(q, k_new, v_new, past_k, past_v, q_positions):
+        cache = CompactedKV(plan.schedule(site, k_new.element_size()), plan.method, site.group_size)
+        first = int(q_positions.reshape(-1)[0])
+        batch, heads, past, _ = past_k.shape
+        if past:
+            cache.keys, cache.values, cache.seen = past_k, past_v, first
+            cache.slots = torch.arange(first - past, first, dtype=torch.int32, device=past_k.device).expand(
+                batch, heads, past).contiguous()
+        cache.extend(k_new, v_new)
+        out = cache.attend(q, scale, causal=True)  # a decoder reading a growing cache is causal
+        return out, cache.keys, cache.values
+
+    evicting_attention.__name__ = f"kvpass_evicting_attention_{site.layer}"
+    return evicting_attention

