@@ -43,16 +43,27 @@ _active: list[PrefillRecording] = []
 
 
 def _record_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention implementation that also records what every method could need."""
+    """Attention implementation that also records what every method could need.
+
+    One full pass yields the output and the column sums; the window and last-query
+    statistics only involve the last queries, so they are recomputed for those alone.
+    """
     batch, _, length, _ = query.shape
-    q_slots = torch.arange(length, dtype=torch.int32).expand(batch, length).contiguous()
-    k_slots = torch.arange(length, dtype=torch.int32).expand(batch, key.shape[1], length).contiguous()
+    slots = torch.arange(length, dtype=torch.int32)
+    k_slots = slots.expand(batch, key.shape[1], length).contiguous()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    stats = {}
-    out = None
-    for mode in (Stat.COLUMN_SUM, Stat.WINDOW, Stat.LAST_QUERY):
-        result, stats[mode] = ops.attention(query, key, value, q_slots, k_slots, scale, True, mode.value, STAT_WINDOW)
-        out = result if out is None else out
+
+    def run(first_query: int, stat: Stat):
+        q_slots = slots[first_query:].expand(batch, length - first_query).contiguous()
+        return ops.attention(query[:, :, first_query:], key, value, q_slots, k_slots, scale, True, stat.value,
+                             STAT_WINDOW)
+
+    out, column_sum = run(0, Stat.COLUMN_SUM)
+    stats = {
+        Stat.COLUMN_SUM: column_sum,
+        Stat.WINDOW: run(max(length - STAT_WINDOW, 0), Stat.WINDOW)[1],
+        Stat.LAST_QUERY: run(length - 1, Stat.LAST_QUERY)[1],
+    }
     _active[-1].layers[module.layer_idx] = LayerRecording(key, value, stats)
     return out.transpose(1, 2).contiguous(), None
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvpass.kernels.reference import _first_scored_query
+from kvpass.kernels.reference import first_scored_query
 from kvpass.kernels.triton_spec import KernelSpec
 from kvpass.methods.base import Stat
 
@@ -375,7 +375,7 @@ def attention_stats(
     batch, _, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     stats = torch.zeros(batch, hkv, lk, dtype=torch.float32, device=q.device)
-    first = _first_scored_query(spec.stat, lq, window)
+    first = first_scored_query(spec.stat, lq, window)
     if first >= lq or lk == 0:
         return stats
     launch = spec.stats()
