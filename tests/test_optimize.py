@@ -207,3 +207,29 @@ def test_sliding_window_and_static_caches_are_refused(base) -> None:
     model = kvpass.optimize(copy.deepcopy(base), budget=0.5)
     with pytest.raises(UnsupportedModelError, match="StaticLayer"):
         model.generate(prompt(), max_new_tokens=2, cache_implementation="static")
+
+
+def test_decode_after_eviction_equals_full_model_with_evicted_tokens_masked(base) -> None:
+    """Positions survive eviction: RoPE of the new token and of kept keys is unchanged, so
+    attending over the compacted cache equals the full model with evicted keys masked out."""
+    model = kvpass.optimize(copy.deepcopy(base), budget=0.3, method="streaming_llm", sinks=4, recent=8)
+    ids = prompt(length=60)
+    cache, full = prefill(model, ids), prefill(base, ids)
+    slots = cache.layers[0].site_cache.slots[0, 0].long()
+    assert len(slots) < 20 and int(slots[-1]) == 59
+    visible = torch.zeros(61, dtype=torch.bool)
+    visible[slots] = True
+    visible[60] = True
+    mask = torch.where(visible, 0.0, float("-inf"))[None, None, None, :]
+    new = torch.tensor([[7]])
+    with torch.no_grad():
+        pruned = model(new, past_key_values=cache, use_cache=True).logits
+        reference = base(new, past_key_values=full, use_cache=True, attention_mask=mask,
+                         position_ids=torch.tensor([[60]])).logits
+    torch.testing.assert_close(pruned, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_reorders_compacted_cache(base) -> None:
+    model = kvpass.optimize(copy.deepcopy(base), budget=0.5)
+    out = model.generate(prompt(length=40), max_new_tokens=6, num_beams=3, do_sample=False)
+    assert out.shape == (1, 46)
