@@ -6,13 +6,24 @@ Example:
 """
 
 from kvpass import kernels  # noqa: F401  (registers torch.ops.kvpass.*)
-from kvpass.api import find_attention, optimize
+from kvpass.api import find_attention, optimize, plan
 from kvpass.memory import cache_bytes
 from kvpass.methods import DEFAULT_METHOD, METHODS, Method, get_method
 from kvpass.plan import Plan, uniform_plan
 from kvpass.site import AttentionSite, SiteReport, UnsupportedAttention
 
+
+
+def __getattr__(name: str):
+    """`kvpass.export_onnx` imports the ONNX stack (onnx, onnxscript) only when asked for."""
+    if name == "export_onnx":
+        from kvpass.onnx.export import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module 'kvpass' has no attribute {name!r}")
+
+
 __all__ = [
-    "optimize", "find_attention", "cache_bytes", "AttentionSite", "SiteReport", "UnsupportedAttention",
+    "optimize", "plan", "export_onnx", "find_attention", "cache_bytes", "AttentionSite", "SiteReport", "UnsupportedAttention",
     "Plan", "uniform_plan", "Method", "get_method", "METHODS", "DEFAULT_METHOD",
 ]

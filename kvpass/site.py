@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvpass.errors import UnsupportedModelError
+
 
 @dataclass
 class AttentionSite:
@@ -81,6 +83,14 @@ class SiteReport(list):
         """How the graph was captured: 'torch.export' or 'dynamo'."""
         self.capture_note = capture_note
         """Why the fallback capture was used, when it was."""
+
+    def require_rewritable(self, what: str) -> None:
+        """Raise unless every attention-like subgraph of `what` is a supported site."""
+        if self.unsupported:
+            listed = "; ".join(f"{u.name} ({u.reason})" for u in self.unsupported)
+            raise UnsupportedModelError(f"attention kvpass cannot rewrite, so the model is left unchanged: {listed}")
+        if not self:
+            raise UnsupportedModelError(f"no attention found in {what}: nothing to prune")
 
     def __repr__(self) -> str:
         rows = [f"SiteReport({len(self)} sites via {self.capture or '?'}"]

@@ -119,11 +119,8 @@ class CompactedKV:
         self.stat = self.stat_mode.combine(grown, stat)
 
     def _evict(self, k_slots: torch.Tensor) -> None:
-        keep = self.schedule.target(self.seen)
+        keep = self.schedule.kept(self.seen)
         sinks, recent = self.schedule.carve_out(keep)
-        page = self.method.page_size
-        if page > 1:
-            keep = sinks + recent + (keep - sinks - recent) // page * page
         obs = Observation(self.keys, self.values, k_slots, self.stat, self.seen, self.group_size)
         scores = ranking_scores(self.method, obs, sinks, recent)
         self.keys, self.values, self.slots, index = ops.select_and_compact(

@@ -1,0 +1,256 @@
+"""Calibration: how much attention each layer and KV head loses when its cache is cut.
+
+A global budget is only worth spreading unevenly if some layers can lose tokens more
+cheaply than others (attention entropy differs strongly between layers, seed §4.2). This
+pass measures it on a few prompts, one prefill each, for the method that will evict:
+
+* **entropy** of the last-window queries' attention, normalised by log(visible keys), per
+  KV head (0: all mass on one token, 1: spread evenly);
+* **retention curve**: rank the tokens with the method's own scores (sinks and recent
+  window protected, exactly as eviction ranks them), and record the share of the
+  last-window queries' attention mass that the top `x` of the tokens hold, for `x` on a
+  grid from 0 to 1. `kvpass.plan` allocates budget along these curves.
+
+The last queries stand for the queries to come: they are the ones that decoding extends.
+Only models whose attention dispatches through transformers' attention interface can be
+calibrated (the same seam `kvpass.optimize` uses); other models use uniform or pyramid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from kvpass.errors import UnsupportedModelError
+from kvpass.kernels import ops
+from kvpass.kernels.reference import first_scored_query
+from kvpass.methods import Method, Observation, Stat, get_method
+from kvpass.methods.selection import ranking_scores
+from kvpass.runtime.hf import set_attn_implementation
+from kvpass.site import AttentionSite
+
+RECORDER = "kvpass_calibrate"
+WINDOW = 32
+"""Queries at the end of each prompt whose attention is measured."""
+GRID = 64
+"""Retention curves are sampled at kept fractions 0, 1/GRID, ..., 1."""
+
+_NEEDLE_FILLER = (
+    "The library opens at nine and closes at six. Trains leave the north station every twenty minutes. "
+    "Most of the orchard is apple trees, with a few rows of pears near the fence. "
+    "The committee meets on the first Tuesday of each month to review the budget. "
+    "Rain is expected in the afternoon, clearing by the evening. "
+)
+NEEDLE_PROMPT = (
+    "Read the notes below carefully; one of them contains a secret code you will be asked for.\n\n"
+    + _NEEDLE_FILLER * 5
+    + "The secret code is 48213. Remember the code 48213. "
+    + _NEEDLE_FILLER * 4
+    + "\n\nWhat is the secret code? Answer with the five digits. The secret code is"
+)
+PARAGRAPH_PROMPT = (
+    "Rivers have shaped where people live for as long as there have been settlements. A river brings fresh "
+    "water for drinking and farming, fish to eat, and a road for boats long before there were paved roads. "
+    "Floods are the price of that gift: the same water that makes the soil of a valley rich can sweep away a "
+    "village in a single night. Early towns therefore grew on terraces a little above the flood plain, close "
+    "enough to use the river and high enough to survive it. Bridges came later and changed everything again, "
+    "because a crossing point gathers traders, inns, toll collectors and soldiers. Many of the great cities of "
+    "Europe began as a ford or a bridge, and their oldest streets still run down to the water. Today the "
+    "rivers are walled, dredged and measured by sensors, yet planners still argue about the same questions: "
+    "how close to build, how high to raise the banks, and who pays when the water rises anyway. In summary, "
+    "the history of a river city is the history of a bargain with"
+)
+DEFAULT_TEXT_PROMPTS = (NEEDLE_PROMPT, PARAGRAPH_PROMPT)
+
+
+@dataclass
+class Calibration:
+    """What calibration measured, per site name.
+
+    Example:
+        >>> cal = calibrate(model, tokenizer=tokenizer)     # doctest: +SKIP
+        >>> cal.curve("model.layers.0.self_attn")[GRID // 2]  # mass kept at half the tokens  # doctest: +SKIP
+        0.97
+    """
+
+    method: str
+    prompt_tokens: list[int]
+    entropy: dict[str, list[float]]
+    """Normalised attention entropy per KV head, averaged over prompts."""
+    retention: dict[str, list[list[float]]]
+    """Per KV head, the attention mass kept at kept fractions 0, 1/GRID, ..., 1 of the tokens."""
+    seconds: float
+
+    def curve(self, name: str) -> list[float]:
+        """The site's retention curve, averaged over its KV heads (one keep count per layer)."""
+        heads = self.retention[name]
+        return [sum(values) / len(heads) for values in zip(*heads)]
+
+
+def default_prompts(tokenizer: Any | None = None, vocab_size: int | None = None) -> list[str | torch.Tensor]:
+    """A needle-like text and a generic paragraph, or token-id stand-ins when there is no tokenizer.
+
+    Without a tokenizer, a repeated block of random ids with a unique span in it plays the
+    needle (repetition is what retrieval heads latch onto) and plain random ids the paragraph.
+
+    Example:
+        >>> [p.shape[-1] for p in default_prompts(vocab_size=1000)]
+        [490, 384]
+    """
+    if tokenizer is not None:
+        return list(DEFAULT_TEXT_PROMPTS)
+    if not isinstance(vocab_size, int) or vocab_size < 3:
+        raise ValueError("default calibration prompts need a tokenizer or the model's vocab_size")
+    generator = torch.Generator().manual_seed(0)
+    block = torch.randint(1, vocab_size, (48,), generator=generator)
+    needle = torch.randint(1, vocab_size, (10,), generator=generator)
+    needle_prompt = torch.cat([block.repeat(4), needle, block.repeat(6), needle[:4]])
+    return [needle_prompt, torch.randint(1, vocab_size, (384,), generator=generator)]
+
+
+def calibrate(
+    model: torch.nn.Module,
+    method: str | Method | None = None,
+    prompts: Sequence[str | torch.Tensor] | str | torch.Tensor | None = None,
+    *,
+    tokenizer: Any | None = None,
+    sites: Sequence[AttentionSite] | None = None,
+    sinks: int = 4,
+    recent: int = 32,
+) -> Calibration:
+    """Entropy and retention curves of every site of a Hugging Face causal LM, one prefill per prompt.
+
+    `prompts`: text (needs `tokenizer`) or token-id tensors ([L] or [1, L]); None uses
+    `default_prompts`. Every module that calls the attention interface is measured, under its
+    module path; `sites` (e.g. `kvpass.find_attention(model)`) must all be among them.
+
+    Example:
+        >>> cal = kvpass.calibration.calibrate(model, "tova", tokenizer=tokenizer)   # doctest: +SKIP
+        >>> round(sum(cal.entropy["model.layers.5.self_attn"]) / 3, 2)             # doctest: +SKIP
+        0.41
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise UnsupportedModelError(
+            f"calibration runs through transformers' attention interface; {type(model).__name__} has none: "
+            "use allocation='uniform' or 'pyramid'"
+        )
+    chosen = get_method(method)
+    ids = _token_ids(model, prompts, tokenizer)
+    recorder = _Recorder({module: name for name, module in model.named_modules()}, chosen, sinks, recent)
+    started = time.perf_counter()
+    AttentionInterface.register(RECORDER, recorder)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(RECORDER, sdpa_mask)
+    previous = set_attn_implementation(model, RECORDER)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for prompt in ids:
+                model(input_ids=prompt.to(device), use_cache=False)
+    finally:
+        set_attn_implementation(model, previous)
+    silent = [site.name for site in sites or () if len(recorder.entropy.get(site.name, [])) != len(ids)]
+    if silent:
+        raise UnsupportedModelError(
+            f"these sites do not dispatch through transformers' attention interface, so they cannot be "
+            f"calibrated: {silent}"
+        )
+    return Calibration(
+        method=chosen.name,
+        prompt_tokens=[prompt.shape[-1] for prompt in ids],
+        entropy={name: _mean(rows) for name, rows in recorder.entropy.items()},
+        retention={name: [_mean(heads) for heads in zip(*rows)] for name, rows in recorder.retention.items()},
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _mean(rows: Sequence[Sequence[float]]) -> list[float]:
+    return [sum(values) / len(rows) for values in zip(*rows)]
+
+
+def _token_ids(model: torch.nn.Module, prompts: Any, tokenizer: Any | None) -> list[torch.Tensor]:
+    """Every prompt as a [1, L] long tensor, checked against the model's context length."""
+    if prompts is None:
+        prompts = default_prompts(tokenizer, getattr(model.config, "vocab_size", None))
+    elif isinstance(prompts, (str, torch.Tensor)):
+        prompts = [prompts]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    ids = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError(f"calibration prompt {index} is text but no tokenizer was given: "
+                                 "pass tokenizer= or token-id tensors")
+            prompt = tokenizer(prompt, return_tensors="pt").input_ids
+        if not isinstance(prompt, torch.Tensor) or prompt.dtype not in (torch.int32, torch.int64) \
+                or prompt.dim() not in (1, 2) or (prompt.dim() == 2 and prompt.shape[0] != 1) or prompt.shape[-1] < 2:
+            raise ValueError(f"calibration prompt {index} must be text or an integer token tensor [L] or [1, L] "
+                             f"with L >= 2, got {prompt!r:.80}")
+        if isinstance(limit, int) and prompt.shape[-1] > limit:
+            raise ValueError(f"calibration prompt {index} has {prompt.shape[-1]} tokens, more than the model's "
+                             f"context (max_position_embeddings={limit})")
+        ids.append(prompt.reshape(1, -1).long())
+    if not ids:
+        raise ValueError("calibration needs at least one prompt")
+    return ids
+
+
+class _Recorder:
+    """The attention implementation calibration runs: normal attention (the method's
+    statistic included), plus entropy and retention measured on the last queries."""
+
+    def __init__(self, names: dict[torch.nn.Module, str], method: Method, sinks: int, recent: int):
+        self.names, self.method, self.sinks, self.recent = names, method, sinks, recent
+        self.entropy: dict[str, list[list[float]]] = {}
+        self.retention: dict[str, list[list[list[float]]]] = {}
+
+    def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        batch, heads, length, _ = query.shape
+        kv_heads = key.shape[1]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                                               enable_gqa=True)
+        slots = torch.arange(length, dtype=torch.int32, device=query.device)
+        k_slots = slots.expand(batch, kv_heads, length).contiguous()
+        mode = self.method.stat
+        stat = None
+        if mode is not Stat.NONE:  # the statistic the runtime kernel gives, from the queries that feed it
+            first = first_scored_query(mode, length, self.method.window)
+            stat = ops.attention(query[:, :, first:], key, value, slots[first:].expand(batch, length - first)
+                                 .contiguous(), k_slots, scale, True, mode.value, self.method.window)[1]
+        mass, entropy = _window_attention(query, key, scale)
+        obs = Observation(key, value, k_slots, stat, length, heads // kv_heads)
+        scores = ranking_scores(self.method, obs, self.sinks, self.recent)
+        name = self.names[module]
+        self.entropy.setdefault(name, []).append(entropy[0].tolist())
+        self.retention.setdefault(name, []).append(_curves(scores, mass)[0].tolist())
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _window_attention(query: torch.Tensor, key: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mass [B, Hkv, L], entropy [B, Hkv]) of the last WINDOW queries' causal attention,
+    averaged over those queries and each KV head's query group; entropy normalised by log(visible keys)."""
+    batch, heads, length, _ = query.shape
+    kv_heads = key.shape[1]
+    window = min(WINDOW, length)
+    rows = torch.arange(length - window, length, device=query.device)
+    logits = (query[:, :, -window:].float() @ key.float().repeat_interleave(heads // kv_heads, 1).transpose(-1, -2))
+    visible = torch.arange(length, device=query.device)[None, :] <= rows[:, None]
+    probs = torch.softmax((logits * scale).masked_fill(~visible, float("-inf")), dim=-1)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / (rows + 1).clamp_min(2).float().log()
+    group = (batch, kv_heads, heads // kv_heads)
+    return probs.mean(dim=2).view(*group, length).mean(dim=2), entropy.view(*group, window).mean(dim=(2, 3))
+
+
+def _curves(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, GRID+1]: attention mass held by the top `q/GRID` of the tokens, ranked by `scores`."""
+    length = scores.shape[-1]
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    held = torch.nn.functional.pad(torch.gather(mass, -1, order).cumsum(-1), (1, 0))
+    counts = torch.tensor([round(q * length / GRID) for q in range(GRID + 1)], device=mass.device)
+    return held[..., counts]

@@ -1,0 +1,113 @@
+"""The kvpass verbs for ONNX graphs: find_attention, optimize, and a Generator to serve the result.
+
+The pruned graph uses standard ONNX ops only (TopK, GatherElements, MaxPool, ...), so any
+onnxruntime execution provider runs it; the Generator feeds the eviction sizes the torch
+runtime would use (`kvpass.plan.SiteSchedule`), so both paths keep the same tokens.
+
+Example:
+    >>> import kvpass.onnx
+    >>> kvpass.onnx.find_attention("model.onnx")                      # doctest: +SKIP
+    >>> pruned = kvpass.onnx.optimize("model.onnx", budget=0.5)        # doctest: +SKIP
+    >>> kvpass.onnx.Generator(pruned).generate(ids, max_new_tokens=32)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from kvpass.budget import parse_budget
+from kvpass.errors import UnsupportedModelError
+from kvpass.methods import Method, get_method
+from kvpass.plan import Plan, build_plan, check_schedule_options
+from kvpass.rewrites.onnx import find_sites, rewrite_sites
+from kvpass.site import SiteReport
+
+ModelLike = onnx.ModelProto | str | os.PathLike
+
+
+def load(model: ModelLike) -> onnx.ModelProto:
+    """`model` as a checked ModelProto; a clear error names the file when it cannot be read."""
+    if isinstance(model, onnx.ModelProto):
+        proto, where = model, "the given ModelProto"
+    elif isinstance(model, (str, os.PathLike)):
+        where = os.fspath(model)
+        if not os.path.isfile(where):
+            raise FileNotFoundError(f"model: no ONNX file at {where!r}")
+        try:
+            proto = onnx.load(where)
+        except Exception as error:  # protobuf raises DecodeError, RuntimeWarning, ...
+            reason = f"{type(error).__name__}: {error}"
+            raise ValueError(f"model: {where!r} is not a readable ONNX file ({reason})") from error
+    else:
+        raise TypeError(f"model must be an onnx.ModelProto or a path, got {type(model).__name__}")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as error:
+        raise ValueError(f"model: {where} is not a valid ONNX model: {str(error).splitlines()[0]}") from error
+    return proto
+
+
+def find_attention(model: ModelLike) -> SiteReport:
+    """Every attention site of an ONNX model, as `AttentionSite`s (plus `.unsupported`).
+
+    Example:
+        >>> report = kvpass.onnx.find_attention("model.onnx")    # doctest: +SKIP
+        >>> [(s.layer, s.num_heads, s.num_kv_heads, s.pattern) for s in report]  # doctest: +SKIP
+        [(0, 4, 2, 'onnx_attention'), (1, 4, 2, 'onnx_attention')]
+    """
+    return find_sites(_to_ir(load(model)))
+
+
+def optimize(
+    model: ModelLike,
+    budget: float | str = 0.5,
+    method: str | Method | None = None,
+    *,
+    plan: Plan | None = None,
+    sinks: int = 4,
+    recent: int = 32,
+    evict_every: int = 1,
+    **method_options: Any,
+) -> onnx.ModelProto:
+    """A copy of `model` whose attention sites return compacted `present` K/V (same knobs as
+    `kvpass.optimize`; `budget` a fraction, or '2048 tokens' / '512MB' per sequence). Serve it with `kvpass.onnx.Generator`, which feeds the eviction sizes.
+
+    The graph must take `position_ids` and carry its cache as `Concat(past input, new)` graph
+    outputs (what `kvpass.export_onnx` exports). Refused with a clear error: no attention,
+    attention-like subgraphs no pattern matches, com.microsoft fused ops, opset < 18,
+    methods without an ONNX scoring (h2o, snapkv, random, paged).
+
+    Example:
+        >>> pruned = kvpass.onnx.optimize("model.onnx", budget=0.5)   # doctest: +SKIP
+        >>> onnx.save(pruned, "model.pruned.onnx")                      # doctest: +SKIP
+    """
+    budget = parse_budget(budget)
+    chosen = get_method(method, **method_options)
+    check_schedule_options(sinks, recent, evict_every)
+    graph = _to_ir(load(model))
+    report = find_sites(graph)
+    report.require_rewritable("the ONNX graph")
+    dtype_bytes = np.dtype(report[0].dtype).itemsize
+    if plan is None:
+        plan = build_plan(list(report), budget, chosen, "uniform", dtype_bytes=dtype_bytes, sinks=sinks, recent=recent,
+                          evict_every=evict_every)
+    plan.require_budgets(report)
+    rewrite_sites(graph, report, plan, dtype_bytes)
+    proto = ir.to_proto(graph)
+    onnx.checker.check_model(proto)
+    return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+
+
+def _to_ir(proto: onnx.ModelProto) -> ir.Model:
+    """Shape-inferred IR (head counts and dims are read off value shapes)."""
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+
+
+from kvpass.onnx.generator import Generator  # noqa: E402  (the generator uses `load` above)
+
+__all__ = ["find_attention", "optimize", "load", "Generator"]

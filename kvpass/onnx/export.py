@@ -1,0 +1,119 @@
+"""kvpass.export_onnx: a torch causal LM → a pruned ONNX decode-step model with KV-cache I/O.
+
+The unoptimized model is exported as one step `(input_ids, position_ids, past_k_0, past_v_0, ...)
+-> (logits, present_k_0, present_v_0, ...)` with `torch.onnx.export(dynamo=True)`, then the
+ONNX pass (`kvpass.onnx.optimize`) rewrites it. Position ids are an input because after
+eviction the cache is shorter than the positions imply; the exported mask only needs slot
+order (each new token sees every cached one), which compaction keeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import replace
+
+import onnx
+import torch
+
+from kvpass.methods import Method
+from kvpass.onnx import find_attention, optimize
+from kvpass.plan import Plan
+from kvpass.runtime import hf
+
+
+class _DecodeStep(torch.nn.Module):
+    """One cached forward of a HF causal LM over explicit cache tensors."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(past) // 2):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    budget: float = 0.5,
+    method: str | Method | None = None,
+    plan: Plan | None = None,
+    opset: int = 23,
+) -> onnx.ModelProto:
+    """Export a HF causal LM (plain, or optimized by `kvpass.optimize`: its `kvpass_plan` is
+    used) to a pruned ONNX file at `path`; returns the saved ModelProto.
+
+    Inputs: input_ids, position_ids [batch, seq]; past_k_i / past_v_i [batch, kv_heads, past, head_dim];
+    kvpass_past_slots_i and kvpass_evict for pruned layers (fed by `kvpass.onnx.Generator`).
+
+    Example:
+        >>> kvpass.export_onnx(model, "model.onnx", budget=0.5)              # doctest: +SKIP
+        >>> kvpass.onnx.Generator("model.onnx").generate(ids, max_new_tokens=32)  # doctest: +SKIP
+    """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a Hugging Face causal LM (torch.nn.Module with a config), got {type(model).__name__}")
+    plan = plan if plan is not None else getattr(model, "kvpass_plan", None)
+    with _unoptimized(model):
+        proto = _export_step(model, opset)
+    if plan is not None:
+        plan = _rename_plan(plan, getattr(model, "kvpass_sites", None) or list(plan.budgets), proto)
+    pruned = optimize(proto, budget, method, plan=plan)
+    onnx.save(pruned, os.fspath(path))
+    return pruned
+
+
+@contextlib.contextmanager
+def _unoptimized(model: torch.nn.Module):
+    """Temporarily route a `kvpass.optimize`d model back to SDPA, so the export sees plain attention."""
+    bindings = getattr(model, "kvpass_bindings", None)
+    if not bindings:
+        yield
+        return
+    modules = dict(model.named_modules())
+    hf.unbind(modules, bindings)
+    previous = hf.set_attn_implementation(model, "sdpa")
+    try:
+        yield
+    finally:
+        hf.set_attn_implementation(model, previous)
+        hf.bind(model, modules, bindings)
+
+
+def _export_step(model: torch.nn.Module, opset: int) -> onnx.ModelProto:
+    config = model.config.get_text_config(decoder=True)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    param = next(model.parameters())
+    batch, seq, past = 2, 5, 3  # distinct sizes, none 0 or 1, so the exporter keeps them symbolic
+    ids = torch.ones(batch, seq, dtype=torch.long, device=param.device)
+    positions = torch.arange(past, past + seq, device=param.device).expand(batch, seq)
+    caches = [torch.zeros(batch, kv_heads, past, head_dim, dtype=param.dtype, device=param.device)
+              for _ in range(2 * config.num_hidden_layers)]
+    b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    names = [f"past_{kv}_{i}" for i in range(config.num_hidden_layers) for kv in "kv"]
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _DecodeStep(model).eval(), (ids, positions, *caches), dynamo=True, opset_version=opset, verbose=False,
+            dynamic_shapes={"input_ids": {0: b, 1: s}, "position_ids": {0: b, 1: s}, "past": tuple({0: b, 2: p} for _ in caches)},
+            input_names=["input_ids", "position_ids", *names],
+            output_names=["logits", *[n.replace("past", "present") for n in names]],
+        )
+    return program.model_proto
+
+
+def _rename_plan(plan: Plan, torch_sites: list, proto: onnx.ModelProto) -> Plan:
+    """The torch plan keyed by ONNX site names, matching sites by layer order."""
+    onnx_sites = find_attention(proto)
+    names = [getattr(site, "name", site) for site in torch_sites]
+    if len(names) != len(onnx_sites):
+        raise ValueError(f"plan has {len(names)} sites but the exported graph has {len(onnx_sites)} attention sites")
+    pairs = list(zip(onnx_sites, names))
+    return replace(plan, budgets={site.name: plan.budgets[name] for site, name in pairs},
+                   max_tokens={site.name: plan.max_tokens[name] for site, name in pairs if name in plan.max_tokens})

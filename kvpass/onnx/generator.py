@@ -1,0 +1,123 @@
+"""Greedy decoding with onnxruntime over a kvpass-pruned ONNX model.
+
+The pruned graph evicts, but does not decide *how many* tokens stay: the host feeds one
+(keep, sinks, recent, seen) row per pruned site, computed with the site's `SiteSchedule`
+exactly as `kvpass.runtime.compacted_cache.CompactedKV` does, so the onnxruntime and torch
+paths of one plan keep the same tokens. Everything else (scores, top-k, compaction, slots)
+runs inside the graph.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+
+from kvpass.onnx import ModelLike, load
+from kvpass.plan import SiteSchedule
+from kvpass.rewrites.onnx import EVICT_INPUT, METADATA_KEY, POSITION_INPUT
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def evict_row(schedule: SiteSchedule, total: int, seen: int) -> tuple[int, int, int, int]:
+    """(keep, sinks, recent, seen) for a cache of `total` tokens after `seen` tokens: the
+    torch runtime's rule: evict to `kept(seen)` only once `cap(seen)` is exceeded.
+
+    Example:
+        >>> evict_row(SiteSchedule(0.5, 256, 8), total=1000, seen=1000)
+        (484, 4, 32, 1000)
+    """
+    keep = schedule.kept(seen) if total > schedule.cap(seen) else total
+    return (int(keep), *map(int, schedule.carve_out(keep)), seen)
+
+
+class Generator:
+    """onnxruntime greedy loop over the compacted cache of a `kvpass.onnx.optimize`d model.
+
+    After a call, `cache[layer]` holds that layer's (keys, values, slots) as numpy arrays
+    (slots None for an unpruned layer), the physical cache the next step would read.
+
+    Example:
+        >>> gen = kvpass.onnx.Generator("model.pruned.onnx")            # doctest: +SKIP
+        >>> gen.generate(input_ids, max_new_tokens=32)                  # doctest: +SKIP
+        array([[ 1, 17, ...]])
+    """
+
+    def __init__(self, path_or_model: ModelLike, providers: list[str] | None = None):
+        proto = load(path_or_model)
+        meta = {entry.key: entry.value for entry in proto.metadata_props}.get(METADATA_KEY)
+        if meta is None:
+            raise ValueError("path_or_model: no kvpass metadata in this ONNX model; produce it with "
+                             "kvpass.onnx.optimize or kvpass.export_onnx")
+        self.sites = json.loads(meta)["sites"]
+        self.schedules = {site["layer"]: SiteSchedule(**site["schedule"]) for site in self.sites}
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        source = path_or_model if not hasattr(path_or_model, "SerializeToString") else proto.SerializeToString()
+        self.session = ort.InferenceSession(source, options, providers=providers)
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        self.kv_dtype = _NUMPY_TYPES[types[self.sites[0]["past_key"]]]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        self.seen = 0
+
+    def reset(self, batch: int) -> None:
+        """An empty cache for `batch` sequences."""
+        self.seen = 0
+        empty = lambda site: np.zeros((batch, site["kv_heads"], 0, site["head_dim"]), self.kv_dtype)  # noqa: E731
+        self.cache = {
+            site["layer"]: (empty(site), empty(site),
+                            np.zeros((batch, site["kv_heads"], 0), np.int32) if site["row"] is not None else None)
+            for site in self.sites
+        }
+
+    def step(self, input_ids: np.ndarray) -> np.ndarray:
+        """Feed `input_ids` [B, L] after what was seen so far; returns logits [B, L, vocab]."""
+        batch, new = input_ids.shape
+        feeds = {"input_ids": input_ids,
+                 POSITION_INPUT: np.broadcast_to(np.arange(self.seen, self.seen + new), (batch, new)).copy()}
+        rows = []
+        for site in self.sites:
+            keys, values, slots = self.cache[site["layer"]]
+            feeds[site["past_key"]], feeds[site["past_value"]] = keys, values
+            if site["row"] is not None:
+                feeds[site["past_slots"]] = slots
+                rows.append(evict_row(self.schedules[site["layer"]], keys.shape[2] + new, self.seen + new))
+        if rows:
+            feeds[EVICT_INPUT] = np.array(rows, dtype=np.int64).reshape(len(rows), 4)
+        out = dict(zip(self.output_names, self.session.run(None, feeds)))
+        self.seen += new
+        for site in self.sites:
+            slots = out[site["present_slots"]] if site["row"] is not None else None
+            self.cache[site["layer"]] = (out[site["present_key"]], out[site["present_value"]], slots)
+        return out["logits"]
+
+    def generate(self, input_ids, max_new_tokens: int, attention_mask=None, eos_token_id: int | None = None) -> np.ndarray:
+        """Greedy decoding: the prompt [B, L] (numpy or torch ids) plus up to `max_new_tokens` tokens.
+
+        Sequences that hit `eos_token_id` are padded with it until all have finished.
+        """
+        ids = np.asarray(input_ids.cpu() if hasattr(input_ids, "cpu") else input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length>0], got shape {ids.shape}")
+        if attention_mask is not None and not np.all(np.asarray(
+                attention_mask.cpu() if hasattr(attention_mask, "cpu") else attention_mask)):
+            raise NotImplementedError("attention_mask: padded batches are not supported by the ONNX generator yet; "
+                                      "run sequences of equal length (or one at a time)")
+        self.reset(ids.shape[0])
+        tokens, done, chunk = [ids], np.zeros(ids.shape[0], bool), ids
+        for _ in range(max_new_tokens):
+            next_token = self.step(chunk)[:, -1].argmax(-1)
+            if eos_token_id is not None:
+                next_token = np.where(done, eos_token_id, next_token)
+                done |= next_token == eos_token_id
+            chunk = next_token[:, None].astype(np.int64)
+            tokens.append(chunk)
+            if done.all():
+                break
+        return np.concatenate(tokens, axis=1)

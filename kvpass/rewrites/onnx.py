@@ -1,0 +1,344 @@
+"""ONNX graph pass: find attention with onnxscript rewriter patterns, rewrite it onto a compacted cache.
+
+Finding: every attention form is an `onnxscript.rewriter.pattern` (a small traced
+function), tried against every node of an `onnx_ir` graph:
+
+* `Attention` of the standard domain (opset 23/24; what `torch.onnx.export(dynamo=True)`
+  emits for SDPA), with or without the GQA Unsqueeze → Expand → Reshape in front of K/V;
+* the `com.microsoft` fused ops `MultiHeadAttention`, `GroupQueryAttention`, `Attention`;
+* decomposed chains MatMul → (Mul | Div) → (Add mask | Where) → Softmax → [NaN guard] → MatMul
+  (opset <= 22 exports), scale applied before or after the QK product.
+
+Rewriting (standard ops only, so any execution provider runs it): a site whose K/V are
+`Concat(past graph input, new)` graph outputs gets an eviction subgraph after its attention.
+The subgraph scores the cache with the method's statistic (last-query attention from the
+Softmax output or `Attention`'s `qk_matmul_output`, key norms, or slots), applies the shared
+selection rules of `kvpass.methods.selection` (head averaging, span max-pooling, +inf for
+sinks and the recent window), keeps the top `keep` with TopK (ties → earlier token), sorts
+the kept indices ascending and gathers compacted `present` K/V and int32 slots. `keep`,
+`sinks`, `recent` and `seen` come from the host (input `kvpass_evict`, one row per pruned
+site), computed with `kvpass.plan.SiteSchedule`, so the keep count is the torch runtime's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.tape import Tape
+from onnxscript.rewriter import pattern
+
+from kvpass.errors import UnsupportedModelError
+from kvpass.methods import Method, Stat
+from kvpass.plan import Plan
+from kvpass.site import AttentionSite, SiteReport, UnsupportedAttention
+
+METADATA_KEY = "kvpass"
+"""model.metadata_props key holding the JSON the Generator needs (I/O names, schedules)."""
+EVICT_INPUT = "kvpass_evict"
+"""int64 [pruned sites, 4] graph input: (keep, sinks, recent, seen) per pruned site."""
+POSITION_INPUT = "position_ids"
+MIN_OPSET = 18
+"""ReduceMean/ReduceL2 take axes as inputs from opset 18 on; older graphs are refused."""
+
+
+# ---------------------------------------------------------------- patterns (data, not walks)
+
+def _repeat_kv(op, x):
+    """GQA/MQA: K/V repeated to the query heads (Unsqueeze → Expand → Reshape), or used as is."""
+    return pattern.OrValue([op.Reshape(op.Expand(op.Unsqueeze(x, pattern.ANY_VALUE), pattern.ANY_VALUE),
+                                       pattern.ANY_VALUE), x])
+
+
+def _onnx_attention(op, q, k, v):
+    return op.Attention(q, _repeat_kv(op, k), _repeat_kv(op, v), _allow_other_inputs=True,
+                        _allow_other_attributes=True, _outputs=["anchor"])
+
+
+def _contrib(op_type: str) -> Callable:
+    def contrib_attention(op, q):
+        return getattr(op, op_type)(q, _domain="com.microsoft", _allow_other_inputs=True,
+                                    _allow_other_attributes=True, _outputs=["anchor"])
+    return contrib_attention
+
+
+def _decomposed(op, q, k, v, q_scale, k_scale, post_scale, post_div, mask, where_cond, where_fill, nan_fill):
+    k_t = pattern.OrValue([
+        op.Transpose(_repeat_kv(op, k)),
+        op.Reshape(op.Transpose(op.Reshape(_repeat_kv(op, k), pattern.ANY_VALUE)), pattern.ANY_VALUE),
+    ])
+    scores = op.MatMul(pattern.OrValue([op.Mul(q, q_scale), q]), pattern.OrValue([op.Mul(k_t, k_scale), k_t]))
+    scaled = pattern.OrValue([op.Mul(scores, post_scale), op.Div(scores, post_div), scores])
+    masked = pattern.OrValue([op.Add(scaled, mask), op.Where(where_cond, scaled, where_fill), scaled])
+    probs = op.Softmax(masked, _outputs=["probs"])
+    guarded = pattern.OrValue([op.Where(op.IsNaN(probs), nan_fill, probs), probs])
+    return op.MatMul(guarded, _repeat_kv(op, v), _outputs=["anchor"])
+
+
+PATTERNS: dict[str, pattern.Pattern] = {
+    "onnx_attention": pattern.Pattern(_onnx_attention, name="onnx_attention"),
+    "ms_multihead_attention": pattern.Pattern(_contrib("MultiHeadAttention"), name="ms_multihead_attention"),
+    "ms_group_query_attention": pattern.Pattern(_contrib("GroupQueryAttention"), name="ms_group_query_attention"),
+    "ms_attention": pattern.Pattern(_contrib("Attention"), name="ms_attention"),
+    "eager_softmax_chain": pattern.Pattern(_decomposed, name="eager_softmax_chain"),
+}
+"""Every attention form kvpass knows in ONNX, tried in this order on each node."""
+
+_CACHE_CONCAT = pattern.Pattern(lambda op, past, new: op.Concat(past, new, _allow_other_attributes=True),
+                                name="cache_concat")
+"""A site reads a cache when its K/V are Concat(past graph input, new) along the sequence axis."""
+
+
+# ---------------------------------------------------------------- finding
+
+def find_sites(model: ir.Model) -> SiteReport:
+    """Every attention site of `model`'s main graph, in graph order, plus what looked like attention."""
+    graph, sites, covered = model.graph, [], set()
+    for node in graph:
+        if id(node) in covered:
+            continue
+        for name, rule in PATTERNS.items():
+            match = rule.match(model, graph, node, check_nodes_are_removable=False)
+            if match:
+                site = _site_from_match(model, name, match, len(sites))
+                sites.append(site)
+                covered.update(id(n) for n in match.nodes)
+                break
+    unsupported = [
+        UnsupportedAttention(node.name, "softmax_chain", "Softmax feeding a MatMul that no attention pattern matched",
+                             [node.name])
+        for node in graph
+        if node.op_type == "Softmax" and id(node) not in covered
+        and any(user.op_type == "MatMul" for user, _ in node.outputs[0].uses())
+    ]
+    return SiteReport(sites, unsupported, capture="onnx_ir")
+
+
+def _site_from_match(model: ir.Model, name: str, match, layer: int) -> AttentionSite:
+    b = match.bindings
+    anchor = b["anchor"].producer()
+    attrs = {key: attr.value for key, attr in anchor.attributes.items()}
+    extra = {"anchor": anchor, "probs": b.get("probs")}
+    if name.startswith("ms_"):
+        heads = int(attrs.get("num_heads", 0))
+        kv_heads = int(attrs.get("kv_num_heads", heads))
+        hidden = _dim(b["q"], -1)
+        head_dim = hidden // heads if hidden and heads else 0
+        scale, masked = attrs.get("scale") or None, any(i is not None for i in anchor.inputs[3:5])
+        causal = bool(attrs.get("unidirectional", 0)) or name == "ms_group_query_attention"
+        reads_cache = False
+    else:
+        q, k = b["q"], b["k"]
+        heads, head_dim = _dim(q, 1) or int(attrs.get("q_num_heads", 0)), _dim(q, -1)
+        kv_heads = _dim(k, 1) or int(attrs.get("kv_num_heads", 0))
+        scale = _scale(name, attrs, b)
+        masked = b.get("mask") is not None or b.get("where_cond") is not None or (
+            name == "onnx_attention" and len(anchor.inputs) > 3 and anchor.inputs[3] is not None)
+        extra["past_key"], extra["present_key"] = _cache_of(model, b["k"])
+        extra["past_value"], extra["present_value"] = _cache_of(model, b["v"])
+        reads_cache = extra["past_key"] is not None and extra["past_value"] is not None
+        causal = bool(attrs.get("is_causal", 0)) or reads_cache  # a decoder reading a growing cache is causal
+    dtype = b.get("q").dtype if b.get("q") is not None and b.get("q").dtype is not None else ir.DataType.FLOAT
+    return AttentionSite(
+        name=anchor.name or f"attention_{layer}", layer=layer, num_heads=heads, num_kv_heads=kv_heads or heads,
+        head_dim=head_dim, scale=scale, causal=causal, cross=False, masked=masked, reads_cache=reads_cache,
+        pattern=name, dtype=dtype.numpy().name, nodes=[n.name for n in match.nodes], extra=extra,
+    )
+
+
+def _dim(value: ir.Value | None, axis: int) -> int:
+    """A static dimension of `value`, or 0 when unknown."""
+    if value is None or value.shape is None or len(value.shape) < abs(axis) + (axis >= 0):
+        return 0
+    dim = value.shape[axis]
+    return dim if isinstance(dim, int) else 0
+
+
+def _constant(value: ir.Value | None) -> float | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None or tensor.size != 1 else float(tensor.numpy().reshape(()))
+
+
+def _scale(name: str, attrs: dict, b: dict) -> float | None:
+    if name == "onnx_attention":
+        return attrs.get("scale") or None
+    scale = 1.0
+    for key, invert in (("q_scale", False), ("k_scale", False), ("post_scale", False), ("post_div", True)):
+        if b.get(key) is not None:
+            factor = _constant(b[key])
+            if factor is None:
+                return None
+            scale *= 1.0 / factor if invert else factor
+    return scale
+
+
+def _cache_of(model: ir.Model, value: ir.Value) -> tuple[ir.Value | None, ir.Value | None]:
+    """(past graph input, present graph output) when `value` = Concat(past, new) on the sequence axis."""
+    producer = value.producer()
+    match = producer and _CACHE_CONCAT.match(model, model.graph, producer, check_nodes_are_removable=False)
+    if not match:
+        return None, None
+    past, axis = match.bindings["past"], producer.attributes.get_int("axis", 0)
+    rank = len(value.shape) if value.shape is not None else 4
+    if past not in model.graph.inputs or axis not in (rank - 2, -2) or value not in model.graph.outputs:
+        return None, None
+    return past, value
+
+
+# ---------------------------------------------------------------- rewriting
+
+def rewrite_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: int) -> None:
+    """Rewrite `model` in place: every site with a budget below 1 returns compacted present K/V."""
+    _check_rewritable(model, sites, plan.method)
+    graph = model.graph
+    position_ids = next((v for v in graph.inputs if v.name == POSITION_INPUT), None)
+    pruned = [site for site in sites if plan.schedule(site, dtype_bytes).prunes]
+    if pruned and position_ids is None:
+        raise UnsupportedModelError(
+            f"the ONNX graph has no '{POSITION_INPUT}' input: logical positions must be explicit so RoPE stays "
+            "right after eviction (export with position_ids as an input)")
+    evict = ir.Value(name=EVICT_INPUT, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([len(pruned), 4]))
+    if pruned:
+        graph.inputs.append(evict)
+    meta = []
+    for site in sites:
+        schedule = plan.schedule(site, dtype_bytes)
+        entry = {"name": site.name, "layer": site.layer, "kv_heads": site.num_kv_heads, "head_dim": site.head_dim,
+                 **{key: site.extra[key].name for key in ("past_key", "past_value", "present_key", "present_value")},
+                 "schedule": asdict(schedule), "row": None}
+        if schedule.prunes:
+            entry["row"] = pruned.index(site)
+            entry["past_slots"], entry["present_slots"] = _add_eviction(
+                model, site, plan.method, position_ids, evict, entry["row"])
+        meta.append(entry)
+    model.metadata_props[METADATA_KEY] = json.dumps({"method": plan.method.name, "sites": meta})
+
+
+def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> None:
+    opset = model.opset_imports.get("", 0)
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"the ONNX model uses opset {opset}; kvpass rewrites opset >= {MIN_OPSET} (convert it first with "
+            f"onnx.version_converter.convert_version(model, {MIN_OPSET}))")
+    fused = [s.name for s in sites if s.pattern.startswith("ms_")]
+    if fused:
+        raise UnsupportedModelError(
+            f"com.microsoft fused attention ops {fused} keep their cache inside the op and expose no attention "
+            "scores, so kvpass cannot compact them; run kvpass.onnx.optimize on the unfused export instead")
+    not_cached = [s.name for s in sites if not s.reads_cache]
+    if not_cached:
+        raise UnsupportedModelError(
+            f"sites {not_cached} do not read a KV cache passed in as a graph input "
+            "(Concat(past input, new) returned as a graph output), so there is no cache to prune")
+    if method.name not in SCORES or method.page_size > 1:
+        raise UnsupportedModelError(
+            f"method {method.name!r} (page_size={method.page_size}) has no ONNX scoring; ONNX supports "
+            f"{sorted(SCORES)} with page_size=1 (methods that keep running statistics across steps need state "
+            "the exported graph does not carry)")
+
+
+class _Ops:
+    """Tape helpers: integer constants and shape slices, so the subgraph reads like the torch code."""
+
+    def __init__(self, graph: ir.Graph, prefix: str):
+        self.tape, self.prefix, self.count = Tape(graph), prefix, 0
+
+    def __call__(self, op_type: str, *inputs, outputs: int = 1, **attributes):
+        self.count += 1
+        name = f"{self.prefix}/{op_type}_{self.count}"
+        if outputs == 1:
+            return self.tape.op(op_type, list(inputs), attributes or None, name=name)
+        return self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=outputs, name=name)
+
+    def const(self, array) -> ir.Value:
+        return self("Constant", value=ir.tensor(np.asarray(array)))
+
+    def dim(self, value: ir.Value, axis: int) -> ir.Value:
+        return self("Shape", value, start=axis, end=axis + 1)
+
+
+def _last_query_attention(o: _Ops, site: AttentionSite, cache_k: ir.Value, probs: ir.Value, slots) -> ir.Value:
+    """TOVA's statistic: the newest query's attention, summed over each KV head's query group."""
+    last = o("Slice", probs, o.const([-1]), o.const([np.iinfo(np.int64).max]), o.const([-2]))
+    shape = o("Concat", o.dim(cache_k, 0), o.const([site.num_kv_heads, site.group_size, -1]), axis=0)
+    return o("ReduceSum", o("Reshape", last, shape), o.const([2]), keepdims=0)
+
+
+SCORES: dict[str, Callable] = {
+    "tova": _last_query_attention,
+    "knorm": lambda o, site, cache_k, probs, slots: o("Neg", o("ReduceL2", cache_k, o.const([-1]), keepdims=0)),
+    "streaming_llm": lambda o, site, cache_k, probs, slots: o("Cast", slots, to=ir.DataType.FLOAT),
+}
+"""The ONNX form of each method's `score` ([B, Hkv, T], higher is kept), by method name."""
+
+
+def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position_ids: ir.Value,
+                  evict: ir.Value, row: int) -> tuple[str, str]:
+    """Append the score → select → compact subgraph of one site; returns its slot input/output names."""
+    graph, x = model.graph, site.extra
+    o = _Ops(graph, f"kvpass/{site.layer}")
+    probs = _probs_of(graph, site) if method.stat is Stat.LAST_QUERY else None
+    cache_k, cache_v = x["present_key"], x["present_value"]
+    past_slots = ir.Value(name=f"kvpass_past_slots_{site.layer}", type=ir.TensorType(ir.DataType.INT32),
+                          shape=ir.Shape([x["past_key"].shape[0] if x["past_key"].shape else None,
+                                          site.num_kv_heads, f"past_{site.layer}"]))
+    graph.inputs.append(past_slots)
+    new_slots = o("Unsqueeze", o("Cast", position_ids, to=ir.DataType.INT32), o.const([1]))
+    new_slots = o("Expand", new_slots, o.const([1, site.num_kv_heads, 1]))
+    slots = o("Concat", past_slots, new_slots, axis=2)
+
+    params = o("Gather", evict, o.const(row), axis=0)
+    keep = o("Slice", params, o.const([0]), o.const([1]))
+    sinks, recent, seen = (o("Cast", o("Gather", params, o.const(i), axis=0), to=ir.DataType.INT32) for i in (1, 2, 3))
+
+    scores = SCORES[method.name](o, site, cache_k, probs, slots)
+    if not method.per_head:
+        scores = o("Expand", o("ReduceMean", scores, o.const([1]), keepdims=1), o("Shape", slots))
+    if method.span > 0:
+        pooled = o("MaxPool", o("Reshape", scores, o.const([-1, 1, 0])), kernel_shape=[2 * method.span + 1],
+                   pads=[method.span, method.span], strides=[1])
+        scores = o("Reshape", pooled, o("Shape", slots))
+    protected = o("Or", o("Less", slots, sinks), o("GreaterOrEqual", slots, o("Sub", seen, recent)))
+    scores = o("Where", protected, o.const(np.float32(np.inf)), scores)
+    _, top = o("TopK", scores, keep, axis=-1, largest=1, sorted=1, outputs=2)  # ties: earlier token first
+    index, _ = o("TopK", top, keep, axis=-1, largest=0, sorted=1, outputs=2)  # kept indices, slot order
+    gather = o("Expand", o("Unsqueeze", index, o.const([3])), o("Concat", o("Shape", index), o.dim(cache_k, 3), axis=0))
+    outputs = {
+        cache_k: o("GatherElements", cache_k, gather, axis=2),
+        cache_v: o("GatherElements", cache_v, gather, axis=2),
+    }
+    for full, compact in outputs.items():
+        name = full.name
+        full.name = f"{name}_uncompacted"
+        compact.name, compact.dtype = name, full.dtype
+        compact.shape = ir.Shape([full.shape[0] if full.shape else None, site.num_kv_heads, f"kept_{site.layer}",
+                                  site.head_dim])
+        graph.outputs[graph.outputs.index(full)] = compact
+    present_slots = o("GatherElements", slots, index, axis=2)
+    present_slots.name, present_slots.dtype = f"kvpass_present_slots_{site.layer}", ir.DataType.INT32
+    present_slots.shape = ir.Shape([None, site.num_kv_heads, f"kept_{site.layer}"])
+    graph.outputs.append(present_slots)
+    return past_slots.name, present_slots.name
+
+
+def _probs_of(graph: ir.Graph, site: AttentionSite) -> ir.Value:
+    """The attention probabilities [B, Hq, Lq, T] of a site: its Softmax output, or a new
+    `qk_matmul_output` (mode 3: after softmax) of a standard `Attention` node."""
+    if site.extra["probs"] is not None:
+        return site.extra["probs"]
+    old = site.extra["anchor"]
+    attributes = {**{k: a for k, a in old.attributes.items()}, "qk_matmul_output_mode": ir.AttrInt64(
+        "qk_matmul_output_mode", 3)}
+    new = ir.Node("", "Attention", list(old.inputs), attributes=list(attributes.values()), num_outputs=4,
+                  name=old.name, version=old.version)
+    graph.insert_before(old, new)
+    for before, after in zip(old.outputs, new.outputs):
+        name, before.name = before.name, None
+        after.name, after.dtype, after.shape = name, before.dtype, before.shape
+        ir.convenience.replace_all_uses_with(before, after, replace_graph_outputs=True)
+    graph.remove(old, safe=True)
+    site.extra["anchor"] = new
+    return new.outputs[3]

@@ -1,0 +1,226 @@
+"""kvpass.onnx: finding attention in ONNX graphs, pruned exports, and onnxruntime == torch tokens."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvpass
+import kvpass.onnx
+from kvpass.errors import UnsupportedModelError
+from kvpass.onnx.export import export_onnx
+
+HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 4, 2, 16, 2, 128
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                         num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def base() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module", params=[18, 23], ids=["opset18", "opset23"])
+def exported(request, base, tmp_path_factory) -> tuple[int, onnx.ModelProto]:
+    """The unpruned export (budget 1.0) of the tiny Llama at each opset."""
+    path = tmp_path_factory.mktemp("onnx") / f"tiny{request.param}.onnx"
+    return request.param, export_onnx(base, path, budget=1.0, opset=request.param)
+
+
+def prompt(length: int = 120, seed: int = 1) -> torch.Tensor:
+    """Distinct tokens: a repeated token has the same key norm at every position (RoPE rotates), an exact
+    tie that float noise, not the tie rule, would break differently in torch and onnxruntime."""
+    return (torch.randperm(VOCAB - 1, generator=torch.Generator().manual_seed(seed))[:length] + 1)[None]
+
+
+def torch_generate(model, ids: torch.Tensor, new: int):
+    """Greedy tokens and the final cache of the torch path."""
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+    return out.sequences.numpy(), out.past_key_values
+
+
+def test_finds_one_site_per_layer(exported) -> None:
+    opset, proto = exported
+    report = kvpass.onnx.find_attention(proto)
+    assert len(report) == LAYERS and not report.unsupported
+    assert [s.pattern for s in report] == ["onnx_attention" if opset >= 23 else "eager_softmax_chain"] * LAYERS
+    for layer, site in enumerate(report):
+        assert (site.layer, site.num_heads, site.num_kv_heads, site.head_dim) == (layer, HEADS, KV_HEADS, HEAD_DIM)
+        assert site.reads_cache and site.causal and site.scale == pytest.approx(HEAD_DIM**-0.5)
+
+
+def test_budget_one_matches_unpruned_torch(exported, base) -> None:
+    _, proto = exported
+    ids = prompt()
+    generator = kvpass.onnx.Generator(proto)
+    tokens = generator.generate(ids, max_new_tokens=12)
+    assert np.array_equal(tokens, base.generate(ids, max_new_tokens=12, do_sample=False).numpy())
+    assert generator.cache[0][0].shape == (1, KV_HEADS, ids.shape[1] + 11, HEAD_DIM)
+    with torch.no_grad():
+        expected = base(ids).logits.numpy()
+    generator.reset(1)
+    np.testing.assert_allclose(generator.step(ids.numpy()), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", [None, "knorm", "streaming_llm"])
+def test_half_budget_keeps_what_torch_keeps(exported, base, method) -> None:
+    _, proto = exported
+    ids, new = prompt(), 12
+    pruned = kvpass.onnx.optimize(proto, budget=0.5, method=method)
+    generator = kvpass.onnx.Generator(pruned)
+    tokens = generator.generate(ids, max_new_tokens=new)
+    expected, cache = torch_generate(kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method), ids, new)
+    assert np.array_equal(tokens, expected)
+    for layer in range(LAYERS):
+        keys, values, slots = generator.cache[layer]
+        site_cache = cache.layers[layer].site_cache
+        assert keys.shape == tuple(site_cache.keys.shape) == values.shape
+        assert keys.shape[2] < (ids.shape[1] + new - 1) * 0.5  # really shrunk, state bytes included
+        np.testing.assert_array_equal(slots, site_cache.slots.numpy())
+        np.testing.assert_allclose(keys, site_cache.keys.numpy(), atol=1e-5, rtol=0)
+
+
+def test_export_of_an_optimized_model_uses_its_plan(base, tmp_path) -> None:
+    model = kvpass.optimize(copy.deepcopy(base), budget=0.3, method="knorm", recent=8)
+    pruned = export_onnx(model, tmp_path / "opt.onnx", opset=23)
+    meta = json.loads({p.key: p.value for p in pruned.metadata_props}["kvpass"])
+    assert meta["method"] == "knorm"
+    assert [s["schedule"]["fraction"] for s in meta["sites"]] == [0.3] * LAYERS
+    assert {s["schedule"]["recent"] for s in meta["sites"]} == {8}
+    ids = prompt(80, seed=3)
+    tokens = kvpass.onnx.Generator(tmp_path / "opt.onnx").generate(ids, max_new_tokens=8)
+    assert np.array_equal(tokens, model.generate(ids, max_new_tokens=8, do_sample=False).numpy())  # still bound
+
+
+def test_pruned_model_is_valid_and_loads_fully_optimized(exported) -> None:
+    _, proto = exported
+    pruned = kvpass.onnx.optimize(proto, budget=0.5)
+    onnx.checker.check_model(pruned, full_check=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(pruned.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    assert {"kvpass_evict", "kvpass_past_slots_0", "kvpass_past_slots_1", "position_ids"} <= names
+    dims = {o.name: o.shape for o in session.get_outputs()}
+    assert dims["present_k_0"][0] == "batch" and dims["present_k_0"][1:] == [KV_HEADS, "kept_0", HEAD_DIM]
+
+
+def _contrib_attention_model() -> onnx.ModelProto:
+    """Two com.microsoft MultiHeadAttention nodes and one GroupQueryAttention, as ORT's fusions write them."""
+    hidden = HEADS * HEAD_DIM
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", hidden])
+    nodes = [
+        helper.make_node("MultiHeadAttention", ["x", "x", "x"], ["h0"], domain="com.microsoft", num_heads=HEADS),
+        helper.make_node("MultiHeadAttention", ["h0", "h0", "h0"], ["h1"], domain="com.microsoft", num_heads=HEADS),
+        helper.make_node("GroupQueryAttention", ["h1", "x", "x", "", "", "seqlens", "total"], ["y", "pk", "pv"],
+                         domain="com.microsoft", num_heads=HEADS, kv_num_heads=HEADS),
+    ]
+    graph = helper.make_graph(
+        nodes, "contrib", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])],
+        initializer=[helper.make_tensor("seqlens", TensorProto.INT32, [1], [4]),
+                     helper.make_tensor("total", TensorProto.INT32, [], [5])],
+        value_info=[helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", hidden]) for n in ("h0", "h1")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_finds_com_microsoft_attention_and_refuses_to_prune_it() -> None:
+    model = _contrib_attention_model()
+    report = kvpass.onnx.find_attention(model)
+    assert [s.pattern for s in report] == ["ms_multihead_attention"] * 2 + ["ms_group_query_attention"]
+    assert [s.head_dim for s in report] == [HEAD_DIM] * 3
+    with pytest.raises(UnsupportedModelError, match="com.microsoft"):
+        kvpass.onnx.optimize(model)
+
+
+def _cached_attention_model(opset: int) -> onnx.ModelProto:
+    """A hand-written decomposed attention over Concat(past, new): the smallest rewritable site."""
+    def info(name, *shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+    nodes = [
+        helper.make_node("Concat", ["past_k", "k"], ["present_k"], axis=2),
+        helper.make_node("Concat", ["past_v", "v"], ["present_v"], axis=2),
+        helper.make_node("Transpose", ["present_k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+        helper.make_node("Div", ["scores", "root"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "present_v"], ["out"]),
+    ]
+    shape = ("b", 2, "s", 8)
+    graph = helper.make_graph(
+        nodes, "cached", [info(n, *shape) for n in ("q", "k", "v")] + [info(n, "b", 2, "p", 8) for n in ("past_k", "past_v")],
+        [info("out", *shape), info("present_k", "b", 2, "t", 8), info("present_v", "b", 2, "t", 8)],
+        initializer=[helper.make_tensor("root", TensorProto.FLOAT, [], [8**0.5])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_hand_written_chain_is_found_with_its_scale() -> None:
+    (site,) = kvpass.onnx.find_attention(_cached_attention_model(18))
+    assert (site.pattern, site.num_heads, site.num_kv_heads, site.reads_cache) == ("eager_softmax_chain", 2, 2, True)
+    assert site.scale == pytest.approx(8**-0.5)
+
+
+def test_bad_inputs_name_the_problem(tmp_path, exported) -> None:
+    with pytest.raises(FileNotFoundError, match="no ONNX file"):
+        kvpass.onnx.optimize(tmp_path / "missing.onnx")
+    (tmp_path / "garbage.onnx").write_bytes(b"\x00not a protobuf\xff" * 10)
+    with pytest.raises(ValueError, match="not a readable ONNX file"):
+        kvpass.onnx.find_attention(tmp_path / "garbage.onnx")
+    broken = _cached_attention_model(18)
+    broken.graph.node[3].input[0] = "undefined_tensor"
+    with pytest.raises(ValueError, match="not a valid ONNX model"):
+        kvpass.onnx.optimize(broken)
+    no_attention = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]), opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(UnsupportedModelError, match="no attention found"):
+        kvpass.onnx.optimize(no_attention)
+    with pytest.raises(UnsupportedModelError, match="opset 17"):
+        kvpass.onnx.optimize(_cached_attention_model(17))
+    with pytest.raises(UnsupportedModelError, match="position_ids"):
+        kvpass.onnx.optimize(_cached_attention_model(18))
+    _, proto = exported
+    with pytest.raises(UnsupportedModelError, match="'h2o'"):
+        kvpass.onnx.optimize(proto, method="h2o")
+    with pytest.raises(ValueError, match="budget"):
+        kvpass.onnx.optimize(proto, budget=1.5)
+    with pytest.raises(ValueError, match="no kvpass metadata"):
+        kvpass.onnx.Generator(no_attention)
+    with pytest.raises(NotImplementedError, match="attention_mask"):
+        kvpass.onnx.Generator(proto).generate(np.ones((2, 4), np.int64), 2, attention_mask=np.array([[0, 1, 1, 1]] * 2))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("KVPASS_ONNX_SMOLLM2"), reason="about 6 min on 2 busy cores (export of 30 "
+                    "layers + two 1K-token torch runs); set KVPASS_ONNX_SMOLLM2=1 to run it")
+def test_smollm2_onnx_tokens_match_torch(tmp_path) -> None:
+    from kvpass.eval.models import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    text = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * 50
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :1024]
+    full = export_onnx(model, tmp_path / "full.onnx", budget=1.0)
+    expected = model.generate(ids, max_new_tokens=32, do_sample=False).numpy()
+    assert np.array_equal(kvpass.onnx.Generator(full).generate(ids, 32), expected)
+    pruned = kvpass.onnx.optimize(full, budget=0.5)
+    generator = kvpass.onnx.Generator(pruned)
+    tokens = generator.generate(ids, 32)
+    expected, cache = torch_generate(kvpass.optimize(model, budget=0.5), ids, 32)
+    assert np.array_equal(tokens, expected)
+    assert generator.cache[0][0].shape == tuple(cache.layers[0].site_cache.keys.shape)
+    np.testing.assert_array_equal(generator.cache[0][2], cache.layers[0].site_cache.slots.numpy())
