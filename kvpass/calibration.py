@@ -23,15 +23,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from kvpass.errors import UnsupportedModelError
 from kvpass.kernels import ops
 from kvpass.kernels.reference import first_scored_query
 from kvpass.methods import Method, Observation, Stat, get_method
 from kvpass.methods.selection import ranking_scores
-from kvpass.runtime.hf import set_attn_implementation
+from kvpass.runtime.hf import attention_implementation
 from kvpass.site import AttentionSite
 
 RECORDER = "kvpass_calibrate"
@@ -144,16 +142,10 @@ def calibrate(
     ids = _token_ids(model, prompts, tokenizer)
     recorder = _Recorder({module: name for name, module in model.named_modules()}, chosen, sinks, recent)
     started = time.perf_counter()
-    AttentionInterface.register(RECORDER, recorder)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(RECORDER, sdpa_mask)
-    previous = set_attn_implementation(model, RECORDER)
     device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for prompt in ids:
-                model(input_ids=prompt.to(device), use_cache=False)
-    finally:
-        set_attn_implementation(model, previous)
+    with attention_implementation(model, RECORDER, recorder), torch.no_grad():
+        for prompt in ids:
+            model(input_ids=prompt.to(device), use_cache=False)
     silent = [site.name for site in sites or () if len(recorder.entropy.get(site.name, [])) != len(ids)]
     if silent:
         raise UnsupportedModelError(

@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers import DynamicCache
 
 from kvpass.kernels import ops
 from kvpass.methods import Method, Stat
 from kvpass.plan import Plan
 from kvpass.runtime.compacted_cache import CompactedKV
-from kvpass.runtime.hf import KVPassCacheLayer, set_attn_implementation
+from kvpass.runtime.hf import KVPassCacheLayer, attention_implementation
 
 RECORDER = "kvpass_record"
 STAT_WINDOW = 32
@@ -70,17 +69,13 @@ def _record_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 
 def record_prefill(model, input_ids: torch.Tensor) -> PrefillRecording:
     """Prefill `input_ids` [1, L] through `model`, recording every layer (stats window: 32)."""
-    AttentionInterface.register(RECORDER, _record_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(RECORDER, sdpa_mask)
-    previous = set_attn_implementation(model, RECORDER)
     _active.append(PrefillRecording())
     try:
-        with torch.no_grad():
+        with attention_implementation(model, RECORDER, _record_attention), torch.no_grad():
             model(input_ids=input_ids, use_cache=False)
         return _active[-1]
     finally:
         _active.pop()
-        set_attn_implementation(model, previous)
 
 
 def cache_from_recording(model, recording: PrefillRecording, plan: Plan) -> DynamicCache:

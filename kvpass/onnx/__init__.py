@@ -21,7 +21,6 @@ import onnx
 import onnx_ir as ir
 
 from kvpass.budget import parse_budget
-from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method, get_method
 from kvpass.plan import Plan, build_plan, check_schedule_options
 from kvpass.rewrites.onnx import find_sites, rewrite_sites

@@ -18,6 +18,8 @@ The cache reports the *logical* sequence length (tokens seen), so position ids, 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -194,6 +196,20 @@ def set_attn_implementation(model: torch.nn.Module, implementation: str) -> str:
         if config is not None and hasattr(config, "_attn_implementation"):
             config._attn_implementation = implementation
     return previous
+
+
+@contextmanager
+def attention_implementation(model: torch.nn.Module, name: str, function) -> Iterator[None]:
+    """Run `model` with `function` as its attention implementation (registered as `name`),
+    restoring the previous implementation afterwards: how calibration and sweeps observe
+    every attention call without touching the modules."""
+    AttentionInterface.register(name, function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    previous = set_attn_implementation(model, name)
+    try:
+        yield
+    finally:
+        set_attn_implementation(model, previous)
 
 
 def bind(model: torch.nn.Module, modules: dict[str, torch.nn.Module], bindings: dict[str, SiteBinding]) -> None:
