@@ -135,6 +135,29 @@ def test_decode_step_compiles_fullgraph(base) -> None:
     assert compiled_cache.layers[0].keys.shape == eager_cache.layers[0].keys.shape
 
 
+def test_decode_step_exports(base) -> None:
+    """torch.export of one decode step over a compacted cache: the kvpass ops stay single nodes.
+
+    The step is exported at one cache state (its Python-side lengths are constants of the program)."""
+    model = kvpass.optimize(copy.deepcopy(base), budget=0.5, sinks=2, recent=4)
+    ids, token = prompt(length=40), torch.tensor([[3]])
+
+    class DecodeStep(torch.nn.Module):
+        def __init__(self, cache):
+            super().__init__()
+            self.cache = cache
+
+        def forward(self, token):
+            return model(token, past_key_values=self.cache, use_cache=True).logits
+
+    exported = torch.export.export(DecodeStep(prefill(model, ids)), (token,), strict=False)
+    targets = [str(n.target) for n in exported.graph.nodes]
+    assert targets.count("kvpass.attention.default") == LAYERS
+    with torch.no_grad():
+        eager = DecodeStep(prefill(model, ids))(token)
+    torch.testing.assert_close(exported.module()(token), eager, rtol=1e-5, atol=1e-5)
+
+
 def test_kvpass_ops_export() -> None:
     class DecodeStep(torch.nn.Module):
         def forward(self, q, k, v, q_slots, k_slots):

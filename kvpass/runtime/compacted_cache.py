@@ -87,7 +87,8 @@ class CompactedKV:
         start, new = self.seen, self.pending
         q_slots = torch.arange(start, start + new, device=q.device, dtype=torch.int32).expand(batch, new)
         new_slots = q_slots[:, None, :].expand(batch, hkv, new)
-        if key_padding is not None and bool(key_padding.any()):
+        if key_padding is not None and (self.slots is not None or bool(key_padding.any())):
+            # Once slots are stored no data-dependent branch is taken, so a decode step exports.
             new_slots = torch.where(key_padding[:, None, :], -1 - new_slots, new_slots)
             self.slots = self._past_slots(batch, hkv, total - new, q.device)
         if self.slots is not None:
