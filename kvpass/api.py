@@ -9,7 +9,6 @@ import torch
 from kvpass.budget import Budget, parse_budget
 from kvpass.calibration import Calibration, calibrate
 from kvpass.capture import capture, default_example_inputs
-from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method, get_method
 from kvpass.plan import Plan, build_plan, check_schedule_options
 from kvpass.rewrites.fx import find_sites
@@ -142,8 +141,7 @@ def plan(
     chosen = get_method(method, **method_options)
     check_schedule_options(sinks, recent, evict_every)
     report = getattr(model, "kvpass_sites", None) or find_attention(model, *(example_inputs or ()))
-    if not report:
-        raise UnsupportedModelError(f"no attention found in {type(model).__name__}: nothing to plan")
+    report.require_rewritable(type(model).__name__)
     return _plan_sites(model, report, budget, chosen, allocation, calibration, tokenizer=tokenizer, seq_len=seq_len,
                        floor=floor, ceiling=ceiling, sinks=sinks, recent=recent, evict_every=evict_every)
 
