@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import numpy as np
 import onnx
@@ -205,6 +206,8 @@ def test_bad_inputs_name_the_problem(tmp_path, exported) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("KVPASS_ONNX_SMOLLM2"), reason="about 6 min on 2 busy cores (export of 30 "
+                    "layers + two 1K-token torch runs); set KVPASS_ONNX_SMOLLM2=1 to run it")
 def test_smollm2_onnx_tokens_match_torch(tmp_path) -> None:
     from kvpass.eval.models import load_smollm2
 
