@@ -155,7 +155,6 @@ class Plan:
     recent: int = 32
     evict_every: int = 1
     allocation: str = "uniform"
-    notes: dict[str, str] = field(default_factory=dict)
     max_tokens: dict[str, int] = field(default_factory=dict)
     """Site name -> absolute token cap (token and byte budgets); the site holds at most the
     smaller of this and its fraction's cap."""
