@@ -5,10 +5,11 @@ planning takes (site discovery and calibration separately), then retrieval accur
 uniform and adaptive plans of the same method at the same byte budget on two tasks:
   passkey - DESIGN.md's protocol (`kvpass.eval.passkey`), random depth;
   needle  - a 7-digit number in a varied (non-repeating) haystack, at fixed depths.
-One prefill per sample is shared by every plan (`kvpass.eval.sweep`). Mode: context-only
-(the context is evicted before the question arrives, kvpress's protocol) or query-aware.
+One prefill per sample and mode is shared by every plan (`kvpass.eval.sweep`). Modes:
+context-only (the context is evicted before the question arrives, kvpress's protocol) and
+query-aware (the question is part of the prefill that is evicted).
 
-    python benchmarks/planner.py --samples 8 --length 3000 --depths 0.1 0.5 0.9 --threads 1
+    python benchmarks/planner.py --samples 8 --length 3000 --depths 0.5 0.9 --budgets 0.5 0.25 0.125 --threads 1
 """
 
 from __future__ import annotations
@@ -72,7 +73,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=3000)
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
-    parser.add_argument("--mode", choices=["context-only", "query-aware"], default="context-only")
+    parser.add_argument("--modes", nargs="+", choices=["context-only", "query-aware"],
+                        default=["context-only", "query-aware"])
+    parser.add_argument("--reallocate", type=int, default=0,
+                        help="also run the adaptive plan re-allocating every N decoded tokens ('realloc' columns)")
     parser.add_argument("--skip-full", action="store_true", help="skip the full-cache baseline")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -86,10 +90,13 @@ def main() -> None:
     found = time.perf_counter()
     calibration = calibrate(model, None, tokenizer=tokenizer, sites=model.kvpass_sites)
     calibrated = time.perf_counter()
+    allocations = ("uniform", "adaptive") + (("realloc",) if args.reallocate else ())
     plans = {}
     for budget in args.budgets:
-        for allocation in ("uniform", "adaptive"):
-            plans[(budget, allocation)] = kvpass.plan(model, budget, calibration=calibration, allocation=allocation)
+        for allocation in allocations:
+            plans[(budget, allocation)] = kvpass.plan(
+                model, budget, calibration=calibration, allocation="uniform" if allocation == "uniform" else "adaptive",
+                reallocate=args.reallocate if allocation == "realloc" else 0)
     planned = time.perf_counter()
     print(f"planning: find_attention + rewrite {found - started:.1f}s, calibration {calibrated - found:.1f}s "
           f"({calibration.seconds:.1f}s inside; prompts {calibration.prompt_tokens} tokens), "
@@ -97,50 +104,53 @@ def main() -> None:
     for budget in args.budgets:
         print(f"\nAdaptive plan, budget {budget} (bytes at {args.length} tokens):")
         print(plans[(budget, "adaptive")].table(args.length))
-        for allocation in ("uniform", "adaptive"):
+        for allocation in allocations:
             plan = plans[(budget, allocation)]
             print(f"  {allocation:8s}: kv_bytes({args.length}) = {plan.kv_bytes(args.length)} of "
-                  f"{plan.full_kv_bytes(args.length)}; predicted mean retention "
-                  f"{sum(plan.retention.values()) / len(plan.retention):.4f}", flush=True)
+                  f"{plan.full_kv_bytes(args.length)}; predicted mean retained mass "
+                  f"{sum(plan.retention.values()) / len(plan.retention):.4f}, output error "
+                  f"{sum(plan.output_error.values()) / len(plan.output_error):.4f}", flush=True)
 
     rng = random.Random(args.seed)
     tasks = [("passkey", None)] + [("needle", depth) for depth in args.depths]
+    rows = [(mode, task, depth) for mode in args.modes for task, depth in tasks]
     hits: dict[tuple, int] = {}
     for task, depth in tasks:
         for index in range(args.samples):
             sample = (make_sample(tokenizer, args.length, rng) if task == "passkey"
                       else make_needle(tokenizer, args.length, depth, rng))
             if not args.skip_full:
-                hits[(task, depth, "full")] = hits.get((task, depth, "full"), 0) + is_correct(
-                    tokenizer, sample, answer(base, sample))
-            ids = sample.context_ids if args.mode == "context-only" else sample.prompt_ids[:, :-1]
-            recording = record_prefill(model, ids)
-            outcome = []
-            for key, plan in plans.items():
-                cache = cache_from_recording(model, recording, plan)
-                ok = is_correct(tokenizer, sample, answer(model, sample, cache))
-                hits[(task, depth, *key)] = hits.get((task, depth, *key), 0) + ok
-                outcome.append(f"{key[1]} {key[0]}: {int(ok)}")
-            print(f"  {task} depth {depth if depth is not None else 'random'} sample {index + 1}/{args.samples} "
-                  f"({sample.prompt_ids.shape[-1]} tokens) {', '.join(outcome)} {time.perf_counter() - planned:.0f}s",
-                  flush=True)
+                ok = is_correct(tokenizer, sample, answer(base, sample))
+                for mode in args.modes:
+                    hits[(mode, task, depth, "full")] = hits.get((mode, task, depth, "full"), 0) + ok
+            for mode in args.modes:
+                ids = sample.context_ids if mode == "context-only" else sample.prompt_ids[:, :-1]
+                recording = record_prefill(model, ids)
+                outcome = []
+                for key, plan in plans.items():
+                    cache = cache_from_recording(model, recording, plan)
+                    ok = is_correct(tokenizer, sample, answer(model, sample, cache))
+                    hits[(mode, task, depth, *key)] = hits.get((mode, task, depth, *key), 0) + ok
+                    outcome.append(f"{key[1]} {key[0]}: {int(ok)}")
+                print(f"  {mode} {task} depth {depth if depth is not None else 'random'} sample {index + 1}/"
+                      f"{args.samples} ({sample.prompt_ids.shape[-1]} tokens) {', '.join(outcome)} "
+                      f"{time.perf_counter() - planned:.0f}s", flush=True)
 
-    print(f"\nAccuracy (%), SmolLM2-135M-Instruct, {args.mode}, ~{args.length} tokens, {args.samples} samples per row,"
+    print(f"\nAccuracy (%), SmolLM2-135M-Instruct, ~{args.length} tokens, {args.samples} samples per row,"
           f" method {plans[(args.budgets[0], 'uniform')].method}")
     columns = [] if args.skip_full else ["full"]
-    columns += [f"{allocation} {budget}" for budget in args.budgets for allocation in ("uniform", "adaptive")]
-    print("| task | depth | " + " | ".join(columns) + " |")
-    print("|---|---|" + "---|" * len(columns))
-    for task, depth in tasks:
-        keys = [] if args.skip_full else [(task, depth, "full")]
-        keys += [(task, depth, budget, allocation) for budget in args.budgets for allocation in ("uniform", "adaptive")]
+    columns += [f"{allocation} {budget}" for budget in args.budgets for allocation in allocations]
+    print("| mode | task | depth | " + " | ".join(columns) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
+    for mode, task, depth in rows:
+        keys = [] if args.skip_full else [(mode, task, depth, "full")]
+        keys += [(mode, task, depth, budget, allocation) for budget in args.budgets for allocation in allocations]
         cells = [f"{100 * hits[key] / args.samples:.0f}" for key in keys]
-        print(f"| {task} | {depth if depth is not None else 'random'} | " + " | ".join(cells) + " |")
+        print(f"| {mode} | {task} | {depth if depth is not None else 'random'} | " + " | ".join(cells) + " |")
     for budget in args.budgets:
-        for allocation in ("uniform", "adaptive"):
-            total = sum(hits[(task, depth, budget, allocation)] for task, depth in tasks)
-            print(f"overall {allocation} {budget}: {100 * total / (args.samples * len(tasks)):.1f}%")
-
+        for allocation in allocations:
+            total = sum(hits[(*row, budget, allocation)] for row in rows)
+            print(f"overall {allocation} {budget}: {100 * total / (args.samples * len(rows)):.1f}%")
 
 if __name__ == "__main__":
     main()

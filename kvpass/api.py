@@ -104,7 +104,7 @@ def plan(
     sinks: int = 4,
     recent: int = 32,
     evict_every: int = 1,
-    reallocate: bool = False,
+    reallocate: int = 0,
     example_inputs: tuple | None = None,
     **method_options: Any,
 ) -> Plan:
@@ -125,7 +125,9 @@ def plan(
     `calibration`: a `Calibration` already measured, or prompts for one (text needs
     `tokenizer`; token-id tensors otherwise); None uses built-in prompts. Calibration is run for
     'adaptive', and for the others when prompts are given (to fill in the plan's entropy table).
-    `reallocate=True` (moving budget between layers while decoding) is not implemented.
+    `reallocate=N` (off by default) re-spreads the same total budget between the sites every N
+    decoded tokens, from how each site's attention output degrades on the queries that arrive
+    (`kvpass.runtime.reallocation`); Hugging Face models, fraction budgets.
 
     Example:
         >>> import kvpass
@@ -134,16 +136,14 @@ def plan(
         True
         >>> model = kvpass.optimize(model, plan=plan)                      # doctest: +SKIP
     """
-    if reallocate:
-        raise NotImplementedError("reallocate=True: decoding-time re-allocation is not implemented; budgets are "
-                                  "fixed per site at plan time")
     budget = parse_budget(budget)
     chosen = get_method(method, **method_options)
     check_schedule_options(sinks, recent, evict_every)
     report = getattr(model, "kvpass_sites", None) or find_attention(model, *(example_inputs or ()))
     report.require_rewritable(type(model).__name__)
     return _plan_sites(model, report, budget, chosen, allocation, calibration, tokenizer=tokenizer, seq_len=seq_len,
-                       floor=floor, ceiling=ceiling, sinks=sinks, recent=recent, evict_every=evict_every)
+                       floor=floor, ceiling=ceiling, sinks=sinks, recent=recent, evict_every=evict_every,
+                       reallocate=reallocate)
 
 
 def _plan_sites(model, sites, budget: Budget, method: Method, allocation: str, calibration, *, tokenizer=None,

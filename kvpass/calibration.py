@@ -6,12 +6,21 @@ pass measures it on a few prompts, one prefill each, for the method that will ev
 
 * **entropy** of the last-window queries' attention, normalised by log(visible keys), per
   KV head (0: all mass on one token, 1: spread evenly);
-* **retention curve**: rank the tokens with the method's own scores (sinks and recent
-  window protected, exactly as eviction ranks them), and record the share of the
-  last-window queries' attention mass that the top `x` of the tokens hold, for `x` on a
-  grid from 0 to 1. `kvpass.plan` allocates budget along these curves.
+* **retention curve**: the method ranks the tokens *before* the last window exactly as
+  eviction would rank them at the end of a prefill (its statistic from those tokens' own
+  queries, sinks and recent window protected); the curve is the share of the last-window
+  queries' attention mass that survives when the top `x` of those tokens are kept (the
+  window's own tokens always survive), for `x` on a grid from 0 to 1;
+* **output-error curve**: on the same ranking, the relative L2 error of the last-window
+  queries' attention *output* when only the top `x` are kept (softmax renormalised over what
+  is left). Mass alone over-rewards diffuse layers, whose evicted mass was averaging similar
+  values; the output error is what the next layer sees. `kvpass.plan` allocates budget to
+  minimise the total predicted output error.
 
-The last queries stand for the queries to come: they are the ones that decoding extends.
+The last window stands for the queries to come, which eviction cannot see: a question that
+arrives after the context was pruned. Ranking with the same queries whose mass is measured
+would flatter layers with sharp, query-specific attention (retrieval heads), whose tokens
+are exactly the ones a context-only ranking misses.
 Only models whose attention dispatches through transformers' attention interface can be
 calibrated (the same seam `kvpass.optimize` uses); other models use uniform or pyramid.
 """
@@ -25,6 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from kvpass.errors import UnsupportedModelError
+from kvpass.eviction_cost import mass_kept, output_errors
 from kvpass.kernels import ops
 from kvpass.kernels.reference import first_scored_query
 from kvpass.methods import Method, Observation, Stat, get_method
@@ -35,8 +45,6 @@ from kvpass.site import AttentionSite
 RECORDER = "kvpass_calibrate"
 WINDOW = 32
 """Queries at the end of each prompt whose attention is measured."""
-GRID = 64
-"""Retention curves are sampled at kept fractions 0, 1/GRID, ..., 1."""
 
 _NEEDLE_FILLER = (
     "The library opens at nine and closes at six. Trains leave the north station every twenty minutes. "
@@ -82,12 +90,17 @@ class Calibration:
     """Normalised attention entropy per KV head, averaged over prompts."""
     retention: dict[str, list[list[float]]]
     """Per KV head, the attention mass kept at kept fractions 0, 1/GRID, ..., 1 of the tokens."""
+    output_error: dict[str, list[list[float]]]
+    """Per KV head, the relative error of the attention output at the same kept fractions."""
     seconds: float
 
     def curve(self, name: str) -> list[float]:
         """The site's retention curve, averaged over its KV heads (one keep count per layer)."""
-        heads = self.retention[name]
-        return [sum(values) / len(heads) for values in zip(*heads)]
+        return _mean(self.retention[name])
+
+    def error_curve(self, name: str) -> list[float]:
+        """The site's output-error curve, averaged over its KV heads."""
+        return _mean(self.output_error[name])
 
 
 def default_prompts(tokenizer: Any | None = None, vocab_size: int | None = None) -> list[str | torch.Tensor]:
@@ -98,7 +111,7 @@ def default_prompts(tokenizer: Any | None = None, vocab_size: int | None = None)
 
     Example:
         >>> [p.shape[-1] for p in default_prompts(vocab_size=1000)]
-        [490, 384]
+        [494, 384]
     """
     if tokenizer is not None:
         return list(DEFAULT_TEXT_PROMPTS)
@@ -157,6 +170,7 @@ def calibrate(
         prompt_tokens=[prompt.shape[-1] for prompt in ids],
         entropy={name: _mean(rows) for name, rows in recorder.entropy.items()},
         retention={name: [_mean(heads) for heads in zip(*rows)] for name, rows in recorder.retention.items()},
+        output_error={name: [_mean(heads) for heads in zip(*rows)] for name, rows in recorder.output_error.items()},
         seconds=time.perf_counter() - started,
     )
 
@@ -193,13 +207,14 @@ def _token_ids(model: torch.nn.Module, prompts: Any, tokenizer: Any | None) -> l
 
 
 class _Recorder:
-    """The attention implementation calibration runs: normal attention (the method's
-    statistic included), plus entropy and retention measured on the last queries."""
+    """The attention implementation calibration runs: normal attention, plus entropy, and the
+    mass and output error of the last queries under the method's ranking of the earlier tokens."""
 
     def __init__(self, names: dict[torch.nn.Module, str], method: Method, sinks: int, recent: int):
         self.names, self.method, self.sinks, self.recent = names, method, sinks, recent
         self.entropy: dict[str, list[list[float]]] = {}
         self.retention: dict[str, list[list[list[float]]]] = {}
+        self.output_error: dict[str, list[list[list[float]]]] = {}
 
     def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         batch, heads, length, _ = query.shape
@@ -207,26 +222,33 @@ class _Recorder:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
                                                                enable_gqa=True)
-        slots = torch.arange(length, dtype=torch.int32, device=query.device)
-        k_slots = slots.expand(batch, kv_heads, length).contiguous()
+        probs, entropy = _window_attention(query, key, scale)
+        context = length - min(WINDOW, length - 1)  # tokens cached before the window's queries arrive
+        slots = torch.arange(context, dtype=torch.int32, device=query.device)
+        k_slots = slots.expand(batch, kv_heads, context).contiguous()
+        keys, values = key[:, :, :context], value[:, :, :context]
         mode = self.method.stat
         stat = None
-        if mode is not Stat.NONE:  # the statistic the runtime kernel gives, from the queries that feed it
-            first = first_scored_query(mode, length, self.method.window)
-            stat = ops.attention(query[:, :, first:], key, value, slots[first:].expand(batch, length - first)
-                                 .contiguous(), k_slots, scale, True, mode.value, self.method.window)[1]
-        mass, entropy = _window_attention(query, key, scale)
-        obs = Observation(key, value, k_slots, stat, length, heads // kv_heads)
+        if mode is not Stat.NONE:  # the statistic the runtime kernel gives at the end of a `context` prefill
+            first = first_scored_query(mode, context, self.method.window)
+            stat = ops.attention(query[:, :, first:context], keys, values,
+                                 slots[first:].expand(batch, context - first).contiguous(), k_slots, scale, True,
+                                 mode.value, self.method.window)[1]
+        obs = Observation(keys, values, k_slots, stat, context, heads // kv_heads)
         scores = ranking_scores(self.method, obs, self.sinks, self.recent)
         name = self.names[module]
         self.entropy.setdefault(name, []).append(entropy[0].tolist())
-        self.retention.setdefault(name, []).append(_curves(scores, mass)[0].tolist())
+        mass = probs.mean(dim=2).view(batch, kv_heads, heads // kv_heads, length).mean(dim=2)
+        local = mass[..., context:].sum(-1, keepdim=True)  # the window's own tokens are never evicted
+        self.retention.setdefault(name, []).append((local + mass_kept(scores, mass[..., :context]))[0].tolist())
+        self.output_error.setdefault(name, []).append(output_errors(scores, probs, value, context)[0].tolist())
         return out.transpose(1, 2).contiguous(), None
 
 
 def _window_attention(query: torch.Tensor, key: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mass [B, Hkv, L], entropy [B, Hkv]) of the last WINDOW queries' causal attention,
-    averaged over those queries and each KV head's query group; entropy normalised by log(visible keys)."""
+    """(probabilities [B, Hq, W, L], entropy [B, Hkv]) of the last W = WINDOW queries' causal
+    attention; entropy averaged over those queries and each KV head's query group, normalised
+    by log(visible keys)."""
     batch, heads, length, _ = query.shape
     kv_heads = key.shape[1]
     window = min(WINDOW, length)
@@ -236,13 +258,4 @@ def _window_attention(query: torch.Tensor, key: torch.Tensor, scale: float) -> t
     probs = torch.softmax((logits * scale).masked_fill(~visible, float("-inf")), dim=-1)
     entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / (rows + 1).clamp_min(2).float().log()
     group = (batch, kv_heads, heads // kv_heads)
-    return probs.mean(dim=2).view(*group, length).mean(dim=2), entropy.view(*group, window).mean(dim=(2, 3))
-
-
-def _curves(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """[B, Hkv, GRID+1]: attention mass held by the top `q/GRID` of the tokens, ranked by `scores`."""
-    length = scores.shape[-1]
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    held = torch.nn.functional.pad(torch.gather(mass, -1, order).cumsum(-1), (1, 0))
-    counts = torch.tensor([round(q * length / GRID) for q in range(GRID + 1)], device=mass.device)
-    return held[..., counts]
+    return probs, entropy.view(*group, window).mean(dim=(2, 3))

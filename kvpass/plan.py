@@ -11,9 +11,9 @@ and the recent window are carved out of that cap, never added on top.
 
 * "uniform": every site the same fraction;
 * "pyramid": linearly less with depth (PyramidKV), between a floor and a ceiling;
-* "adaptive": greedy over the calibration's retention curves (`kvpass.calibration`):
-  each quantum of budget goes to the site whose predicted retained attention mass grows
-  most per byte. For concave curves this maximises the total predicted retention.
+* "adaptive": greedy over the calibration's output-error curves (`kvpass.calibration`):
+  each quantum of budget goes to the site whose predicted attention-output error falls
+  most per byte. On the curves' convex envelopes this minimises the total predicted error.
 
 The schedule arithmetic is written with `kvpass.cost`'s `smin`/`where`, so the same code
 gives the ints the runtime evicts by and the sympy formulas `Plan.kv_bytes_expr` shows.
@@ -168,6 +168,14 @@ class Plan:
     """Site name -> normalised attention entropy per KV head, from calibration."""
     retention: dict[str, float] = field(default_factory=dict)
     """Site name -> predicted share of the last-window attention mass the kept tokens hold."""
+    output_error: dict[str, float] = field(default_factory=dict)
+    """Site name -> predicted relative error of the attention output at its budget."""
+    floor: float = 0.0
+    ceiling: float = 1.0
+    """Bounds every site's fraction stays within, at plan time and when re-allocating."""
+    reallocate: int = 0
+    """Re-spread the budget between sites every this many decoded tokens (0: fixed shares);
+    see `kvpass.runtime.reallocation`."""
 
     def require_budgets(self, sites) -> None:
         """Raise unless every site has a budget in this plan."""
@@ -233,27 +241,30 @@ class Plan:
         }
 
     def table(self, seq_len: int = 4096) -> str:
-        """A markdown table for people: per site its entropy, budget, predicted retention and bytes.
+        """A markdown table for people: per site its entropy, budget, predicted retained mass and
+        output error, and bytes.
 
         Example:
             >>> print(plan.table(4096))   # doctest: +SKIP
         """
-        rows = [f"| layer | site | entropy | budget | retained | KiB @ {seq_len} |", "|---|---|---|---|---|---|"]
+        rows = [f"| layer | site | entropy | budget | retained | output error | KiB @ {seq_len} |",
+                "|---|---|---|---|---|---|---|"]
         for site in self._geometry():
             entropy = self.entropy.get(site.name)
             cap = self.max_tokens.get(site.name)
-            retained = self.retention.get(site.name)
+            retained, error = self.retention.get(site.name), self.output_error.get(site.name)
             cells = [
                 str(site.layer), site.name,
                 f"{sum(entropy) / len(entropy):.3f}" if entropy else "-",
                 f"{self.budgets[site.name]:.3f}" + (f" / {cap} tok" if cap is not None else ""),
                 f"{retained:.3f}" if retained is not None else "-",
+                f"{error:.3f}" if error is not None else "-",
                 f"{self.schedule(site, self.dtype_bytes).held_bytes(seq_len) / 1024:.1f}",
             ]
             rows.append("| " + " | ".join(cells) + " |")
         full, pruned = self.full_kv_bytes(seq_len), self.kv_bytes(seq_len)
         rows.append(f"| all | {self.allocation}, {self.method.name}, budget {self.requested or '?'} | | "
-                    f"{pruned / full:.3f} | | {pruned / 1024:.1f} of {full / 1024:.1f} |")
+                    f"{pruned / full:.3f} | | | {pruned / 1024:.1f} of {full / 1024:.1f} |")
         return "\n".join(rows)
 
     def save(self, path: str | Path) -> None:
@@ -301,6 +312,7 @@ def build_plan(
     sinks: int = 4,
     recent: int = 32,
     evict_every: int = 1,
+    reallocate: int = 0,
 ) -> Plan:
     """A plan for `sites` within `budget`, spread by `allocation`.
 
@@ -312,11 +324,12 @@ def build_plan(
     site keeping at least its sinks and recent window. A site's schedule caps at the smaller of
     its fraction cap and its token cap, so an absolute budget holds at every length.
     `floor` (default: half the fraction) and `ceiling` bound every site's fraction.
+    `reallocate` > 0 moves budget between sites while decoding (fraction budgets only).
 
     Example:
         >>> sites = [AttentionSite(f"l{i}", i, 4, 2, 16, None, True) for i in range(4)]
         >>> [round(b, 3) for b in build_plan(sites, 0.5, get_method("tova"), "pyramid").budgets.values()]
-        [0.75, 0.583, 0.417, 0.25]
+        [0.778, 0.583, 0.389, 0.25]
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
@@ -336,13 +349,21 @@ def build_plan(
     if not fraction <= ceiling <= 1.0:
         raise ValueError(f"ceiling must be in [budget fraction {fraction:.4g}, 1], got {ceiling!r}")
 
+    if isinstance(reallocate, bool) or not isinstance(reallocate, int) or reallocate < 0:
+        raise ValueError(f"reallocate must be an int >= 0 (decoded tokens between re-allocations; 0: off), "
+                         f"got {reallocate!r}")
+    if reallocate and parsed.kind != "fraction":
+        raise ValueError(f"reallocate={reallocate} needs a fraction budget; budget={parsed.text!r} is absolute")
+
     plan = Plan(method=method, budgets={}, sinks=sinks, recent=recent, evict_every=evict_every,
-                allocation=allocation, sites=list(sites), dtype_bytes=dtype_bytes, requested=parsed.text)
+                allocation=allocation, sites=list(sites), dtype_bytes=dtype_bytes, requested=parsed.text,
+                floor=floor, ceiling=ceiling, reallocate=reallocate)
     if calibration is not None:
         missing = [site.name for site in sites if site.name not in calibration.retention]
         if missing:
             raise ValueError(f"calibration has no curves for sites {missing}")
         curves = [calibration.curve(site.name) for site in sites]
+        errors = [calibration.error_curve(site.name) for site in sites]
         # tokens kept per unit of budget fraction, once a pruned site's state bytes are paid
         ratios = [w / (w + state_bytes_per_token(site, method)[0]) for site, w in zip(sites, weights)]
     if allocation == "uniform":
@@ -350,12 +371,14 @@ def build_plan(
     elif allocation == "pyramid":
         shares = _fit([len(sites) - i for i in range(len(sites))], fraction, floor, ceiling, weights)
     else:
-        shares = _greedy(curves, ratios, fraction, floor, ceiling, weights)
+        shares = spread([[-e for e in error] for error in errors], ratios, fraction, floor, ceiling, weights)
     shares = _within(shares, fraction, weights)
     if calibration is not None:
         plan.entropy = {site.name: calibration.entropy[site.name] for site in sites}
         plan.retention = {site.name: _predict(curve, share * ratio)
                           for site, curve, share, ratio in zip(sites, curves, shares, ratios)}
+        plan.output_error = {site.name: _predict(error, share * ratio)
+                             for site, error, share, ratio in zip(sites, errors, shares, ratios)}
     if parsed.kind == "fraction":
         plan.budgets = {site.name: share for site, share in zip(sites, shares)}
     else:
@@ -389,16 +412,56 @@ def _fit(priorities: list[float], fraction: float, floor: float, ceiling: float,
 
 
 def _predict(curve: list[float], kept: float) -> float:
-    """Retention at a kept fraction of the tokens, interpolated between the curve's evenly spaced points."""
+    """A curve's value at a kept fraction of the tokens, interpolated between the curve's evenly spaced points."""
     position = min(max(kept, 0.0), 1.0) * (len(curve) - 1)
     index = min(int(position), len(curve) - 2)
     return curve[index] + (position - index) * (curve[index + 1] - curve[index])
 
 
+def _concave_envelope(curve: list[float]) -> list[float]:
+    """The least concave function above the evenly spaced points of `curve`, at the same points.
+
+    Example:
+        >>> _concave_envelope([0.0, 0.1, 0.9, 1.0])
+        [0.0, 0.45, 0.9, 1.0]
+    """
+    hull: list[int] = []  # indices of the upper hull's vertices (monotone chain)
+    for i, y in enumerate(curve):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (curve[b] - curve[a]) * (i - a) <= (y - curve[a]) * (b - a):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    envelope = []
+    for a, b in zip(hull, hull[1:]):
+        envelope += [curve[a] + (curve[b] - curve[a]) * (i - a) / (b - a) for i in range(a, b)]
+    return envelope + [curve[hull[-1]]]
+
+
+def spread(utilities: list[list[float]], ratios: list[float], fraction: float, floor: float, ceiling: float,
+           weights: list[int]) -> list[float]:
+    """Site fractions in [floor, ceiling] maximising the summed `utilities` (curves over the kept
+    fraction, evenly sampled on [0, 1]; a site keeps `share * ratio` of its tokens), whose
+    byte-weighted mean (`weights`: bytes per token) is within `fraction`.
+
+    Example:
+        >>> [round(s, 3) for s in spread([[0, 1, 1], [0, 0.2, 0.4]], [1.0, 1.0], 0.5, 0.0, 1.0, [1, 1])]
+        [0.5, 0.5]
+    """
+    return _within(_greedy(utilities, ratios, fraction, floor, ceiling, weights), fraction, weights)
+
+
 def _greedy(curves: list[list[float]], ratios: list[float], fraction: float, floor: float, ceiling: float,
             weights: list[int]) -> list[float]:
-    """Marginal-gain allocation: each quantum of budget to the site whose predicted retention
-    gains most per byte (ties to the site with the smaller share), until the bytes are spent."""
+    """Marginal-gain allocation: each quantum of budget to the site whose predicted utility
+    (`curves`, increasing in the kept fraction) gains most per byte (ties to the site with the smaller share), until the bytes are spent.
+
+    Gains are read off each curve's upper concave envelope: measured curves have bumps where
+    one more token first hurts and then helps, and a greedy step on the raw curve would stop
+    in front of such a bump. On concave curves, greedy is optimal."""
+    curves = [_concave_envelope(curve) for curve in curves]
     shares = [floor] * len(curves)
     spare = fraction * sum(weights) - floor * sum(weights)
     step = 1.0 / QUANTA

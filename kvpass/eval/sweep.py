@@ -19,6 +19,7 @@ from kvpass.methods import Method, Stat
 from kvpass.plan import Plan
 from kvpass.runtime.compacted_cache import CompactedKV
 from kvpass.runtime.hf import KVPassCacheLayer, attention_implementation
+from kvpass.runtime.reallocation import ReallocationPolicy, Reallocator
 
 RECORDER = "kvpass_record"
 STAT_WINDOW = 32
@@ -83,8 +84,11 @@ def cache_from_recording(model, recording: PrefillRecording, plan: Plan) -> Dyna
     modules = dict(model.named_modules())
     by_layer = {modules[site.name].layer_idx: site for site in model.kvpass_sites}
     dtype_bytes = next(model.parameters()).element_size()
+    order = sorted(recording.layers)
+    reallocator = (Reallocator(ReallocationPolicy.from_plan(plan, [by_layer[i].name for i in order], dtype_bytes))
+                   if plan.reallocate else None)
     layers = []
-    for index in sorted(recording.layers):
+    for position, index in enumerate(order):
         layer = recording.layers[index]
         site = by_layer[index]
         method: Method = plan.method
@@ -92,6 +96,7 @@ def cache_from_recording(model, recording: PrefillRecording, plan: Plan) -> Dyna
         site_cache = CompactedKV.from_prefill(
             plan.schedule(site, dtype_bytes), method, site.group_size, layer.keys, layer.values, stat
         )
+        site_cache.reallocator, site_cache.index = reallocator, position
         layers.append(KVPassCacheLayer(site_cache))
     cache = DynamicCache()
     cache.layers = layers

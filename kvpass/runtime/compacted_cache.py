@@ -13,21 +13,32 @@ unpruned cache costs exactly the bytes of its K and V.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
 import torch
 
 from kvpass.kernels import ops
 from kvpass.methods import Method, Observation, Stat
 from kvpass.methods.selection import ranking_scores
 from kvpass.plan import SiteSchedule
+from kvpass.runtime.reallocation import measure
+
+if TYPE_CHECKING:
+    from kvpass.runtime.reallocation import Reallocator
 
 
 class CompactedKV:
     """One site's cache. Call `extend` with the new K/V, then `attend` with the queries."""
 
-    def __init__(self, schedule: SiteSchedule, method: Method, group_size: int):
+    def __init__(self, schedule: SiteSchedule, method: Method, group_size: int,
+                 reallocator: "Reallocator | None" = None, index: int = 0):
         self.schedule = schedule
         self.method = method
         self.group_size = group_size
+        self.reallocator, self.index = reallocator, index
+        """Shared with the model's other site caches when the plan re-allocates while decoding;
+        `index` is this site's place in it."""
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.slots: torch.Tensor | None = None
@@ -85,6 +96,8 @@ class CompactedKV:
         """
         batch, hkv, total, _ = self.keys.shape
         start, new = self.seen, self.pending
+        if self.reallocator is not None:
+            self.schedule = replace(self.schedule, fraction=self.reallocator.fraction(self.index, start + new))
         q_slots = torch.arange(start, start + new, device=q.device, dtype=torch.int32).expand(batch, new)
         new_slots = q_slots[:, None, :].expand(batch, hkv, new)
         if key_padding is not None and (self.slots is not None or bool(key_padding.any())):
@@ -102,6 +115,8 @@ class CompactedKV:
         self.pending = 0
         if self.stat_mode is not Stat.NONE:
             self._accumulate(stat, new)
+        if self.reallocator is not None and self.reallocator.due(self.seen, new):
+            self.reallocator.observe(self.index, measure(self, q, k_slots, scale, self._ranking(k_slots)), self.seen)
         if total > self.schedule.cap(self.seen):
             self._evict(k_slots)
         return out
@@ -119,11 +134,15 @@ class CompactedKV:
         grown = torch.nn.functional.pad(self.stat, (0, new))
         self.stat = self.stat_mode.combine(grown, stat)
 
+    def _ranking(self, k_slots: torch.Tensor) -> torch.Tensor:
+        """Every cached token's score as the next eviction will rank it."""
+        sinks, recent = self.schedule.carve_out(self.schedule.kept(self.seen))
+        obs = Observation(self.keys, self.values, k_slots, self.stat, self.seen, self.group_size)
+        return ranking_scores(self.method, obs, sinks, recent)
+
     def _evict(self, k_slots: torch.Tensor) -> None:
         keep = self.schedule.kept(self.seen)
-        sinks, recent = self.schedule.carve_out(keep)
-        obs = Observation(self.keys, self.values, k_slots, self.stat, self.seen, self.group_size)
-        scores = ranking_scores(self.method, obs, sinks, recent)
+        scores = self._ranking(k_slots)
         self.keys, self.values, self.slots, index = ops.select_and_compact(
             self.keys, self.values, k_slots, scores, keep
         )

@@ -17,7 +17,6 @@ The cache reports the *logical* sequence length (tokens seen), so position ids, 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -31,6 +30,7 @@ from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method
 from kvpass.plan import SiteSchedule
 from kvpass.runtime.compacted_cache import CompactedKV
+from kvpass.runtime.reallocation import ReallocationPolicy, Reallocator
 from kvpass.site import AttentionSite
 
 IMPLEMENTATION = "kvpass"
@@ -81,7 +81,7 @@ class KVPassCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         cache = self.site_cache
-        self.site_cache = CompactedKV(cache.schedule, cache.method, cache.group_size)
+        self.site_cache = CompactedKV(cache.schedule, cache.method, cache.group_size, cache.reallocator, cache.index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.site_cache.select_batch(beam_idx)
@@ -110,14 +110,24 @@ class SiteBinding:
     layer: KVPassCacheLayer | None = None
     calls: int = 0
     hooks: list = field(default_factory=list)
+    reallocation: ReallocationPolicy | None = None
+    """Set when the plan moves budget between sites while decoding; `index` is this site's place."""
+    index: int = 0
 
 
-_BINDINGS: "weakref.WeakKeyDictionary[torch.nn.Module, SiteBinding]" = weakref.WeakKeyDictionary()
+REALLOCATOR_ATTRIBUTE = "_kvpass_reallocator"
+"""Where a model cache keeps the Reallocator its site caches share (one per generation)."""
+
+
+BINDING_ATTRIBUTE = "_kvpass_binding"
+"""Where a bound attention module keeps its SiteBinding: on the module, not in a global registry,
+because torch.compile guards on what the lookup reads, and a global weak dict's keys shift
+(IndexError while building guards) whenever some other optimized model is garbage-collected."""
 
 
 def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """The "kvpass" attention implementation: custom-op attention over the compacted cache."""
-    binding = _BINDINGS.get(module)
+    binding = getattr(module, BINDING_ATTRIBUTE, None)
     if binding is None:
         raise UnsupportedModelError(
             f"attention module {type(module).__name__} routes to kvpass but was not rewritten by kvpass.optimize"
@@ -152,7 +162,7 @@ def _new_key_padding(attention_mask: torch.Tensor | None, new: int) -> torch.Ten
 
 def _adopt_cache_layer(module, args, kwargs):
     """Forward pre-hook: make sure this layer of the model's cache is a kvpass layer."""
-    binding = _BINDINGS[module]
+    binding = getattr(module, BINDING_ATTRIBUTE)
     cache = kwargs.get("past_key_values")
     if cache is None:
         binding.layer = None
@@ -168,20 +178,26 @@ def _adopt_cache_layer(module, args, kwargs):
         layers.append(DynamicLayer())
     layer = layers[index]
     if not isinstance(layer, KVPassCacheLayer):
-        layer = _convert_layer(layer, binding)
+        reallocator = None
+        if binding.reallocation is not None:
+            reallocator = getattr(cache, REALLOCATOR_ATTRIBUTE, None)
+            if reallocator is None:
+                reallocator = Reallocator(binding.reallocation)
+                setattr(cache, REALLOCATOR_ATTRIBUTE, reallocator)
+        layer = _convert_layer(layer, binding, reallocator)
         layers[index] = layer
     binding.layer = layer
     return None
 
 
-def _convert_layer(layer: CacheLayerMixin, binding: SiteBinding) -> KVPassCacheLayer:
+def _convert_layer(layer: CacheLayerMixin, binding: SiteBinding, reallocator: Reallocator | None) -> KVPassCacheLayer:
     """A fresh or filled DynamicLayer becomes a kvpass layer; static/sliding layers are refused."""
     if type(layer) is not DynamicLayer:
         raise UnsupportedModelError(
             f"{type(layer).__name__} at {binding.site.name} is not supported: kvpass compacts dynamic caches only "
             "(static, sliding-window, quantized and offloaded caches are refused)"
         )
-    cache = CompactedKV(binding.schedule, binding.method, binding.site.group_size)
+    cache = CompactedKV(binding.schedule, binding.method, binding.site.group_size, reallocator, binding.index)
     if layer.is_initialized and layer.keys is not None and layer.keys.numel():
         cache.keys, cache.values = layer.keys, layer.values
         cache.seen = layer.keys.shape[-2]
@@ -220,7 +236,7 @@ def bind(model: torch.nn.Module, modules: dict[str, torch.nn.Module], bindings: 
         module = modules[name]
         if not hasattr(module, "layer_idx"):
             raise UnsupportedModelError(f"attention module {name} has no layer_idx: it cannot own a cache layer")
-        _BINDINGS[module] = binding
+        setattr(module, BINDING_ATTRIBUTE, binding)
         binding.hooks.append(module.register_forward_pre_hook(_adopt_cache_layer, with_kwargs=True))
 
 
@@ -230,5 +246,5 @@ def unbind(modules: dict[str, torch.nn.Module], bindings: dict[str, SiteBinding]
         for hook in binding.hooks:
             hook.remove()
         binding.hooks.clear()
-        _BINDINGS.pop(modules[name], None)
+        modules[name].__dict__.pop(BINDING_ATTRIBUTE, None)
 

@@ -19,6 +19,7 @@ import torch
 from kvpass.errors import UnsupportedModelError
 from kvpass.plan import Plan
 from kvpass.runtime import hf
+from kvpass.runtime.reallocation import ReallocationPolicy
 from kvpass.site import SiteReport
 
 
@@ -29,6 +30,11 @@ def rewrite_model(model: torch.nn.Module, report: SiteReport, plan: Plan, exampl
     if any(site.reads_cache for site in report):
         from kvpass.runtime.explicit_cache import rewrite_explicit_cache
 
+        if plan.reallocate:
+            raise UnsupportedModelError(
+                f"plan.reallocate={plan.reallocate}: re-allocation while decoding needs one cache object shared by "
+                f"every site (Hugging Face models); {type(model).__name__} carries its caches as separate tensors"
+            )
         return rewrite_explicit_cache(model, report, plan, example_inputs)
     raise UnsupportedModelError(
         f"{type(model).__name__} has {len(report)} attention sites but no KV cache to prune "
@@ -47,9 +53,12 @@ def _rewrite_hf(model: torch.nn.Module, report: SiteReport, plan: Plan) -> torch
     _refuse_unsupported_hf(model, report)
     modules = dict(model.named_modules())
     dtype_bytes = next(model.parameters()).element_size()
+    policy = (ReallocationPolicy.from_plan(plan, [site.name for site in report], dtype_bytes)
+              if plan.reallocate else None)
     bindings = {
-        site.name: hf.SiteBinding(site=site, method=plan.method, schedule=plan.schedule(site, dtype_bytes))
-        for site in report
+        site.name: hf.SiteBinding(site=site, method=plan.method, schedule=plan.schedule(site, dtype_bytes),
+                                  reallocation=policy, index=index)
+        for index, site in enumerate(report)
     }
     previous_bindings = getattr(model, "kvpass_bindings", None)
     previous = config._attn_implementation
