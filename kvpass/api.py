@@ -119,8 +119,9 @@ def plan(
     always inside the budget.
 
     `allocation`: 'uniform' (every site alike), 'pyramid' (PyramidKV: linearly less with depth)
-    or 'adaptive' (greedy on calibrated retention curves; see `kvpass.plan.build_plan`), each
-    site between `floor` (default: half the budget fraction) and `ceiling`.
+    or 'adaptive' (least total predicted attention-output error, from calibration; see
+    `kvpass.plan.build_plan`), each site between `floor` (default: half the budget fraction)
+    and `ceiling`.
 
     `calibration`: a `Calibration` already measured, or prompts for one (text needs
     `tokenizer`; token-id tensors otherwise); None uses built-in prompts. Calibration is run for
