@@ -76,6 +76,10 @@ def optimize(
     """A copy of `model` whose attention sites return compacted `present` K/V (same knobs as
     `kvpass.optimize`; `budget` a fraction, or '2048 tokens' / '512MB' per sequence). Serve it with `kvpass.onnx.Generator`, which feeds the eviction sizes.
 
+    `evict_every=N` evicts at most every N steps, deep enough that the budget still holds while
+    the cache grows in between; those steps skip scoring, TopK and the gathers (the graph's `If`
+    just appends), which is what makes decoding over the pruned cache faster than the full one.
+
     The graph must take `position_ids` and carry its cache as `Concat(past input, new)` graph
     outputs (what `kvpass.export_onnx` exports). Refused with a clear error: no attention,
     attention-like subgraphs no pattern matches, com.microsoft fused ops, opset < 18,
@@ -96,6 +100,9 @@ def optimize(
         plan = build_plan(list(report), budget, chosen, "uniform", dtype_bytes=dtype_bytes, sinks=sinks, recent=recent,
                           evict_every=evict_every)
     plan.require_budgets(report)
+    if plan.reallocate:
+        raise ValueError(f"plan.reallocate={plan.reallocate}: re-allocation while decoding runs in the torch runtime "
+                         "only; an ONNX graph keeps each site's budget fixed (make the plan with reallocate=0)")
     rewrite_sites(graph, report, plan, dtype_bytes)
     proto = ir.to_proto(graph)
     onnx.checker.check_model(proto)

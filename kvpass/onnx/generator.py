@@ -3,8 +3,9 @@
 The pruned graph evicts, but does not decide *how many* tokens stay: the host feeds one
 (keep, sinks, recent, seen) row per pruned site, computed with the site's `SiteSchedule`
 exactly as `kvpass.runtime.compacted_cache.CompactedKV` does, so the onnxruntime and torch
-paths of one plan keep the same tokens. Everything else (scores, top-k, compaction, slots)
-runs inside the graph.
+paths of one plan keep the same tokens. A row whose keep is the cache's length (no eviction
+due, as between the evictions of `evict_every` > 1) takes the graph's append-only branch.
+Everything else (scores, top-k, compaction, slots) runs inside the graph.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Generator:
 
     After a call, `cache[layer]` holds that layer's (keys, values, slots) as numpy arrays
     (slots None for an unpruned layer), the physical cache the next step would read.
+    Eviction follows the model's schedule, `evict_every` included (`kvpass.onnx.optimize`):
+    between evictions the graph only appends. `session_options` (threads, ...) go to onnxruntime.
 
     Example:
         >>> gen = kvpass.onnx.Generator("model.pruned.onnx")            # doctest: +SKIP
@@ -45,7 +48,8 @@ class Generator:
         array([[ 1, 17, ...]])
     """
 
-    def __init__(self, path_or_model: ModelLike, providers: list[str] | None = None):
+    def __init__(self, path_or_model: ModelLike, providers: list[str] | None = None,
+                 session_options: ort.SessionOptions | None = None):
         proto = load(path_or_model)
         meta = {entry.key: entry.value for entry in proto.metadata_props}.get(METADATA_KEY)
         if meta is None:
@@ -56,8 +60,10 @@ class Generator:
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if session_options is not None and not isinstance(session_options, ort.SessionOptions):
+            raise TypeError("session_options must be an onnxruntime.SessionOptions, "
+                            f"got {type(session_options).__name__}")
+        options = session_options or ort.SessionOptions()  # default: every graph optimization
         source = path_or_model if not hasattr(path_or_model, "SerializeToString") else proto.SerializeToString()
         self.session = ort.InferenceSession(source, options, providers=providers)
         types = {i.name: i.type for i in self.session.get_inputs()}

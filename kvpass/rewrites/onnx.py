@@ -10,14 +10,16 @@ function), tried against every node of an `onnx_ir` graph:
   (opset <= 22 exports), scale applied before or after the QK product.
 
 Rewriting (standard ops only, so any execution provider runs it): a site whose K/V are
-`Concat(past graph input, new)` graph outputs gets an eviction subgraph after its attention.
-The subgraph scores the cache with the method's statistic (last-query attention from the
-Softmax output or `Attention`'s `qk_matmul_output`, key norms, or slots), applies the shared
+`Concat(past graph input, new)` graph outputs gets an `If` after its attention. When the
+host's `keep` is below the cache length, its branch scores the cache with the method's
+statistic (the newest query's attention: a row of the Softmax output, or a one-query copy of
+the `Attention` node, never the whole L x T matrix; key norms; or slots), applies the shared
 selection rules of `kvpass.methods.selection` (head averaging, span max-pooling, +inf for
 sinks and the recent window), keeps the top `keep` with TopK (ties → earlier token), sorts
-the kept indices ascending and gathers compacted `present` K/V and int32 slots. `keep`,
-`sinks`, `recent` and `seen` come from the host (input `kvpass_evict`, one row per pruned
-site), computed with `kvpass.plan.SiteSchedule`, so the keep count is the torch runtime's.
+the kept indices ascending and gathers compacted `present` K/V and int32 slots; otherwise
+the cache passes through, so steps between evictions (`evict_every` > 1) only append.
+`keep`, `sinks`, `recent` and `seen` come from the host (input `kvpass_evict`, one row per
+pruned site), computed with `kvpass.plan.SiteSchedule`, so the keep count is the torch runtime's.
 """
 
 from __future__ import annotations
@@ -233,6 +235,13 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
         raise UnsupportedModelError(
             f"sites {not_cached} do not read a KV cache passed in as a graph input "
             "(Concat(past input, new) returned as a graph output), so there is no cache to prune")
+    causal = [s.name for s in sites
+              if s.extra["probs"] is None and s.extra["anchor"].attributes.get_int("is_causal", 0)]
+    if method.stat is Stat.LAST_QUERY and causal:
+        raise UnsupportedModelError(
+            f"Attention nodes {causal} have is_causal=1 over a Concat(past, new) cache: ONNX aligns that causal "
+            "mask to the node's own past_key input (none here), so new queries would not see the cache; export "
+            "with an explicit attn_mask")
     if method.name not in SCORES or method.page_size > 1:
         raise UnsupportedModelError(
             f"method {method.name!r} (page_size={method.page_size}) has no ONNX scoring; ONNX supports "
@@ -243,15 +252,16 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
 class _Ops:
     """Tape helpers: integer constants and shape slices, so the subgraph reads like the torch code."""
 
-    def __init__(self, graph: ir.Graph, prefix: str):
+    def __init__(self, graph: ir.Graph | None, prefix: str):
         self.tape, self.prefix, self.count = Tape(graph), prefix, 0
 
     def __call__(self, op_type: str, *inputs, outputs: int = 1, **attributes):
         self.count += 1
         name = f"{self.prefix}/{op_type}_{self.count}"
-        if outputs == 1:
-            return self.tape.op(op_type, list(inputs), attributes or None, name=name)
-        return self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=outputs, name=name)
+        values = self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=outputs, name=name)
+        for index, value in enumerate(values):  # named here: If branches are separate graphs, but one namespace
+            value.name = f"{name}:{index}"
+        return values[0] if outputs == 1 else values
 
     def const(self, array) -> ir.Value:
         return self("Constant", value=ir.tensor(np.asarray(array)))
@@ -259,28 +269,56 @@ class _Ops:
     def dim(self, value: ir.Value, axis: int) -> ir.Value:
         return self("Shape", value, start=axis, end=axis + 1)
 
+    def branch(self, name: str, build: Callable[["_Ops"], list[ir.Value]]) -> ir.Graph:
+        """An `If` branch: the nodes `build` records on a fresh tape (outer values are read directly)."""
+        ops = _Ops(None, f"{self.prefix}/{name}")
+        outputs = build(ops)
+        return ir.Graph([], outputs, nodes=ops.tape.nodes, name=f"{self.prefix}/{name}".replace("/", "_"))
 
-def _last_query_attention(o: _Ops, site: AttentionSite, cache_k: ir.Value, probs: ir.Value, slots) -> ir.Value:
+
+def _last_query_attention(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Value, slots) -> ir.Value:
     """TOVA's statistic: the newest query's attention, summed over each KV head's query group."""
-    last = o("Slice", probs, o.const([-1]), o.const([np.iinfo(np.int64).max]), o.const([-2]))
     shape = o("Concat", o.dim(cache_k, 0), o.const([site.num_kv_heads, site.group_size, -1]), axis=0)
-    return o("ReduceSum", o("Reshape", last, shape), o.const([2]), keepdims=0)
+    return o("ReduceSum", o("Reshape", _last_query_probs(o, site, cache_k, cache_v), shape), o.const([2]), keepdims=0)
+
+
+def _last_row(o: _Ops, value: ir.Value) -> ir.Value:
+    return o("Slice", value, o.const([-1]), o.const([np.iinfo(np.int64).max]), o.const([-2]))
+
+
+def _last_query_probs(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Value) -> ir.Value:
+    """The newest query's attention probabilities [B, Hq, 1, T]: the last row of the site's Softmax
+    output, or, for a standard `Attention` node (which never materialises them), the same node run
+    again on that one query with `qk_matmul_output_mode=3`: same scale, softcap, mask and precision,
+    and O(T) memory at a prefill of any length. GQA is the node's own (K/V unrepeated)."""
+    if site.extra["probs"] is not None:
+        return _last_row(o, site.extra["probs"])
+    anchor = site.extra["anchor"]
+    q, _, _, *rest = anchor.inputs
+    mask = rest[0] if rest else None
+    if mask is not None and (mask.shape is None or len(mask.shape) >= 2):
+        mask = _last_row(o, mask)
+    attributes = {name: attr.value for name, attr in anchor.attributes.items()}
+    outputs = o("Attention", _last_row(o, q), cache_k, cache_v, mask, *rest[1:], outputs=4,
+                **{**attributes, "qk_matmul_output_mode": 3})
+    for unused in outputs[1:3]:  # present K/V: not asked for
+        unused.name = ""
+    return outputs[3]
 
 
 SCORES: dict[str, Callable] = {
     "tova": _last_query_attention,
-    "knorm": lambda o, site, cache_k, probs, slots: o("Neg", o("ReduceL2", cache_k, o.const([-1]), keepdims=0)),
-    "streaming_llm": lambda o, site, cache_k, probs, slots: o("Cast", slots, to=ir.DataType.FLOAT),
+    "knorm": lambda o, site, cache_k, cache_v, slots: o("Neg", o("ReduceL2", cache_k, o.const([-1]), keepdims=0)),
+    "streaming_llm": lambda o, site, cache_k, cache_v, slots: o("Cast", slots, to=ir.DataType.FLOAT),
 }
 """The ONNX form of each method's `score` ([B, Hkv, T], higher is kept), by method name."""
 
 
 def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position_ids: ir.Value,
                   evict: ir.Value, row: int) -> tuple[str, str]:
-    """Append the score → select → compact subgraph of one site; returns its slot input/output names."""
+    """Append one site's slots and its evict-or-append `If`; returns its slot input/output names."""
     graph, x = model.graph, site.extra
     o = _Ops(graph, f"kvpass/{site.layer}")
-    probs = _probs_of(graph, site) if method.stat is Stat.LAST_QUERY else None
     cache_k, cache_v = x["present_key"], x["present_value"]
     past_slots = ir.Value(name=f"kvpass_past_slots_{site.layer}", type=ir.TensorType(ir.DataType.INT32),
                           shape=ir.Shape([x["past_key"].shape[0] if x["past_key"].shape else None,
@@ -291,10 +329,31 @@ def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position
     slots = o("Concat", past_slots, new_slots, axis=2)
 
     params = o("Gather", evict, o.const(row), axis=0)
-    keep = o("Slice", params, o.const([0]), o.const([1]))
-    sinks, recent, seen = (o("Cast", o("Gather", params, o.const(i), axis=0), to=ir.DataType.INT32) for i in (1, 2, 3))
+    keep = o("Gather", params, o.const([0]), axis=0)  # [1], as TopK wants k
+    evicting = o("Less", keep, o.dim(cache_k, 2))  # the host feeds keep = length when no eviction is due
+    evicted = o.branch("evict", lambda b: _select_and_compact(b, site, method, cache_k, cache_v, slots, keep, params))
+    appended = o.branch("append", lambda b: [b("Identity", value) for value in (cache_k, cache_v, slots)])
+    present = o("If", evicting, outputs=3, then_branch=evicted, else_branch=appended)
 
-    scores = SCORES[method.name](o, site, cache_k, probs, slots)
+    for full, compact in zip((cache_k, cache_v), present[:2]):
+        name = full.name
+        full.name = f"{name}_uncompacted"
+        compact.name, compact.dtype = name, full.dtype
+        compact.shape = ir.Shape([full.shape[0] if full.shape else None, site.num_kv_heads, f"kept_{site.layer}",
+                                  site.head_dim])
+        graph.outputs[graph.outputs.index(full)] = compact
+    present_slots = present[2]
+    present_slots.name, present_slots.dtype = f"kvpass_present_slots_{site.layer}", ir.DataType.INT32
+    present_slots.shape = ir.Shape([None, site.num_kv_heads, f"kept_{site.layer}"])
+    graph.outputs.append(present_slots)
+    return past_slots.name, present_slots.name
+
+
+def _select_and_compact(o: _Ops, site: AttentionSite, method: Method, cache_k: ir.Value, cache_v: ir.Value,
+                        slots: ir.Value, keep: ir.Value, params: ir.Value) -> list[ir.Value]:
+    """score → protect sinks and recent → top `keep` → gather: compacted (keys, values, slots)."""
+    sinks, recent, seen = (o("Cast", o("Gather", params, o.const(i), axis=0), to=ir.DataType.INT32) for i in (1, 2, 3))
+    scores = SCORES[method.name](o, site, cache_k, cache_v, slots)
     if not method.per_head:
         scores = o("Expand", o("ReduceMean", scores, o.const([1]), keepdims=1), o("Shape", slots))
     if method.span > 0:
@@ -305,40 +364,21 @@ def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position
     scores = o("Where", protected, o.const(np.float32(np.inf)), scores)
     _, top = o("TopK", scores, keep, axis=-1, largest=1, sorted=1, outputs=2)  # ties: earlier token first
     index, _ = o("TopK", top, keep, axis=-1, largest=0, sorted=1, outputs=2)  # kept indices, slot order
-    gather = o("Expand", o("Unsqueeze", index, o.const([3])), o("Concat", o("Shape", index), o.dim(cache_k, 3), axis=0))
-    outputs = {
-        cache_k: o("GatherElements", cache_k, gather, axis=2),
-        cache_v: o("GatherElements", cache_v, gather, axis=2),
-    }
-    for full, compact in outputs.items():
-        name = full.name
-        full.name = f"{name}_uncompacted"
-        compact.name, compact.dtype = name, full.dtype
-        compact.shape = ir.Shape([full.shape[0] if full.shape else None, site.num_kv_heads, f"kept_{site.layer}",
-                                  site.head_dim])
-        graph.outputs[graph.outputs.index(full)] = compact
-    present_slots = o("GatherElements", slots, index, axis=2)
-    present_slots.name, present_slots.dtype = f"kvpass_present_slots_{site.layer}", ir.DataType.INT32
-    present_slots.shape = ir.Shape([None, site.num_kv_heads, f"kept_{site.layer}"])
-    graph.outputs.append(present_slots)
-    return past_slots.name, present_slots.name
+    rows = _row_index(o, cache_k, index)
+    compacted = [_gather_rows(o, cache_k, rows), _gather_rows(o, cache_v, rows),
+                 o("GatherElements", slots, index, axis=2)]
+    for value, dtype in zip(compacted, (cache_k.dtype, cache_v.dtype, ir.DataType.INT32)):
+        value.dtype = dtype  # If branch outputs must be typed
+    return compacted
 
 
-def _probs_of(graph: ir.Graph, site: AttentionSite) -> ir.Value:
-    """The attention probabilities [B, Hq, Lq, T] of a site: its Softmax output, or a new
-    `qk_matmul_output` (mode 3: after softmax) of a standard `Attention` node."""
-    if site.extra["probs"] is not None:
-        return site.extra["probs"]
-    old = site.extra["anchor"]
-    attributes = {**{k: a for k, a in old.attributes.items()}, "qk_matmul_output_mode": ir.AttrInt64(
-        "qk_matmul_output_mode", 3)}
-    new = ir.Node("", "Attention", list(old.inputs), attributes=list(attributes.values()), num_outputs=4,
-                  name=old.name, version=old.version)
-    graph.insert_before(old, new)
-    for before, after in zip(old.outputs, new.outputs):
-        name, before.name = before.name, None
-        after.name, after.dtype, after.shape = name, before.dtype, before.shape
-        ir.convenience.replace_all_uses_with(before, after, replace_graph_outputs=True)
-    graph.remove(old, safe=True)
-    site.extra["anchor"] = new
-    return new.outputs[3]
+def _row_index(o: _Ops, cache: ir.Value, index: ir.Value) -> ir.Value:
+    """Token `index` [B, H, k] as rows of `cache` [B, H, T, D] flattened to [B*H*T, D]: a Gather of
+    whole rows copies D values at a time, where GatherElements on an expanded index goes one by one."""
+    batch_heads = o("Squeeze", o("Mul", o.dim(cache, 0), o.dim(cache, 1)), o.const([0]))
+    first = o("Mul", o("Range", o.const(np.int64(0)), batch_heads, o.const(np.int64(1))), o.dim(cache, 2))
+    return o("Add", index, o("Reshape", first, o("Concat", o("Shape", index, end=2), o.const([1]), axis=0)))
+
+
+def _gather_rows(o: _Ops, cache: ir.Value, rows: ir.Value) -> ir.Value:
+    return o("Gather", o("Reshape", cache, o("Concat", o.const([-1]), o.dim(cache, 3), axis=0)), rows, axis=0)
