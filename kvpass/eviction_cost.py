@@ -26,8 +26,7 @@ def output_errors(scores: torch.Tensor, probs: torch.Tensor, value: torch.Tensor
     batch, heads, window, length = probs.shape
     kv_heads = value.shape[1]
     group = heads // kv_heads
-    counts = torch.tensor([round(q * context / GRID) for q in range(GRID + 1)], device=probs.device)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # [B, Hkv, C]
+    order, counts = _ranked(scores)  # [B, Hkv, C], [GRID+1]
     curves = []
     for h in range(kv_heads):
         p = probs[:, h * group:(h + 1) * group].float()            # [B, G, W, L]
@@ -48,8 +47,14 @@ def output_errors(scores: torch.Tensor, probs: torch.Tensor, value: torch.Tensor
 
 def mass_kept(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """[B, Hkv, GRID+1]: attention mass held by the top `q/GRID` of the tokens, ranked by `scores`."""
+    order, counts = _ranked(scores)
+    held = torch.nn.functional.pad(torch.gather(mass, -1, order).cumsum(-1), (1, 0))
+    return held[..., counts]
+
+
+def _ranked(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token order, best first (ties: earlier token, as eviction breaks them), and how many of
+    the ranked tokens each grid point keeps."""
     length = scores.shape[-1]
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    held = torch.nn.functional.pad(torch.gather(mass, -1, order).cumsum(-1), (1, 0))
-    counts = torch.tensor([round(q * length / GRID) for q in range(GRID + 1)], device=mass.device)
-    return held[..., counts]
+    return order, torch.tensor([round(q * length / GRID) for q in range(GRID + 1)], device=scores.device)

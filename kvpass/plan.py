@@ -375,9 +375,9 @@ def build_plan(
     shares = _within(shares, fraction, weights)
     if calibration is not None:
         plan.entropy = {site.name: calibration.entropy[site.name] for site in sites}
-        plan.retention = {site.name: _predict(curve, share * ratio)
+        plan.retention = {site.name: curve_at(curve, share * ratio)
                           for site, curve, share, ratio in zip(sites, curves, shares, ratios)}
-        plan.output_error = {site.name: _predict(error, share * ratio)
+        plan.output_error = {site.name: curve_at(error, share * ratio)
                              for site, error, share, ratio in zip(sites, errors, shares, ratios)}
     if parsed.kind == "fraction":
         plan.budgets = {site.name: share for site, share in zip(sites, shares)}
@@ -411,8 +411,8 @@ def _fit(priorities: list[float], fraction: float, floor: float, ceiling: float,
     return shares(low)
 
 
-def _predict(curve: list[float], kept: float) -> float:
-    """A curve's value at a kept fraction of the tokens, interpolated between the curve's evenly spaced points."""
+def curve_at(curve: list[float], kept: float) -> float:
+    """A curve's value at a kept fraction of the tokens (clamped to [0, 1]), interpolated between the curve's evenly spaced points."""
     position = min(max(kept, 0.0), 1.0) * (len(curve) - 1)
     index = min(int(position), len(curve) - 2)
     return curve[index] + (position - index) * (curve[index + 1] - curve[index])
@@ -471,7 +471,7 @@ def _greedy(curves: list[list[float]], ratios: list[float], fraction: float, flo
             size = min(step, ceiling - share, spare / weight)
             if size <= 0:
                 continue
-            gain = (_predict(curve, (share + size) * ratio) - _predict(curve, share * ratio)) / (size * weight)
+            gain = (curve_at(curve, (share + size) * ratio) - curve_at(curve, share * ratio)) / (size * weight)
             key = (gain, -share)
             if best_key is None or key > best_key:
                 best, best_key = i, key

@@ -94,9 +94,9 @@ def cache_from_recording(model, recording: PrefillRecording, plan: Plan) -> Dyna
         method: Method = plan.method
         stat = layer.stats.get(method.stat) if method.stat is not Stat.NONE else None
         site_cache = CompactedKV.from_prefill(
-            plan.schedule(site, dtype_bytes), method, site.group_size, layer.keys, layer.values, stat
+            plan.schedule(site, dtype_bytes), method, site.group_size, layer.keys, layer.values, stat,
+            reallocator, position,
         )
-        site_cache.reallocator, site_cache.index = reallocator, position
         layers.append(KVPassCacheLayer(site_cache))
     cache = DynamicCache()
     cache.layers = layers

@@ -53,13 +53,14 @@ class CompactedKV:
     def from_prefill(
         cls, schedule: SiteSchedule, method: Method, group_size: int,
         keys: torch.Tensor, values: torch.Tensor, stat: torch.Tensor | None,
+        reallocator: "Reallocator | None" = None, index: int = 0,
     ) -> "CompactedKV":
         """A cache for an already computed prefill (contiguous slots), evicted to its cap.
 
         Lets one prefill be shared by many (method, budget) evaluations: `stat` must be
         the prefill's statistic of `method.stat` kind.
         """
-        cache = cls(schedule, method, group_size)
+        cache = cls(schedule, method, group_size, reallocator, index)
         cache.keys, cache.values, cache.seen = keys, values, keys.shape[-2]
         cache.stat = stat if cache.stat_mode is not Stat.NONE else None
         if cache.seen > schedule.cap(cache.seen):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpass.eviction_cost import GRID, output_errors
-from kvpass.plan import Plan, spread
+from kvpass.plan import Plan, curve_at, spread
 
 TAIL = GRID // 8
 """The last-ranked share of a cache (in grid steps) whose slope extrapolates growth."""
@@ -121,15 +121,8 @@ def _share_utility(errors: list[float], share: float) -> list[float]:
     utility = []
     for q in range(GRID + 1):
         x = q / GRID / share
-        if x <= 1.0:
-            position = x * GRID
-            index = min(int(position), GRID - 1)
-            error = errors[index] + (position - index) * (errors[index + 1] - errors[index])
-            utility.append(-error)
-        else:
-            utility.append(-errors[-1] + tail_slope * (x - 1.0))
+        utility.append(-curve_at(errors, x) if x <= 1.0 else -errors[-1] + tail_slope * (x - 1.0))
     return utility
-
 
 def measure(cache, q: torch.Tensor, k_slots: torch.Tensor, scale: float, scores: torch.Tensor) -> list[float]:
     """Output-error curve of the newest query `q` [B, Hq, 1, D] over `cache`'s candidates (every
