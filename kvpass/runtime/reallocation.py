@@ -104,6 +104,7 @@ class Reallocator:
         utilities = [_share_utility(self.curves[i], share) for i, share in enumerate(self.shares)]
         target = spread(utilities, [1.0] * len(utilities), policy.fraction, policy.floor, policy.ceiling,
                         policy.weights)
+        self.raised.clear()  # a raise not yet in force is superseded by the new target
         for i, share in enumerate(target):
             if share < self.shares[i]:
                 self.shares[i] = share
