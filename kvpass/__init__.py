@@ -3,15 +3,18 @@
 Example:
     >>> import kvpass
     >>> model = kvpass.optimize(model, budget=0.5)   # doctest: +SKIP
+    >>> model = kvpass.optimize(model, budget=0.5, transforms=[kvpass.PruneHeads(0.25), kvpass.Evict()])  # doctest: +SKIP
+    >>> kvpass.stats(model)["kv_bytes"]               # doctest: +SKIP
 """
 
 from kvpass import kernels  # noqa: F401  (registers torch.ops.kvpass.*)
 from kvpass.api import find_attention, optimize, plan
 from kvpass.memory import cache_bytes
 from kvpass.methods import DEFAULT_METHOD, METHODS, Method, get_method
-from kvpass.plan import Plan, uniform_plan
+from kvpass.planning import Plan, uniform_plan
 from kvpass.site import AttentionSite, SiteReport, UnsupportedAttention
-
+from kvpass.stats import stats
+from kvpass.transforms import Evict, PruneHeads, Transform
 
 
 def __getattr__(name: str):
@@ -24,6 +27,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "optimize", "plan", "export_onnx", "find_attention", "cache_bytes", "AttentionSite", "SiteReport", "UnsupportedAttention",
-    "Plan", "uniform_plan", "Method", "get_method", "METHODS", "DEFAULT_METHOD",
+    "optimize", "plan", "export_onnx", "find_attention", "cache_bytes", "stats", "Evict", "PruneHeads", "Transform",
+    "AttentionSite", "SiteReport", "UnsupportedAttention", "Plan", "uniform_plan", "Method", "get_method", "METHODS",
+    "DEFAULT_METHOD",
 ]

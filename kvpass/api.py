@@ -1,4 +1,10 @@
-"""The public verbs: find_attention, plan and optimize."""
+"""The public verbs: find_attention, plan and optimize.
+
+The data path, top to bottom: capture the model (`kvpass.capture`), find its attention sites
+(`kvpass.rewrites.fx`), plan every transform jointly (`kvpass.transforms.pipeline.solve`, using
+`kvpass.planning` and `kvpass.calibration`), rewrite it through each transform's handler
+(`kvpass.transforms.pipeline.apply`), and run it (`kvpass.runtime`).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,17 @@ from typing import Any, Sequence
 import torch
 
 from kvpass.budget import Budget, parse_budget
-from kvpass.calibration import Calibration, calibrate
+from kvpass.calibration import Calibration
 from kvpass.capture import capture, default_example_inputs
-from kvpass.methods import Method, get_method
-from kvpass.plan import Plan, build_plan, check_schedule_options
+from kvpass.errors import UnsupportedModelError
+from kvpass.methods import Method
+from kvpass.planning import Plan
 from kvpass.rewrites.fx import find_sites
-from kvpass.runtime.rewrite import rewrite_model
 from kvpass.site import SiteReport
+from kvpass.stats import remember_calls
+from kvpass.transforms import Backend, Evict, RewriteTarget, Transform
+from kvpass.transforms.base import module_backend
+from kvpass.transforms.pipeline import apply, check_transforms, plan_transforms, solve
 
 
 def find_attention(model: torch.nn.Module, *example_args: Any, **example_kwargs: Any) -> SiteReport:
@@ -40,13 +50,20 @@ def find_attention(model: torch.nn.Module, *example_args: Any, **example_kwargs:
     return report
 
 
+EVICT_OPTIONS = {"sinks": 4, "recent": 32, "evict_every": 1, "allocation": "uniform"}
+"""`optimize`'s shorthand for `transforms=[kvpass.Evict(method, **these)]`, with their defaults."""
+
+
 def optimize(
     model: torch.nn.Module,
     budget: float | str = 0.5,
     method: str | Method | None = None,
     example_inputs: tuple | None = None,
     *,
+    transforms: Sequence[Transform] | None = None,
     plan: Plan | None = None,
+    calibration: Calibration | Sequence[str | torch.Tensor] | str | torch.Tensor | None = None,
+    tokenizer: Any | None = None,
     allocation: str = "uniform",
     sinks: int = 4,
     recent: int = 32,
@@ -56,38 +73,67 @@ def optimize(
     """Rewrite every attention site of `model` onto a physically pruned KV cache.
 
     Works in place and returns the model (like torchao's `quantize_`); on any error the
-    model is left unchanged. `budget` is the fraction of KV-cache bytes kept, a hard cap
-    at prefill and as decoding goes on, or an absolute cap per sequence with its unit
-    ('2048 tokens', '1.5GiB'; see `plan`); `allocation` spreads it over the sites
-    ('uniform', 'pyramid' or 'adaptive', see `plan`), or pass a ready `plan`
-    (`kvpass.plan`, `Plan.load`). `sinks` first tokens and the `recent` latest ones
-    are always kept, inside that cap. Eviction runs at most every `evict_every` steps
-    (evicting a little deeper so the cap still holds in between). `method=None` is
-    `kvpass.methods.DEFAULT_METHOD`; `method_options` go to the method's dataclass.
+    model is left unchanged. `budget` is the cap on KV-cache bytes relative to the unmodified
+    model, at prefill and as decoding goes on: a fraction, or an absolute cap per sequence with
+    its unit ('2048 tokens', '1.5GiB'; see `plan`). It is shared by all `transforms`, applied
+    structure first (`kvpass.PruneHeads`), eviction last (`kvpass.Evict`, which supplies the
+    saving the others leave); if they cannot meet it, `optimize` raises. Without `transforms`
+    it is `[kvpass.Evict(method, sinks=..., recent=..., evict_every=..., allocation=...,
+    **method_options)]`: those keywords are shorthand, and an error with `transforms=`.
+    `plan` (`kvpass.plan`, `Plan.load`) applies decisions made before. `calibration` /
+    `tokenizer`: prompts for the transforms that calibrate (head importance, adaptive
+    allocation); built-in prompts otherwise.
 
-    Hugging Face causal LMs keep `generate` (greedy, sampling, batched with left
-    padding); models whose forward carries its own cache tensors keep their signature
-    and return compacted caches (pass `example_inputs`).
+    Hugging Face causal LMs keep `generate` (greedy, sampling, batched with left padding);
+    models whose forward carries its own cache tensors keep their signature and return
+    compacted caches (pass `example_inputs`); models with no KV cache (encoders) take
+    structural transforms only, at `budget=1.0`. `kvpass.stats(model)` reports the last call.
 
     Example:
         >>> import kvpass
         >>> model = kvpass.optimize(model, budget=0.5)          # doctest: +SKIP
         >>> out = model.generate(input_ids, max_new_tokens=32)  # doctest: +SKIP
+        >>> model = kvpass.optimize(model, budget=0.5, transforms=[kvpass.PruneHeads(0.25), kvpass.Evict()])  # doctest: +SKIP
     """
     budget = parse_budget(budget)
-    chosen = get_method(method, **method_options)
-    check_schedule_options(sinks, recent, evict_every)
+    shorthand = {"sinks": sinks, "recent": recent, "evict_every": evict_every, "allocation": allocation}
+    if transforms is not None or plan is not None:
+        given = sorted([k for k, v in shorthand.items() if v != EVICT_OPTIONS[k]] + list(method_options)
+                       + (["method"] if method is not None else []))
+        if given:
+            raise TypeError(f"{given} are options of kvpass.Evict: with transforms= or plan=, set them on the "
+                            "Evict transform (kvpass.Evict(method, ...)) instead")
+    if transforms is not None and plan is not None:
+        raise TypeError("give transforms= or plan=, not both: a plan already records its transforms")
+    if transforms is None and plan is None:
+        transforms = [Evict(method, **shorthand, **method_options)]
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         raise TypeError(f"example_inputs must be a tuple of positional arguments, got {type(example_inputs).__name__}")
 
     # An optimized model is re-planned from the sites found the first time (its graph now holds kvpass ops).
     report = getattr(model, "kvpass_sites", None) or find_attention(model, *(example_inputs or ()))
-    report.require_rewritable(type(model).__name__)
+    what = type(model).__name__
+    report.require_rewritable(what)
+    backend = module_backend(model, report)
+    dtype_bytes = next(model.parameters()).element_size()
+    if plan is not None:
+        plan.check_model(list(report), dtype_bytes)
+        transforms = plan_transforms(plan)
+    transforms = check_transforms(transforms, report, backend, what)
+    if backend is Backend.MODULE and budget.value != 1.0:
+        raise ValueError(f"budget={budget.text} caps KV-cache bytes, but {what} keeps no KV cache: "
+                         "use budget=1.0 with structural transforms such as kvpass.PruneHeads")
     if plan is None:
-        plan = _plan_sites(model, report, budget, chosen, allocation, None, sinks=sinks, recent=recent,
-                           evict_every=evict_every)
-    plan.require_budgets(report)
-    return rewrite_model(model, report, plan, example_inputs)
+        plan = solve(model, report, budget, transforms, dtype_bytes=dtype_bytes, seq_len=_context_length(model),
+                     calibration=calibration, tokenizer=tokenizer, previous=getattr(model, "kvpass_plan", None)
+                     if getattr(model, "kvpass_heads_removed", 0) else None)
+    args, kwargs = (example_inputs, {}) if example_inputs is not None else default_example_inputs(model)
+    target = RewriteTarget(model, report, plan, backend, args, kwargs)
+    rewritten = apply(target, transforms, what)
+    rewritten.kvpass_plan, rewritten.kvpass_sites = plan, report
+    if backend is Backend.HF:
+        remember_calls(rewritten, plan)
+    return rewritten
 
 
 def plan(
@@ -97,6 +143,7 @@ def plan(
     calibration: Calibration | Sequence[str | torch.Tensor] | str | torch.Tensor | None = None,
     allocation: str = "adaptive",
     *,
+    transforms: Sequence[Transform] | None = None,
     tokenizer: Any | None = None,
     seq_len: int | None = None,
     floor: float | None = None,
@@ -108,27 +155,29 @@ def plan(
     example_inputs: tuple | None = None,
     **method_options: Any,
 ) -> Plan:
-    """Choose a KV budget per attention site of `model`, before any token runs; `optimize(model, plan=...)` applies it.
+    """Choose every transform's decisions for `model` before any token runs; `optimize(model, plan=...)` applies them.
 
-    `budget`: a fraction of the full cache's bytes (`0.5`; `1` and `1.0` alike mean everything),
-    or an absolute cap per sequence, `'2048 tokens'` (the bytes 2048 tokens take in the full
-    cache) or a byte size (`'1.5GiB'`, `'512MB'`). Absolute budgets become per-site token caps
-    that hold at every length; they are spread over the sites as a fraction budget would be at
-    `seq_len` tokens (default: the model's `max_position_embeddings`). A site's cache is capped
-    at the smaller of its fraction cap and its token cap. Sinks and the recent window are
-    always inside the budget.
+    `budget`: a fraction of the unmodified cache's bytes (`0.5`; `1` and `1.0` alike mean
+    everything), or an absolute cap per sequence, `'2048 tokens'` (the bytes 2048 tokens take
+    in the full cache) or a byte size (`'1.5GiB'`, `'512MB'`). Absolute budgets become per-site
+    token caps that hold at every length; they are spread over the sites as a fraction budget
+    would be at `seq_len` tokens (default: the model's `max_position_embeddings`). Sinks and the
+    recent window are always inside the budget.
 
+    Without `transforms`, the plan is for `[kvpass.Evict(method, allocation=..., floor=...,
+    ceiling=..., sinks=..., recent=..., evict_every=..., reallocate=..., **method_options)]`.
     `allocation`: 'uniform' (every site alike), 'pyramid' (PyramidKV: linearly less with depth)
     or 'adaptive' (least total predicted attention-output error, from calibration; see
-    `kvpass.plan.build_plan`), each site between `floor` (default: half the budget fraction)
-    and `ceiling`.
+    `kvpass.planning.build_plan`), each site between `floor` (default: half the budget
+    fraction) and `ceiling`. With `transforms=[kvpass.PruneHeads(0.25), kvpass.Evict(...)]`,
+    head importance and the adaptive allocation share one calibration run.
 
     `calibration`: a `Calibration` already measured, or prompts for one (text needs
     `tokenizer`; token-id tensors otherwise); None uses built-in prompts. Calibration is run for
-    'adaptive', and for the others when prompts are given (to fill in the plan's entropy table).
-    `reallocate=N` (off by default) re-spreads the same total budget between the sites every N
-    decoded tokens, from how each site's attention output degrades on the queries that arrive
-    (`kvpass.runtime.reallocation`); Hugging Face models, fraction budgets.
+    'adaptive' and head importance, and for the others when prompts are given (to fill in the
+    plan's entropy table). `reallocate=N` (off by default) re-spreads the same total budget
+    between the sites every N decoded tokens (`kvpass.runtime.reallocation`; Hugging Face
+    models, fraction budgets).
 
     Example:
         >>> import kvpass
@@ -138,28 +187,23 @@ def plan(
         >>> model = kvpass.optimize(model, plan=plan)                      # doctest: +SKIP
     """
     budget = parse_budget(budget)
-    chosen = get_method(method, **method_options)
-    check_schedule_options(sinks, recent, evict_every)
+    if transforms is None:
+        transforms = [Evict(method, allocation=allocation, floor=floor, ceiling=ceiling, sinks=sinks, recent=recent,
+                            evict_every=evict_every, reallocate=reallocate, **method_options)]
+    elif method is not None or method_options:
+        raise TypeError("method options belong on the Evict transform when transforms= is given")
     report = getattr(model, "kvpass_sites", None) or find_attention(model, *(example_inputs or ()))
-    report.require_rewritable(type(model).__name__)
-    return _plan_sites(model, report, budget, chosen, allocation, calibration, tokenizer=tokenizer, seq_len=seq_len,
-                       floor=floor, ceiling=ceiling, sinks=sinks, recent=recent, evict_every=evict_every,
-                       reallocate=reallocate)
+    what = type(model).__name__
+    report.require_rewritable(what)
+    transforms = check_transforms(transforms, report, module_backend(model, report), what)
+    return solve(model, report, budget, transforms, dtype_bytes=next(model.parameters()).element_size(),
+                 seq_len=seq_len if seq_len is not None else _context_length(model), calibration=calibration,
+                 tokenizer=tokenizer)
 
 
-def _plan_sites(model, sites, budget: Budget, method: Method, allocation: str, calibration, *, tokenizer=None,
-                seq_len=None, **options) -> Plan:
-    """`build_plan` with what only the model knows: its dtype, context length and calibration."""
-    if not isinstance(calibration, Calibration) and (allocation == "adaptive" or calibration is not None):
-        calibration = calibrate(model, method, calibration, tokenizer=tokenizer, sites=sites,
-                                sinks=options["sinks"], recent=options["recent"])
-    if calibration is not None and calibration.method != method.name:
-        raise ValueError(f"calibration was measured for method {calibration.method!r}, not {method.name!r}")
+def _context_length(model: torch.nn.Module) -> int | None:
+    """The model's context length (spreads absolute budgets), when its config says."""
     config = getattr(model, "config", None)
-    if seq_len is None and config is not None:
-        seq_len = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
-    dtype_bytes = next(model.parameters()).element_size()
-    return build_plan(list(sites), budget, method, allocation, calibration, dtype_bytes=dtype_bytes,
-                      seq_len=seq_len, **options)
-
-
+    if config is None or not hasattr(config, "get_text_config"):
+        return None
+    return getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)

@@ -11,6 +11,9 @@ pass measures it on a few prompts, one prefill each, for the method that will ev
   queries, sinks and recent window protected); the curve is the share of the last-window
   queries' attention mass that survives when the top `x` of those tokens are kept (the
   window's own tokens always survive), for `x` on a grid from 0 to 1;
+* **head removal error** (sites whose Q/K/V/O projections were found): the relative error of
+  the attention block's output when one KV head and its query group are removed, and the
+  long-range attention share of each KV head; head pruning ranks heads by them;
 * **output-error curve**: on the same ranking, the relative L2 error of the last-window
   queries' attention *output* when only the top `x` are kept (softmax renormalised over what
   is left). Mass alone over-rewards diffuse layers, whose evicted mass was averaging similar
@@ -28,18 +31,19 @@ calibrated (the same seam `kvpass.optimize` uses); other models use uniform or p
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from kvpass.anchors import Projection, Projections
 from kvpass.errors import UnsupportedModelError
 from kvpass.eviction_cost import mass_kept, output_errors
 from kvpass.kernels import ops
 from kvpass.kernels.reference import first_scored_query
 from kvpass.methods import Method, Observation, Stat, get_method
 from kvpass.methods.selection import ranking_scores
-from kvpass.runtime.hf import attention_implementation
+from kvpass.hf_attention import attention_implementation
 from kvpass.site import AttentionSite
 
 RECORDER = "kvpass_calibrate"
@@ -93,14 +97,22 @@ class Calibration:
     output_error: dict[str, list[list[float]]]
     """Per KV head, the relative error of the attention output at the same kept fractions."""
     seconds: float
+    head_error: dict[str, list[float]] = field(default_factory=dict)
+    """Per KV head, the relative error ||Δo|| / ||o|| of the attention block's output (after the O
+    projection, all prompt tokens) when that head and its query group are removed: what head
+    pruning ranks by. Only for sites whose projections were found."""
+    long_range: dict[str, list[float]] = field(default_factory=dict)
+    """Per KV head, the share of the last-window queries' attention that goes past the sinks and
+    the recent window (retrieval heads score high; a streaming head would lose exactly this)."""
 
-    def curve(self, name: str) -> list[float]:
-        """The site's retention curve, averaged over its KV heads (one keep count per layer)."""
-        return _mean(self.retention[name])
+    def curve(self, name: str, heads: Sequence[int] | None = None) -> list[float]:
+        """The site's retention curve, averaged over its KV heads (one keep count per layer), or
+        over `heads` only (those head pruning keeps)."""
+        return _mean(_rows(self.retention[name], heads))
 
-    def error_curve(self, name: str) -> list[float]:
-        """The site's output-error curve, averaged over its KV heads."""
-        return _mean(self.output_error[name])
+    def error_curve(self, name: str, heads: Sequence[int] | None = None) -> list[float]:
+        """The site's output-error curve, averaged over its KV heads (or `heads` only)."""
+        return _mean(_rows(self.output_error[name], heads))
 
 
 def default_prompts(tokenizer: Any | None = None, vocab_size: int | None = None) -> list[str | torch.Tensor]:
@@ -153,7 +165,8 @@ def calibrate(
         )
     chosen = get_method(method)
     ids = _token_ids(model, prompts, tokenizer)
-    recorder = _Recorder({module: name for name, module in model.named_modules()}, chosen, sinks, recent)
+    recorder = _Recorder({module: name for name, module in model.named_modules()}, chosen, sinks, recent,
+                         {site.name: site.projections for site in sites or () if site.projections is not None}, model)
     started = time.perf_counter()
     device = next(model.parameters()).device
     with attention_implementation(model, RECORDER, recorder), torch.no_grad():
@@ -172,6 +185,8 @@ def calibrate(
         retention={name: [_mean(heads) for heads in zip(*rows)] for name, rows in recorder.retention.items()},
         output_error={name: [_mean(heads) for heads in zip(*rows)] for name, rows in recorder.output_error.items()},
         seconds=time.perf_counter() - started,
+        head_error={name: _mean(rows) for name, rows in recorder.head_error.items()},
+        long_range={name: _mean(rows) for name, rows in recorder.long_range.items()},
     )
 
 
@@ -179,9 +194,15 @@ def _mean(rows: Sequence[Sequence[float]]) -> list[float]:
     return [sum(values) / len(rows) for values in zip(*rows)]
 
 
+def _rows(rows: list[list[float]], heads: Sequence[int] | None) -> list[list[float]]:
+    return rows if heads is None else [rows[head] for head in heads]
+
+
 def _token_ids(model: torch.nn.Module, prompts: Any, tokenizer: Any | None) -> list[torch.Tensor]:
-    """Every prompt as a [1, L] long tensor, checked against the model's context length."""
-    if prompts is None:
+    """Every prompt as a [1, L] long tensor, checked against the model's context length (the
+    built-in prompts are cut to it, keeping their end: the question)."""
+    built_in = prompts is None
+    if built_in:
         prompts = default_prompts(tokenizer, getattr(model.config, "vocab_size", None))
     elif isinstance(prompts, (str, torch.Tensor)):
         prompts = [prompts]
@@ -193,6 +214,8 @@ def _token_ids(model: torch.nn.Module, prompts: Any, tokenizer: Any | None) -> l
                 raise ValueError(f"calibration prompt {index} is text but no tokenizer was given: "
                                  "pass tokenizer= or token-id tensors")
             prompt = tokenizer(prompt, return_tensors="pt").input_ids
+        if built_in and isinstance(limit, int):
+            prompt = prompt[..., -limit:]
         if not isinstance(prompt, torch.Tensor) or prompt.dtype not in (torch.int32, torch.int64) \
                 or prompt.dim() not in (1, 2) or (prompt.dim() == 2 and prompt.shape[0] != 1) or prompt.shape[-1] < 2:
             raise ValueError(f"calibration prompt {index} must be text or an integer token tensor [L] or [1, L] "
@@ -210,8 +233,12 @@ class _Recorder:
     """The attention implementation calibration runs: normal attention, plus entropy, and the
     mass and output error of the last queries under the method's ranking of the earlier tokens."""
 
-    def __init__(self, names: dict[torch.nn.Module, str], method: Method, sinks: int, recent: int):
+    def __init__(self, names: dict[torch.nn.Module, str], method: Method, sinks: int, recent: int,
+                 projections: dict[str, Projections], model: torch.nn.Module):
         self.names, self.method, self.sinks, self.recent = names, method, sinks, recent
+        self.projections, self.model = projections, model
+        self.head_error: dict[str, list[list[float]]] = {}
+        self.long_range: dict[str, list[list[float]]] = {}
         self.entropy: dict[str, list[list[float]]] = {}
         self.retention: dict[str, list[list[list[float]]]] = {}
         self.output_error: dict[str, list[list[list[float]]]] = {}
@@ -242,7 +269,40 @@ class _Recorder:
         local = mass[..., context:].sum(-1, keepdim=True)  # the window's own tokens are never evicted
         self.retention.setdefault(name, []).append((local + mass_kept(scores, mass[..., :context]))[0].tolist())
         self.output_error.setdefault(name, []).append(output_errors(scores, probs, value, context)[0].tolist())
+        self.long_range.setdefault(name, []).append(_long_range(probs, kv_heads, self.sinks, self.recent)[0].tolist())
+        if name in self.projections:
+            self.head_error.setdefault(name, []).append(
+                _head_removal_errors(out, self.projections[name].o, self.model, kv_heads)[0].tolist())
         return out.transpose(1, 2).contiguous(), None
+
+
+def _long_range(probs: torch.Tensor, kv_heads: int, sinks: int, recent: int) -> torch.Tensor:
+    """[B, Hkv]: the window queries' attention share on keys past the sinks and their recent window."""
+    batch, heads, window, length = probs.shape
+    rows = torch.arange(length - window, length, device=probs.device)[:, None]
+    keys = torch.arange(length, device=probs.device)[None, :]
+    far = (keys >= sinks) & (keys < rows - recent)
+    share = (probs * far).sum(-1)                                    # [B, Hq, W]
+    return share.view(batch, kv_heads, heads // kv_heads, window).mean(dim=(2, 3))
+
+
+def _head_removal_errors(out: torch.Tensor, o: Projection, model: torch.nn.Module, kv_heads: int) -> torch.Tensor:
+    """[B, Hkv]: ||Δo|| / ||o|| per token, averaged, when each KV head's query group is removed.
+
+    `out` [B, Hq, L, D] is the attention output before the O projection; removing a group
+    removes its columns' contribution W_o[:, cols] · out[cols] from the projection's output."""
+    batch, heads, length, dim = out.shape
+    weight = o.parameter(model).detach().float().narrow(o.axis, o.start, o.size)
+    matrix = weight if o.axis == 1 else weight.T                     # [out features, heads * dim]
+    x = out.float().transpose(1, 2).reshape(batch, length, heads * dim)
+    full = x @ matrix.T
+    if o.bias is not None:
+        full = full + o.parameter(model, o.bias).detach().float()
+    norm = full.norm(dim=-1).clamp_min(1e-12)
+    width = heads // kv_heads * dim
+    errors = [(x[..., g * width:(g + 1) * width] @ matrix[:, g * width:(g + 1) * width].T).norm(dim=-1) / norm
+              for g in range(kv_heads)]
+    return torch.stack(errors, -1).mean(dim=1)
 
 
 def _window_attention(query: torch.Tensor, key: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import sympy
 from kvpass.site import AttentionSite
 
 if TYPE_CHECKING:
-    from kvpass.plan import SiteSchedule
+    from kvpass.planning import SiteSchedule
 
 BATCH = sympy.Symbol("batch", integer=True, positive=True)
 SEQ = sympy.Symbol("seq", integer=True, positive=True)
@@ -104,10 +104,11 @@ def fx_symbols(site: AttentionSite, graph_module: Any | None) -> Symbols:
         >>> fx_symbols(site, None)       # doctest: +SKIP
         Symbols(batch=batch, seq=seq)
     """
-    if graph_module is None or "k" not in site.extra:
+    match = site.match
+    if graph_module is None or not hasattr(match, "graph") or not hasattr(match, "k"):
         return Symbols()
-    graph = graph_module.get_submodule(site.extra["graph"]) if site.extra.get("graph") else graph_module
-    node = next((n for n in graph.graph.nodes if n.name == site.extra["k"]), None)
+    graph = graph_module.get_submodule(match.graph) if match.graph else graph_module
+    node = next((n for n in graph.graph.nodes if n.name == match.k), None)
     value = node.meta.get("val") if node is not None else None
     if value is None or value.dim() < 3:
         return Symbols()

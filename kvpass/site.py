@@ -6,9 +6,10 @@ and the rewriters never need to know which framework a site came from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from kvpass.anchors import Projections
 from kvpass.errors import UnsupportedModelError
 
 
@@ -44,8 +45,12 @@ class AttentionSite:
     dtype: str = "float32"
     nodes: list[str] = field(default_factory=list)
     """Names of the graph nodes the site spans, in graph order."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Framework-specific details a rewriter needs (never read by methods or the planner)."""
+    projections: Projections | None = None
+    """Anchor: the Q/K/V/O projection weights (None when the graph does not show them)."""
+    match: Any = field(default=None, compare=False, repr=False)
+    """What the graph pass that found the site needs to rewrite it (`kvpass.rewrites.fx.FxMatch`
+    or `kvpass.rewrites.onnx.OnnxMatch`); never read by methods, the planner or transforms, and
+    not saved with a plan (it points into one captured graph)."""
 
     @property
     def group_size(self) -> int:
@@ -55,6 +60,25 @@ class AttentionSite:
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes one cached token costs at this site (K and V, all KV heads), per sequence."""
         return 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """The site as plain data (for a saved plan): everything but `match`."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("match", "projections")}
+        data["projections"] = self.projections.to_dict() if self.projections is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AttentionSite":
+        """The inverse of `to_dict`.
+
+        Example:
+            >>> site = AttentionSite("attn", 0, 4, 2, 16, None, True)
+            >>> AttentionSite.from_dict(site.to_dict()) == site
+            True
+        """
+        data = dict(data)
+        projections = data.pop("projections", None)
+        return cls(**data, projections=Projections.from_dict(projections) if projections else None)
 
 
 @dataclass

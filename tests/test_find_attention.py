@@ -131,7 +131,7 @@ def test_multihead_attention_need_weights_is_bmm_chain() -> None:
     x = torch.randn(1, 8, 64)
     report = find(nn.MultiheadAttention(64, 4, batch_first=True), x, x, x)
     assert geometry(report) == [("", 4, 4, 16, 0.25, False, False)]
-    assert report[0].pattern == "eager_softmax_chain" and report[0].extra["weights_used"]
+    assert report[0].pattern == "eager_softmax_chain" and report[0].match.weights_used
 
 
 def test_multihead_attention_cross_is_sdpa() -> None:
@@ -331,8 +331,8 @@ def test_cached_decoder_sites() -> None:
     report = find(CachedDecoder(), *decode_step_inputs())
     assert geometry(report) == [(f"layers.{i}", 4, 2, 8, round(8**-0.5, 6), False, False) for i in range(2)]
     assert all(s.reads_cache for s in report)
-    assert [s.extra["q_positions"] for s in report] == ["position_ids"] * 2
-    assert [s.extra["present_k_outputs"] + s.extra["present_v_outputs"] for s in report] == [[1, 3], [2, 4]]
+    assert [s.match.cache.q_positions for s in report] == ["position_ids"] * 2
+    assert [s.match.cache.present_k_outputs + s.match.cache.present_v_outputs for s in report] == [[1, 3], [2, 4]]
 
 
 def test_positions_derived_from_cache_are_unsupported() -> None:

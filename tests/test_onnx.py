@@ -18,7 +18,7 @@ import kvpass.onnx
 from kvpass.errors import UnsupportedModelError
 from kvpass.methods import get_method
 from kvpass.onnx.export import export_onnx
-from kvpass.plan import build_plan
+from kvpass.planning import build_plan
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 4, 2, 16, 2, 128
 

@@ -16,9 +16,10 @@ from transformers import DynamicCache
 
 from kvpass.kernels import ops
 from kvpass.methods import Method, Stat
-from kvpass.plan import Plan
+from kvpass.planning import Plan
 from kvpass.runtime.compacted_cache import CompactedKV
-from kvpass.runtime.hf import KVPassCacheLayer, attention_implementation
+from kvpass.hf_attention import attention_implementation
+from kvpass.runtime.hf import KVPassCacheLayer
 from kvpass.runtime.reallocation import ReallocationPolicy, Reallocator
 
 RECORDER = "kvpass_record"
@@ -97,7 +98,7 @@ def cache_from_recording(model, recording: PrefillRecording, plan: Plan) -> Dyna
             plan.schedule(site, dtype_bytes), method, site.group_size, layer.keys, layer.values, stat,
             reallocator, position,
         )
-        layers.append(KVPassCacheLayer(site_cache))
+        layers.append(KVPassCacheLayer(site_cache, site))
     cache = DynamicCache()
     cache.layers = layers
     return cache

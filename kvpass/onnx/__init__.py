@@ -21,10 +21,12 @@ import onnx
 import onnx_ir as ir
 
 from kvpass.budget import parse_budget
-from kvpass.methods import Method, get_method
-from kvpass.plan import Plan, build_plan, check_schedule_options
-from kvpass.rewrites.onnx import find_sites, rewrite_sites
+from kvpass.methods import Method
+from kvpass.planning import Plan
+from kvpass.rewrites.onnx import find_sites
 from kvpass.site import SiteReport
+from kvpass.transforms import Backend, Evict, RewriteTarget, Transform
+from kvpass.transforms.pipeline import apply, check_transforms, plan_transforms, solve
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -67,6 +69,7 @@ def optimize(
     budget: float | str = 0.5,
     method: str | Method | None = None,
     *,
+    transforms: list[Transform] | None = None,
     plan: Plan | None = None,
     sinks: int = 4,
     recent: int = 32,
@@ -74,11 +77,14 @@ def optimize(
     **method_options: Any,
 ) -> onnx.ModelProto:
     """A copy of `model` whose attention sites return compacted `present` K/V (same knobs as
-    `kvpass.optimize`; `budget` a fraction, or '2048 tokens' / '512MB' per sequence). Serve it with `kvpass.onnx.Generator`, which feeds the eviction sizes.
+    `kvpass.optimize`; `budget` a fraction, or '2048 tokens' / '512MB' per sequence). Serve it
+    with `kvpass.onnx.Generator`, which feeds the eviction sizes.
 
-    `evict_every=N` evicts at most every N steps, deep enough that the budget still holds while
-    the cache grows in between; those steps skip scoring, TopK and the gathers (the graph's `If`
-    just appends), which is what makes decoding over the pruned cache faster than the full one.
+    `transforms`: ONNX graphs take `kvpass.Evict` only (remove heads in torch before export:
+    `kvpass.export_onnx` of a head-pruned model gives a smaller graph). `evict_every=N` evicts at
+    most every N steps, deep enough that the budget still holds while the cache grows in between;
+    those steps skip scoring, TopK and the gathers (the graph's `If` just appends), which is what
+    makes decoding over the pruned cache faster than the full one.
 
     The graph must take `position_ids` and carry its cache as `Concat(past input, new)` graph
     outputs (what `kvpass.export_onnx` exports). Refused with a clear error: no attention,
@@ -90,20 +96,25 @@ def optimize(
         >>> onnx.save(pruned, "model.pruned.onnx")                      # doctest: +SKIP
     """
     budget = parse_budget(budget)
-    chosen = get_method(method, **method_options)
-    check_schedule_options(sinks, recent, evict_every)
+    if transforms is None and plan is None:
+        transforms = [Evict(method, sinks=sinks, recent=recent, evict_every=evict_every, **method_options)]
+    elif transforms is not None and (method is not None or method_options):
+        raise TypeError("method options belong on the Evict transform when transforms= is given")
     graph = _to_ir(load(model))
     report = find_sites(graph)
     report.require_rewritable("the ONNX graph")
     dtype_bytes = np.dtype(report[0].dtype).itemsize
+    if plan is not None:
+        plan.check_model(list(report), dtype_bytes)
+        if plan.reallocate:
+            raise ValueError(f"plan.reallocate={plan.reallocate}: re-allocation while decoding runs in the torch "
+                             "runtime only; an ONNX graph keeps each site's budget fixed (make the plan with "
+                             "reallocate=0)")
+        transforms = plan_transforms(plan)
+    transforms = check_transforms(transforms, report, Backend.ONNX, "the ONNX graph")
     if plan is None:
-        plan = build_plan(list(report), budget, chosen, "uniform", dtype_bytes=dtype_bytes, sinks=sinks, recent=recent,
-                          evict_every=evict_every)
-    plan.require_budgets(report)
-    if plan.reallocate:
-        raise ValueError(f"plan.reallocate={plan.reallocate}: re-allocation while decoding runs in the torch runtime "
-                         "only; an ONNX graph keeps each site's budget fixed (make the plan with reallocate=0)")
-    rewrite_sites(graph, report, plan, dtype_bytes)
+        plan = solve(None, report, budget, transforms, dtype_bytes=dtype_bytes)
+    apply(RewriteTarget(graph, report, plan, Backend.ONNX), transforms, "the ONNX graph")
     proto = ir.to_proto(graph)
     onnx.checker.check_model(proto)
     return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)

@@ -16,10 +16,12 @@ from dataclasses import replace
 import onnx
 import torch
 
-from kvpass.methods import Method
+from kvpass.hf_attention import set_attn_implementation
+from kvpass.methods import Method, get_method
 from kvpass.onnx import find_attention, optimize
-from kvpass.plan import Plan
+from kvpass.planning import Plan
 from kvpass.runtime import hf
+from kvpass.transforms import Evict
 
 
 class _DecodeStep(torch.nn.Module):
@@ -61,7 +63,7 @@ def export_onnx(
         raise TypeError(f"model must be a Hugging Face causal LM (torch.nn.Module with a config), got {type(model).__name__}")
     plan = plan if plan is not None else getattr(model, "kvpass_plan", None)
     with _unoptimized(model):
-        proto = _export_step(model, opset)
+        proto = _export_step(model, opset, _kv_heads(model, plan))
     if plan is not None:
         plan = _rename_plan(plan, getattr(model, "kvpass_sites", None) or list(plan.budgets), proto)
     pruned = optimize(proto, budget, method, plan=plan)
@@ -78,24 +80,33 @@ def _unoptimized(model: torch.nn.Module):
         return
     modules = dict(model.named_modules())
     hf.unbind(modules, bindings)
-    previous = hf.set_attn_implementation(model, "sdpa")
+    previous = set_attn_implementation(model, "sdpa")
     try:
         yield
     finally:
-        hf.set_attn_implementation(model, previous)
+        set_attn_implementation(model, previous)
         hf.bind(model, modules, bindings)
 
 
-def _export_step(model: torch.nn.Module, opset: int) -> onnx.ModelProto:
+def _kv_heads(model: torch.nn.Module, plan: Plan | None) -> list[int]:
+    """KV heads of every layer's cache: the config's, less the heads kvpass removed."""
     config = model.config.get_text_config(decoder=True)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    sites = getattr(model, "kvpass_sites", None)
+    if plan is None or not plan.pruned_heads or not sites:
+        return [kv_heads] * config.num_hidden_layers
+    return [plan.geometry(site).num_kv_heads for site in sites]
+
+
+def _export_step(model: torch.nn.Module, opset: int, kv_heads: list[int]) -> onnx.ModelProto:
+    config = model.config.get_text_config(decoder=True)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     param = next(model.parameters())
     batch, seq, past = 2, 5, 3  # distinct sizes, none 0 or 1, so the exporter keeps them symbolic
     ids = torch.ones(batch, seq, dtype=torch.long, device=param.device)
     positions = torch.arange(past, past + seq, device=param.device).expand(batch, seq)
-    caches = [torch.zeros(batch, kv_heads, past, head_dim, dtype=param.dtype, device=param.device)
-              for _ in range(2 * config.num_hidden_layers)]
+    caches = [torch.zeros(batch, heads, past, head_dim, dtype=param.dtype, device=param.device)
+              for heads in kv_heads for _ in "kv"]
     b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     names = [f"past_{kv}_{i}" for i in range(config.num_hidden_layers) for kv in "kv"]
     with torch.no_grad():
@@ -109,11 +120,14 @@ def _export_step(model: torch.nn.Module, opset: int) -> onnx.ModelProto:
 
 
 def _rename_plan(plan: Plan, torch_sites: list, proto: onnx.ModelProto) -> Plan:
-    """The torch plan keyed by ONNX site names, matching sites by layer order."""
+    """The torch plan's eviction, for the exported graph: keyed by ONNX site names (matched by
+    layer order), with the graph's own geometry (removed heads are already gone from it)."""
     onnx_sites = find_attention(proto)
     names = [getattr(site, "name", site) for site in torch_sites]
     if len(names) != len(onnx_sites):
         raise ValueError(f"plan has {len(names)} sites but the exported graph has {len(onnx_sites)} attention sites")
     pairs = list(zip(onnx_sites, names))
-    return replace(plan, budgets={site.name: plan.budgets[name] for site, name in pairs},
-                   max_tokens={site.name: plan.max_tokens[name] for site, name in pairs if name in plan.max_tokens})
+    evict = [record for record in plan.transforms if record["name"] == Evict.name] or [Evict(plan.method).record()]
+    return replace(plan, method=plan.method or get_method(None), budgets={site.name: plan.budgets[name] for site, name in pairs},
+                   max_tokens={site.name: plan.max_tokens[name] for site, name in pairs if name in plan.max_tokens},
+                   sites=list(onnx_sites), pruned_heads={}, head_importance={}, transforms=evict)

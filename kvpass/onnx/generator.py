@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kvpass.onnx import ModelLike, load
-from kvpass.plan import SiteSchedule
+from kvpass.planning import SiteSchedule
 from kvpass.rewrites.onnx import EVICT_INPUT, METADATA_KEY, POSITION_INPUT
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.fx import GraphModule, Node
 
+from kvpass.anchors import Projection, Projections
 from kvpass.site import AttentionSite, SiteReport, UnsupportedAttention
 
 aten = torch.ops.aten
@@ -513,6 +514,10 @@ def _position_input(q: Node) -> Node | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _placeholder_index(gm: GraphModule, node: Node) -> int:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"].index(node)
+
+
 def _output_positions(gm: GraphModule, node: Node) -> list[int]:
     """Indices of the flattened graph outputs that are exactly `node`."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -520,8 +525,50 @@ def _output_positions(gm: GraphModule, node: Node) -> list[int]:
     return [i for i, leaf in enumerate(flat) if leaf is node]
 
 
+@dataclass(frozen=True)
+class FxCacheRead:
+    """Nodes of a site whose K/V are `cat(past graph input, new)` (an explicit-cache model)."""
+
+    q_positions: str
+    """The integer graph input that positions the new queries (RoPE)."""
+    k_cat: str
+    v_cat: str
+    past_k: str
+    past_v: str
+    past_k_input: str
+    past_v_input: str
+    past_k_index: int
+    past_v_index: int
+    """Positions of those inputs among the graph's placeholders (the flattened example inputs)."""
+    k_new: str
+    v_new: str
+    present_k_outputs: list[int]
+    """Indices of the flattened graph outputs that return the present K (and V below)."""
+    present_v_outputs: list[int]
+
+
+@dataclass(frozen=True)
+class FxMatch:
+    """Where a site lives in one captured FX graph: what the explicit-cache rewrite and the
+    cost model's symbols read (node names of `graph`, a submodule path of the capture)."""
+
+    graph: str
+    anchor: str
+    q: str
+    q_scale: float
+    k: str
+    v: str
+    k_top: str
+    v_top: str
+    out: str
+    masks: list[str]
+    weights_used: bool
+    """The attention probabilities are also used elsewhere (e.g. returned as attention weights)."""
+    cache: FxCacheRead | None = None
+
+
 def _describe(core: _Core, gm: GraphModule, graph_name: str, layer: int) -> AttentionSite:
-    """Turn a matched core into an AttentionSite: KV heads, cache, cross, causality, owner module."""
+    """Turn a matched core into an AttentionSite: KV heads, cache, cross, causality, owner module, projections."""
     k_top, k_path = _walk_up(core.k, TRANSPARENT_OPS | REPEAT_OPS)
     v_top, v_path = _walk_up(core.v, TRANSPARENT_OPS | REPEAT_OPS)
     repeat = _numel(core.k) / max(_numel(k_top), 1)
@@ -533,8 +580,9 @@ def _describe(core: _Core, gm: GraphModule, graph_name: str, layer: int) -> Atte
     q_inner, q_factor = _walk_up_scaled(core.q)
     k_cache, v_cache = _cache_read(k_top), _cache_read(v_top)
     reads_cache = k_cache is not None and v_cache is not None
-    q_proj = _projection(q_inner)
-    k_proj = _projection(k_cache.new if reads_cache else k_top)
+    k_source = k_cache.new if reads_cache else k_top
+    v_source = v_cache.new if reads_cache else v_top
+    q_proj, k_proj = _projection(q_inner), _projection(k_source)
     if q_proj is not None and k_proj is not None:
         cross = _projection_source(q_proj) is not _projection_source(k_proj)
     else:
@@ -545,25 +593,24 @@ def _describe(core: _Core, gm: GraphModule, graph_name: str, layer: int) -> Atte
         q_unscaled, outer_q_factor = peeled[0], outer_q_factor * peeled[1]
     _, k_factor = _walk_up_scaled(k_top)
     anchor_group = [core.anchor] + ([q_proj] if q_proj is not None else [])
-    extra: dict[str, Any] = {
-        "graph": graph_name, "anchor": core.anchor.name, "q": q_unscaled.name, "q_scale": outer_q_factor,
-        "k": core.k.name, "v": core.v.name, "k_top": k_top.name, "v_top": v_top.name, "out": core.out.name,
-        "masks": [m.name for m in core.masks], "weights_used": core.weights_used,
-        "q_projection": q_proj.name if q_proj is not None else None,
-        "k_projection": k_proj.name if k_proj is not None else None,
-    }
+    cache = None
     if reads_cache:
         positions = _position_input(q_unscaled)
         if positions is None:
             raise _Miss("positions must be an explicit input")
-        extra |= {
-            "q_positions": positions.name,
-            "k_cat": k_cache.cat.name, "v_cat": v_cache.cat.name, "past_k": k_cache.past.name,
-            "past_v": v_cache.past.name, "past_k_input": k_cache.placeholder.name,
-            "past_v_input": v_cache.placeholder.name, "k_new": k_cache.new.name, "v_new": v_cache.new.name,
-            "present_k_outputs": _output_positions(gm, k_cache.cat),
-            "present_v_outputs": _output_positions(gm, v_cache.cat),
-        }
+        cache = FxCacheRead(
+            q_positions=positions.name, k_cat=k_cache.cat.name, v_cat=v_cache.cat.name, past_k=k_cache.past.name,
+            past_v=v_cache.past.name, past_k_input=k_cache.placeholder.name, past_v_input=v_cache.placeholder.name,
+            past_k_index=_placeholder_index(gm, k_cache.placeholder), past_v_index=_placeholder_index(gm, v_cache.placeholder),
+            k_new=k_cache.new.name, v_new=v_cache.new.name, present_k_outputs=_output_positions(gm, k_cache.cat),
+            present_v_outputs=_output_positions(gm, v_cache.cat),
+        )
+    match = FxMatch(
+        graph=graph_name, anchor=core.anchor.name, q=q_unscaled.name, q_scale=outer_q_factor, k=core.k.name,
+        v=core.v.name, k_top=k_top.name, v_top=v_top.name, out=core.out.name, masks=[m.name for m in core.masks],
+        weights_used=core.weights_used, cache=cache,
+    )
+    projections = _projections(core, q_inner, k_source, v_source, num_kv_heads)
     nodes = core.nodes + k_path + v_path
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     value = _val(core.out)
@@ -573,8 +620,148 @@ def _describe(core: _Core, gm: GraphModule, graph_name: str, layer: int) -> Atte
         causal=core.causal_flag or _mask_is_causal(core.masks), cross=cross, masked=bool(core.masks),
         reads_cache=reads_cache, pattern=core.pattern,
         dtype=str(value.dtype).removeprefix("torch.") if value is not None else "float32",
-        nodes=[n.name for n in sorted(set(nodes), key=order.__getitem__)], extra=extra,
+        nodes=[n.name for n in sorted(set(nodes), key=order.__getitem__)], projections=projections, match=match,
     )
+
+
+# --- projection anchors -----------------------------------------------------------------------
+
+FEATURE_SLICES = {aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+                  aten.narrow.default}
+"""Ops that cut a fused projection's output features into the Q, K and V parts."""
+
+
+def _weight_parameter(node: Any) -> tuple[str, str, bool] | None:
+    """(module path, parameter name, transposed) of a weight operand read from a parameter."""
+    top, path = _walk_up(node, TRANSPARENT_OPS) if isinstance(node, Node) else (node, [])
+    if not isinstance(top, Node) or top.op != "get_attr":
+        return None
+    transposed = sum(n.target in (aten.t.default, aten.transpose.int, aten.permute.default) for n in path) % 2 == 1
+    module, _, name = str(top.target).rpartition(".")
+    return module, name, transposed
+
+
+def _projection_weight(projection: Node) -> tuple[str, str, str | None, int, int] | None:
+    """(module, weight name, bias name, output-feature axis of the weight, output features)."""
+    args = _arguments(projection)
+    if projection.target is aten.linear.default:
+        weight, bias, layout_axis = args["weight"], args.get("bias"), 0  # weight [out, in]
+    elif projection.target is aten.addmm.default:
+        weight, bias, layout_axis = args["mat2"], args["self"], 1         # mat2 [in, out]
+    else:
+        weight, bias, layout_axis = args["mat2"], None, 1
+    found = _weight_parameter(weight)
+    if found is None:
+        return None
+    module, name, transposed = found
+    axis = 1 - layout_axis if transposed else layout_axis
+    bias_found = _weight_parameter(bias) if isinstance(bias, Node) else None
+    if bias_found is not None and bias_found[0] != module:
+        return None
+    return module, name, bias_found[1] if bias_found else None, axis, _shape(projection)[-1]
+
+
+def _ancestors(node: Node, limit: int = 256) -> set[Node]:
+    seen, queue = {node}, deque([node])
+    while queue and len(seen) < limit:
+        for arg in queue.popleft().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                queue.append(arg)
+    return seen
+
+
+def _feature_range(projection: Node, target: Node) -> tuple[int, int] | None:
+    """The output features of `projection` that reach `target`: all of them, or the one range a
+    slice/split of the feature axis (before heads are split off) selects on the way."""
+    features = _shape(projection)[-1]
+    above = _ancestors(target)
+    ranges = set()
+    frontier = [projection]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user not in above:
+                continue
+            cut = _cut_range(node, user, features, above) if _shape(node)[-1:] == (features,) else None
+            if cut is not None:
+                ranges.add(cut)
+            elif _is_call(user, TRANSPARENT_OPS) and _shape(user)[-1:] == (features,):
+                frontier.append(user)
+    if len(ranges) > 1:
+        return None
+    return ranges.pop() if ranges else (0, features)
+
+
+def _cut_range(source: Node, user: Node, features: int, above: set[Node]) -> tuple[int, int] | None:
+    """The feature range `user` (a slice of `source`, or a split of it whose piece in `above` is
+    read) keeps, if it cuts the last axis."""
+    rank = len(_shape(source))
+    if _is_call(user, {aten.slice.Tensor, aten.narrow.default}):
+        args = _arguments(user)
+        if args["dim"] % rank != rank - 1:
+            return None
+        if user.target is aten.narrow.default:
+            return args["start"], args["start"] + args["length"]
+        start, end = args.get("start") or 0, args.get("end")
+        end = features if end is None else min(end, features)
+        return start % features if start < 0 else start, end % features if end < 0 else end
+    if _is_call(user, FEATURE_SLICES):
+        args = _arguments(user)
+        if args.get("dim", 0) % rank != rank - 1:
+            return None
+        if user.target is aten.chunk.default:
+            sizes = [-(-features // args["chunks"])] * args["chunks"]
+        elif user.target is aten.split.Tensor:
+            sizes = [args["split_size"]] * -(-features // args["split_size"])
+        else:
+            sizes = list(args["split_sizes"])
+        items = [u.args[1] for u in user.users if u.target is operator.getitem and u in above]
+        if len(items) != 1:
+            return None
+        offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        return offsets[items[0]], min(offsets[items[0] + 1], features)
+    return None
+
+
+def _projection_of(node: Node, heads: int, head_dim: int) -> Projection | None:
+    projection = _projection(node)
+    if projection is None:
+        return None
+    weight = _projection_weight(projection)
+    feature_range = _feature_range(projection, node)
+    if weight is None or feature_range is None or feature_range[1] - feature_range[0] != heads * head_dim:
+        return None
+    module, name, bias, axis, _ = weight
+    return Projection(module, name, bias, axis, *feature_range)
+
+
+def _output_projection(out: Node, width: int) -> Projection | None:
+    """The projection that reads the attention output (after the heads are merged), as input features."""
+    frontier = [out]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if _is_call(user, PROJECTION_OPS) and _arguments(user)[PROJECTION_OPS[user.target]] is node:
+                weight = _projection_weight(user)
+                if weight is None or _shape(node)[-1] != width:
+                    return None
+                module, name, bias, axis, _ = weight
+                return Projection(module, name, bias, 1 - axis, 0, width)
+            if _is_call(user, TRANSPARENT_OPS) and user.args[0] is node:
+                frontier.append(user)
+    return None
+
+
+def _projections(core: _Core, q: Node, k: Node, v: Node, num_kv_heads: int) -> Projections | None:
+    """Q/K/V/O projection anchors of a site, or None when any of them is not a plain weight in the graph."""
+    roles = (
+        _projection_of(q, core.num_heads, core.head_dim),
+        _projection_of(k, num_kv_heads, core.head_dim),
+        _projection_of(v, num_kv_heads, core.head_dim),
+        _output_projection(core.out, core.num_heads * core.head_dim),
+    )
+    return Projections(*roles) if all(role is not None for role in roles) else None
 
 
 def find_sites(gm: GraphModule) -> SiteReport:
@@ -625,19 +812,21 @@ def rewrite_cached_sites(
     for site in sites:
         if not site.reads_cache:
             continue
-        graph_module = gm.get_submodule(site.extra["graph"]) if site.extra["graph"] else gm
+        match: FxMatch = site.match
+        graph_module = gm.get_submodule(match.graph) if match.graph else gm
         graph = graph_module.graph
         node = {n.name: n for n in graph.nodes}
-        extra = site.extra
-        if len(_shape(node[extra["out"]])) != 4:
+        cache = match.cache
+        if len(_shape(node[match.out])) != 4:
             raise ValueError(f"{site.name}: attention output is not [batch, heads, seq, head_dim]")
-        inputs = [node[extra[key]] for key in ("q", "k_new", "v_new", "past_k", "past_v", "q_positions")]
+        inputs = [node[name] for name in (match.q, cache.k_new, cache.v_new, cache.past_k, cache.past_v,
+                                          cache.q_positions)]
         spanned = {node[name] for name in site.nodes}
-        with graph.inserting_before(node[extra["out"]]):
+        with graph.inserting_before(node[match.out]):
             call = graph.call_function(make_replacement(site), tuple(inputs))
             out, present_k, present_v = (graph.call_function(operator.getitem, (call, i)) for i in range(3))
-        node[extra["out"]].replace_all_uses_with(out)
-        cats = (node[extra["k_cat"]], node[extra["v_cat"]])
+        node[match.out].replace_all_uses_with(out)
+        cats = (node[cache.k_cat], node[cache.v_cat])
         for cat, present in zip(cats, (present_k, present_v)):
             cat.replace_all_uses_with(present, delete_user_cb=lambda user: user not in spanned)
         for replaced in reversed([n for n in graph.nodes if n in spanned or n in cats]):

@@ -25,7 +25,7 @@ pruned site), computed with `kvpass.plan.SiteSchedule`, so the keep count is the
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
@@ -35,7 +35,7 @@ from onnxscript.rewriter import pattern
 
 from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method, Stat
-from kvpass.plan import Plan
+from kvpass.planning import Plan
 from kvpass.site import AttentionSite, SiteReport, UnsupportedAttention
 
 METADATA_KEY = "kvpass"
@@ -119,11 +119,25 @@ def find_sites(model: ir.Model) -> SiteReport:
     return SiteReport(sites, unsupported, capture="onnx_ir")
 
 
+@dataclass
+class OnnxMatch:
+    """Where a site lives in one `onnx_ir` graph: what the rewrite reads."""
+
+    anchor: ir.Node
+    """The attention node (Attention, a com.microsoft op, or the probs x V MatMul)."""
+    probs: ir.Value | None
+    """The Softmax output of a decomposed chain (None for fused attention nodes)."""
+    past_key: ir.Value | None = None
+    present_key: ir.Value | None = None
+    past_value: ir.Value | None = None
+    present_value: ir.Value | None = None
+
+
 def _site_from_match(model: ir.Model, name: str, match, layer: int) -> AttentionSite:
     b = match.bindings
     anchor = b["anchor"].producer()
     attrs = {key: attr.value for key, attr in anchor.attributes.items()}
-    extra = {"anchor": anchor, "probs": b.get("probs")}
+    found = OnnxMatch(anchor, b.get("probs"))
     if name.startswith("ms_"):
         heads = int(attrs.get("num_heads", 0))
         kv_heads = int(attrs.get("kv_num_heads", heads))
@@ -139,15 +153,15 @@ def _site_from_match(model: ir.Model, name: str, match, layer: int) -> Attention
         scale = _scale(name, attrs, b)
         masked = b.get("mask") is not None or b.get("where_cond") is not None or (
             name == "onnx_attention" and len(anchor.inputs) > 3 and anchor.inputs[3] is not None)
-        extra["past_key"], extra["present_key"] = _cache_of(model, b["k"])
-        extra["past_value"], extra["present_value"] = _cache_of(model, b["v"])
-        reads_cache = extra["past_key"] is not None and extra["past_value"] is not None
+        found.past_key, found.present_key = _cache_of(model, b["k"])
+        found.past_value, found.present_value = _cache_of(model, b["v"])
+        reads_cache = found.past_key is not None and found.past_value is not None
         causal = bool(attrs.get("is_causal", 0)) or reads_cache  # a decoder reading a growing cache is causal
     dtype = b.get("q").dtype if b.get("q") is not None and b.get("q").dtype is not None else ir.DataType.FLOAT
     return AttentionSite(
         name=anchor.name or f"attention_{layer}", layer=layer, num_heads=heads, num_kv_heads=kv_heads or heads,
         head_dim=head_dim, scale=scale, causal=causal, cross=False, masked=masked, reads_cache=reads_cache,
-        pattern=name, dtype=dtype.numpy().name, nodes=[n.name for n in match.nodes], extra=extra,
+        pattern=name, dtype=dtype.numpy().name, nodes=[n.name for n in match.nodes], match=found,
     )
 
 
@@ -209,7 +223,7 @@ def rewrite_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: i
     for site in sites:
         schedule = plan.schedule(site, dtype_bytes)
         entry = {"name": site.name, "layer": site.layer, "kv_heads": site.num_kv_heads, "head_dim": site.head_dim,
-                 **{key: site.extra[key].name for key in ("past_key", "past_value", "present_key", "present_value")},
+                 **{key: getattr(site.match, key).name for key in ("past_key", "past_value", "present_key", "present_value")},
                  "schedule": asdict(schedule), "row": None}
         if schedule.prunes:
             entry["row"] = pruned.index(site)
@@ -236,7 +250,7 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
             f"sites {not_cached} do not read a KV cache passed in as a graph input "
             "(Concat(past input, new) returned as a graph output), so there is no cache to prune")
     causal = [s.name for s in sites
-              if s.extra["probs"] is None and s.extra["anchor"].attributes.get_int("is_causal", 0)]
+              if s.match.probs is None and s.match.anchor.attributes.get_int("is_causal", 0)]
     if method.stat is Stat.LAST_QUERY and causal:
         raise UnsupportedModelError(
             f"Attention nodes {causal} have is_causal=1 over a Concat(past, new) cache: ONNX aligns that causal "
@@ -291,9 +305,9 @@ def _last_query_probs(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: 
     output, or, for a standard `Attention` node (which never materialises them), the same node run
     again on that one query with `qk_matmul_output_mode=3`: same scale, softcap, mask and precision,
     and O(T) memory at a prefill of any length. GQA is the node's own (K/V unrepeated)."""
-    if site.extra["probs"] is not None:
-        return _last_row(o, site.extra["probs"])
-    anchor = site.extra["anchor"]
+    if site.match.probs is not None:
+        return _last_row(o, site.match.probs)
+    anchor = site.match.anchor
     q, _, _, *rest = anchor.inputs
     mask = rest[0] if rest else None
     if mask is not None and (mask.shape is None or len(mask.shape) >= 2):
@@ -317,11 +331,11 @@ SCORES: dict[str, Callable] = {
 def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position_ids: ir.Value,
                   evict: ir.Value, row: int) -> tuple[str, str]:
     """Append one site's slots and its evict-or-append `If`; returns its slot input/output names."""
-    graph, x = model.graph, site.extra
+    graph, x = model.graph, site.match
     o = _Ops(graph, f"kvpass/{site.layer}")
-    cache_k, cache_v = x["present_key"], x["present_value"]
+    cache_k, cache_v = x.present_key, x.present_value
     past_slots = ir.Value(name=f"kvpass_past_slots_{site.layer}", type=ir.TensorType(ir.DataType.INT32),
-                          shape=ir.Shape([x["past_key"].shape[0] if x["past_key"].shape else None,
+                          shape=ir.Shape([x.past_key.shape[0] if x.past_key.shape else None,
                                           site.num_kv_heads, f"past_{site.layer}"]))
     graph.inputs.append(past_slots)
     new_slots = o("Unsqueeze", o("Cast", position_ids, to=ir.DataType.INT32), o.const([1]))

@@ -21,7 +21,7 @@ import torch
 from kvpass.kernels import ops
 from kvpass.methods import Method, Observation, Stat
 from kvpass.methods.selection import ranking_scores
-from kvpass.plan import SiteSchedule
+from kvpass.planning import SiteSchedule
 from kvpass.runtime.reallocation import measure
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ import torch
 
 from kvpass.capture import capture
 from kvpass.errors import UnsupportedModelError
-from kvpass.plan import Plan
+from kvpass.planning import Plan
 from kvpass.rewrites.fx import find_sites, rewrite_cached_sites
 from kvpass.runtime.compacted_cache import CompactedKV
 from kvpass.site import AttentionSite, SiteReport
@@ -27,7 +27,9 @@ from kvpass.site import AttentionSite, SiteReport
 def rewrite_explicit_cache(
     model: torch.nn.Module, report: SiteReport, plan: Plan, example_inputs: tuple | None
 ) -> torch.fx.GraphModule:
-    """The rewritten graph module (the original model is left untouched)."""
+    """The rewritten graph module (the original model is left untouched). `report` holds the sites
+    of the unmodified model, whose geometry `plan` is relative to; the model may since have lost
+    heads (structural transforms), so it is captured again from `example_inputs` as it is now."""
     if example_inputs is None:
         raise ValueError(
             "example_inputs is required for a model that carries its own cache tensors: "
@@ -40,17 +42,21 @@ def rewrite_explicit_cache(
         raise UnsupportedModelError(
             f"sites {not_cached} do not read a cache passed in as a graph input, so kvpass cannot prune them"
         )
-    rewritten = rewrite_cached_sites(captured.graph_module, sites, lambda site: _evicting_attention(site, plan))
-    rewritten.kvpass_plan, rewritten.kvpass_sites = plan, report
-    return rewritten
+    planned = {site.name: site for site in report}
+    unplanned = [site.name for site in sites if site.name not in planned]
+    if unplanned:
+        raise UnsupportedModelError(f"sites {unplanned} of the captured model are not in the plan")
+    return rewrite_cached_sites(captured.graph_module, sites,
+                                lambda site: _evicting_attention(site, planned[site.name], plan))
 
 
-def _evicting_attention(site: AttentionSite, plan: Plan):
-    """The callable that replaces one site: attention over past + new, then eviction to the cap."""
+def _evicting_attention(site: AttentionSite, planned: AttentionSite, plan: Plan):
+    """The callable that replaces one site (`planned`: the same site in the unmodified model):
+    attention over past + new, then eviction to the cap."""
     scale = site.scale if site.scale is not None else site.head_dim**-0.5
 
     def evicting_attention(q, k_new, v_new, past_k, past_v, q_positions):
-        cache = CompactedKV(plan.schedule(site, k_new.element_size()), plan.method, site.group_size)
+        cache = CompactedKV(plan.schedule(planned, k_new.element_size()), plan.method, site.group_size)
         first = int(q_positions.reshape(-1)[0])
         batch, heads, past, _ = past_k.shape
         if past:

@@ -11,24 +11,26 @@ the graph matcher found:
 * `kvpass_attention` is registered as the "kvpass" attention implementation and runs the
   `torch.ops.kvpass.attention` custom op over the compacted cache, then evicts.
 
+The pre-hook hands the call's cache layer to the attention function as a keyword argument
+(transformers forwards an attention module's extra keywords to its attention function), so
+per-call state travels with the call: two threads generating with one optimized model, each
+with its own cache, never see each other's layers.
+
 The cache reports the *logical* sequence length (tokens seen), so position ids, RoPE and
 `cache_position` stay right after eviction, while the tensors it holds are smaller.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import AttentionInterface
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from kvpass import hf_attention
 from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method
-from kvpass.plan import SiteSchedule
+from kvpass.planning import SiteSchedule
 from kvpass.runtime.compacted_cache import CompactedKV
 from kvpass.runtime.reallocation import ReallocationPolicy, Reallocator
 from kvpass.site import AttentionSite
@@ -43,9 +45,11 @@ class KVPassCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, site_cache: CompactedKV):
+    def __init__(self, site_cache: CompactedKV, site: AttentionSite):
         super().__init__()
         self.site_cache = site_cache
+        self.site = site
+        """The site in the unmodified model (its full cache is what byte figures compare against)."""
         self.is_initialized = True
 
     @property
@@ -105,10 +109,11 @@ class SiteBinding:
     """What one rewritten attention module runs: its site, schedule and method."""
 
     site: AttentionSite
+    """The site in the unmodified model."""
     method: Method
     schedule: SiteSchedule
-    layer: KVPassCacheLayer | None = None
     calls: int = 0
+    """Attention calls that ran through kvpass (the rewrite's probe counts them)."""
     hooks: list = field(default_factory=list)
     reallocation: ReallocationPolicy | None = None
     """Set when the plan moves budget between sites while decoding; `index` is this site's place."""
@@ -125,7 +130,12 @@ because torch.compile guards on what the lookup reads, and a global weak dict's 
 (IndexError while building guards) whenever some other optimized model is garbage-collected."""
 
 
-def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+LAYER_KEYWORD = "kvpass_layer"
+"""The keyword the pre-hook adds to an attention module's call: that call's KVPassCacheLayer."""
+
+
+def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                     kvpass_layer: KVPassCacheLayer | None = None, **kwargs):
     """The "kvpass" attention implementation: custom-op attention over the compacted cache."""
     binding = getattr(module, BINDING_ATTRIBUTE, None)
     if binding is None:
@@ -135,13 +145,11 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     binding.calls += 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    layer = binding.layer
-    binding.layer = None
-    if layer is None:  # use_cache=False: attention over this call's tokens, nothing is kept
+    if kvpass_layer is None:  # use_cache=False: attention over this call's tokens, nothing is kept
         layer_cache = CompactedKV(replace(binding.schedule, fraction=1.0), binding.method, binding.site.group_size)
         layer_cache.extend(key, value)
     else:
-        layer_cache = layer.site_cache
+        layer_cache = kvpass_layer.site_cache
     padding = _new_key_padding(attention_mask, layer_cache.pending)
     out = layer_cache.attend(query, scale, causal, padding)
     return out.transpose(1, 2).contiguous(), None
@@ -161,11 +169,11 @@ def _new_key_padding(attention_mask: torch.Tensor | None, new: int) -> torch.Ten
 
 
 def _adopt_cache_layer(module, args, kwargs):
-    """Forward pre-hook: make sure this layer of the model's cache is a kvpass layer."""
+    """Forward pre-hook: make sure this layer of the model's cache is a kvpass layer, and hand it
+    to this call's attention function."""
     binding = getattr(module, BINDING_ATTRIBUTE)
     cache = kwargs.get("past_key_values")
     if cache is None:
-        binding.layer = None
         return None
     layers = getattr(cache, "layers", None)
     if layers is None:
@@ -186,8 +194,7 @@ def _adopt_cache_layer(module, args, kwargs):
                 setattr(cache, REALLOCATOR_ATTRIBUTE, reallocator)
         layer = _convert_layer(layer, binding, reallocator)
         layers[index] = layer
-    binding.layer = layer
-    return None
+    return args, {**kwargs, LAYER_KEYWORD: layer}
 
 
 def _convert_layer(layer: CacheLayerMixin, binding: SiteBinding, reallocator: Reallocator | None) -> KVPassCacheLayer:
@@ -201,37 +208,12 @@ def _convert_layer(layer: CacheLayerMixin, binding: SiteBinding, reallocator: Re
     if layer.is_initialized and layer.keys is not None and layer.keys.numel():
         cache.keys, cache.values = layer.keys, layer.values
         cache.seen = layer.keys.shape[-2]
-    return KVPassCacheLayer(cache)
-
-
-def set_attn_implementation(model: torch.nn.Module, implementation: str) -> str:
-    """Point every config inside `model` at `implementation`; returns the previous one."""
-    previous = model.config._attn_implementation
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = implementation
-    return previous
-
-
-@contextmanager
-def attention_implementation(model: torch.nn.Module, name: str, function) -> Iterator[None]:
-    """Run `model` with `function` as its attention implementation (registered as `name`),
-    restoring the previous implementation afterwards: how calibration and sweeps observe
-    every attention call without touching the modules."""
-    AttentionInterface.register(name, function)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
-    previous = set_attn_implementation(model, name)
-    try:
-        yield
-    finally:
-        set_attn_implementation(model, previous)
+    return KVPassCacheLayer(cache, binding.site)
 
 
 def bind(model: torch.nn.Module, modules: dict[str, torch.nn.Module], bindings: dict[str, SiteBinding]) -> None:
     """Route every bound module's attention through kvpass (reversible with `unbind`)."""
-    AttentionInterface.register(IMPLEMENTATION, kvpass_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+    hf_attention.register(IMPLEMENTATION, kvpass_attention)
     for name, binding in bindings.items():
         module = modules[name]
         if not hasattr(module, "layer_idx"):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpass.eviction_cost import GRID, output_errors
-from kvpass.plan import Plan, curve_at, spread
+from kvpass.planning import Plan, curve_at, spread
 
 TAIL = GRID // 8
 """The last-ranked share of a cache (in grid steps) whose slope extrapolates growth."""

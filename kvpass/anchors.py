@@ -1,0 +1,78 @@
+"""Typed anchors: the places around an attention site that transforms act on.
+
+Eviction only needs the attention itself. Other kinds of pruning act elsewhere: head
+pruning slices the Q/K/V/O projection weights, so discovery records, for every site, which
+parameter of the model each projection reads and which of its features belong to this
+attention (fused QKV weights share one parameter). Anchors name modules and parameters,
+never graph nodes, so they survive `Plan.save`/`load` and mean the same in any capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Projection:
+    """The features of one weight parameter that a projection role uses.
+
+    `axis` is the weight axis those features run along: for Q/K/V the output features
+    (0 for `nn.Linear`, 1 for GPT-2's `Conv1D`), for O the input features (1 for `nn.Linear`,
+    0 for `Conv1D`). `start:stop` is this role's range on that axis; a fused QKV weight gives
+    Q, K and V three ranges of one parameter.
+
+    Example:
+        >>> Projection("layers.0.attn.qkv", "weight", "bias", axis=0, start=64, stop=96).size
+        32
+    """
+
+    module: str
+    weight: str
+    bias: str | None
+    axis: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def parameter(self, model: torch.nn.Module, name: str | None = None) -> torch.nn.Parameter:
+        """The weight (or the parameter `name`, e.g. the bias) on `model`."""
+        return getattr(model.get_submodule(self.module), name or self.weight)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module": self.module, "weight": self.weight, "bias": self.bias, "axis": self.axis,
+                "start": self.start, "stop": self.stop}
+
+
+@dataclass(frozen=True)
+class Projections:
+    """The four projections of one attention: what head pruning slices.
+
+    Example:
+        >>> linear = lambda name, axis, size: Projection(name, "weight", None, axis, 0, size)
+        >>> p = Projections(linear("q", 0, 64), linear("k", 0, 32), linear("v", 0, 32), linear("o", 1, 64))
+        >>> p.fused
+        False
+    """
+
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
+
+    @property
+    def fused(self) -> bool:
+        """True when Q, K and V (or two of them) share one weight parameter."""
+        return len({(p.module, p.weight) for p in (self.q, self.k, self.v)}) < 3
+
+    def to_dict(self) -> dict[str, Any]:
+        return {role: getattr(self, role).to_dict() for role in ("q", "k", "v", "o")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Projections":
+        return cls(**{role: Projection(**data[role]) for role in ("q", "k", "v", "o")})

@@ -1,0 +1,293 @@
+"""Spreading a global budget over the attention sites: the allocators and `build_plan`.
+
+`budget=0.5` is global: the sites' fractions, weighted by their bytes per token, average 0.5
+of the *unmodified* model's cache, so the whole cache stays within half. Structural transforms
+(head pruning) shrink some sites first; eviction then supplies whatever saving is left. How
+the eviction budget is spread is the allocation:
+
+* "uniform": every site the same fraction;
+* "pyramid": linearly less with depth (PyramidKV), between a floor and a ceiling;
+* "adaptive": greedy over the calibration's output-error curves (`kvpass.calibration`):
+  each quantum of budget goes to the site whose predicted attention-output error falls
+  most per byte. On the curves' convex envelopes this minimises the total predicted error.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+from kvpass.budget import Budget, parse_budget
+from kvpass.methods import Method
+from kvpass.planning.record import ALLOCATIONS, Plan
+from kvpass.planning.schedule import check_schedule_options, state_bytes_per_token
+from kvpass.site import AttentionSite
+
+if TYPE_CHECKING:
+    from kvpass.calibration import Calibration
+
+QUANTA = 64
+"""The adaptive allocator hands out budget in steps of 1/QUANTA of a site's full cache."""
+
+
+def build_plan(
+    sites: list[AttentionSite],
+    budget: float | str | Budget,
+    method: Method | None,
+    allocation: str = "uniform",
+    calibration: "Calibration | None" = None,
+    *,
+    dtype_bytes: int = 4,
+    seq_len: int | None = None,
+    floor: float | None = None,
+    ceiling: float = 1.0,
+    sinks: int = 4,
+    recent: int = 32,
+    evict_every: int = 1,
+    reallocate: int = 0,
+    pruned_heads: dict[str, list[int]] | None = None,
+) -> Plan:
+    """A plan for `sites` within `budget`, evicting with `method` (None: no eviction), spread by `allocation`.
+
+    `pruned_heads` (site -> removed KV heads, decided by head pruning) shrink sites before
+    eviction; the budget stays relative to the unmodified model, so eviction only supplies the
+    saving that is left (none, when the removed heads already meet the budget).
+
+    Fraction budgets give each site a fraction so that the byte-weighted mean is exactly the
+    budget (up to one float ulp, always on the safe side). Token and byte budgets are per
+    sequence and absolute: the site shares are allocated at the fraction the budget is of the
+    cache at `seq_len` tokens (the length in use; `kvpass.plan` passes the model's context
+    length), then turned into per-site token caps whose bytes sum to at most the budget, each
+    site keeping at least its sinks and recent window. A site's schedule caps at the smaller of
+    its fraction cap and its token cap, so an absolute budget holds at every length.
+    `floor` (default: half the fraction) and `ceiling` bound every site's fraction.
+    `reallocate` > 0 moves budget between sites while decoding (fraction budgets only).
+
+    Raises ValueError when the budget cannot be met: no eviction and the removed heads keep more
+    than the budget, or an absolute budget with no eviction.
+
+    Example:
+        >>> from kvpass.methods import get_method
+        >>> sites = [AttentionSite(f"l{i}", i, 4, 2, 16, None, True) for i in range(4)]
+        >>> [round(b, 3) for b in build_plan(sites, 0.5, get_method("tova"), "pyramid").budgets.values()]
+        [0.778, 0.583, 0.389, 0.25]
+        >>> build_plan(sites, 0.5, None, pruned_heads={s.name: [1] for s in sites}).budgets["l0"]
+        1.0
+    """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
+    if allocation == "adaptive" and calibration is None:
+        raise ValueError("allocation='adaptive' needs a calibration (kvpass.calibration.calibrate)")
+    if isinstance(reallocate, bool) or not isinstance(reallocate, int) or reallocate < 0:
+        raise ValueError(f"reallocate must be an int >= 0 (decoded tokens between re-allocations; 0: off), "
+                         f"got {reallocate!r}")
+    check_schedule_options(sinks, recent, evict_every)
+    parsed = parse_budget(budget)
+    if reallocate and parsed.kind != "fraction":
+        raise ValueError(f"reallocate={reallocate} needs a fraction budget; budget={parsed.text!r} is absolute")
+
+    plan = Plan(method=method, budgets={site.name: 1.0 for site in sites}, sinks=sinks, recent=recent,
+                evict_every=evict_every, allocation=allocation, sites=list(sites), dtype_bytes=dtype_bytes,
+                requested=parsed.text, ceiling=ceiling, reallocate=reallocate, pruned_heads=dict(pruned_heads or {}))
+    plan.validate("pruned_heads")
+    pruned = [plan.geometry(site) for site in sites]
+    weights = [site.kv_bytes_per_token(dtype_bytes) for site in pruned]
+    reference = sum(site.kv_bytes_per_token(dtype_bytes) for site in sites)
+    if parsed.kind == "fraction":
+        fraction = _float_below(Fraction(parsed.value) * reference / sum(weights))
+    else:
+        if seq_len is None or seq_len < 1:
+            raise ValueError(f"budget={parsed.text!r} is absolute: a seq_len >= 1 is needed to spread it, got {seq_len!r}")
+        fraction = min(1.0, parsed.bytes_per_sequence(reference) / (seq_len * sum(weights)))
+    if method is None:
+        return _without_eviction(plan, parsed)
+    if fraction >= 1.0 and parsed.kind == "fraction":
+        return plan  # the structural transforms alone meet the budget: nothing is evicted
+
+    floor = fraction / 2 if floor is None else floor
+    if not 0.0 <= floor <= fraction:
+        raise ValueError(f"floor must be in [0, budget fraction {fraction:.4g}], got {floor!r}")
+    if not fraction <= ceiling <= 1.0:
+        raise ValueError(f"ceiling must be in [budget fraction {fraction:.4g}, 1], got {ceiling!r}")
+    plan.floor = floor
+    if calibration is not None:
+        missing = [site.name for site in sites if site.name not in calibration.retention]
+        if missing:
+            raise ValueError(f"calibration has no curves for sites {missing}")
+        kept = {site.name: _kept_heads(plan, site) for site in sites}
+        curves = [calibration.curve(site.name, kept[site.name]) for site in sites]
+        errors = [calibration.error_curve(site.name, kept[site.name]) for site in sites]
+        # tokens kept per unit of budget fraction, once a pruned site's state bytes are paid
+        ratios = [w / (w + state_bytes_per_token(site, method)[0]) for site, w in zip(pruned, weights)]
+    if allocation == "uniform":
+        shares = [fraction] * len(sites)
+    elif allocation == "pyramid":
+        shares = _fit([len(sites) - i for i in range(len(sites))], fraction, floor, ceiling, weights)
+    else:
+        shares = spread([[-e for e in error] for error in errors], ratios, fraction, floor, ceiling, weights)
+    shares = _within(shares, fraction, weights)
+    if calibration is not None:
+        plan.entropy = {site.name: calibration.entropy[site.name] for site in sites}
+        plan.retention = {site.name: curve_at(curve, share * ratio)
+                          for site, curve, share, ratio in zip(sites, curves, shares, ratios)}
+        plan.output_error = {site.name: curve_at(error, share * ratio)
+                             for site, error, share, ratio in zip(sites, errors, shares, ratios)}
+    if parsed.kind == "fraction":
+        plan.budgets = {site.name: share for site, share in zip(sites, shares)}
+    else:
+        plan.max_tokens = _token_caps(plan, parsed, shares, weights, pruned, reference)
+    return plan
+
+
+def _float_below(value: Fraction) -> float:
+    """`value` (capped at 1) as the nearest float that is not above it: the byte cap stays exact."""
+    result = float(min(value, Fraction(1)))
+    return math.nextafter(result, 0.0) if Fraction(result) > value else result
+
+
+def _kept_heads(plan: Plan, site: AttentionSite) -> list[int] | None:
+    """The KV heads head pruning keeps at `site` (None: all of them)."""
+    removed = set(plan.pruned_heads.get(site.name, ()))
+    return [head for head in range(site.num_kv_heads) if head not in removed] if removed else None
+
+
+def _without_eviction(plan: Plan, budget: Budget) -> Plan:
+    """A plan that evicts nothing must meet the budget by its structural transforms alone."""
+    if budget.kind != "fraction":
+        raise ValueError(f"budget={budget.text!r} is an absolute cap, which only eviction can hold at every length: "
+                         "add kvpass.Evict() to the transforms")
+    if not plan.within(budget.value):
+        kept = sum(plan.geometry(s).kv_bytes_per_token(1) for s in plan.sites) / sum(
+            s.kv_bytes_per_token(1) for s in plan.sites)
+        raise ValueError(f"budget={budget.text}: the transforms keep {kept:.3f} of the KV-cache bytes and none of "
+                         "them evicts; add kvpass.Evict() to the transforms or raise the budget")
+    return plan
+
+
+def uniform_plan(sites: list[AttentionSite], budget: float, method: Method, **options: Any) -> Plan:
+    """Every site gets the same fraction (what `kvpass.optimize` does by default).
+
+    Example:
+        >>> from kvpass.methods import get_method
+        >>> uniform_plan([AttentionSite("a", 0, 4, 2, 16, None, True)], 0.25, get_method("h2o")).budgets
+        {'a': 0.25}
+    """
+    return build_plan(sites, budget, method, "uniform", **options)
+
+
+def _fit(priorities: list[float], fraction: float, floor: float, ceiling: float, weights: list[int]) -> list[float]:
+    """Shares proportional to `priorities`, clipped to [floor, ceiling], byte-weighted mean `fraction`."""
+    target = fraction * sum(weights)
+
+    def shares(scale: float) -> list[float]:
+        return [min(ceiling, max(floor, scale * p)) for p in priorities]
+
+    low, high = 0.0, ceiling / min(priorities)
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if sum(s * w for s, w in zip(shares(middle), weights)) <= target else (low, middle)
+    return shares(low)
+
+
+def curve_at(curve: list[float], kept: float) -> float:
+    """A curve's value at a kept fraction of the tokens (clamped to [0, 1]), interpolated between the curve's evenly spaced points."""
+    position = min(max(kept, 0.0), 1.0) * (len(curve) - 1)
+    index = min(int(position), len(curve) - 2)
+    return curve[index] + (position - index) * (curve[index + 1] - curve[index])
+
+
+def _concave_envelope(curve: list[float]) -> list[float]:
+    """The least concave function above the evenly spaced points of `curve`, at the same points.
+
+    Example:
+        >>> _concave_envelope([0.0, 0.1, 0.9, 1.0])
+        [0.0, 0.45, 0.9, 1.0]
+    """
+    hull: list[int] = []  # indices of the upper hull's vertices (monotone chain)
+    for i, y in enumerate(curve):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (curve[b] - curve[a]) * (i - a) <= (y - curve[a]) * (b - a):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    envelope = []
+    for a, b in zip(hull, hull[1:]):
+        envelope += [curve[a] + (curve[b] - curve[a]) * (i - a) / (b - a) for i in range(a, b)]
+    return envelope + [curve[hull[-1]]]
+
+
+def spread(utilities: list[list[float]], ratios: list[float], fraction: float, floor: float, ceiling: float,
+           weights: list[int]) -> list[float]:
+    """Site fractions in [floor, ceiling] maximising the summed `utilities` (curves over the kept
+    fraction, evenly sampled on [0, 1]; a site keeps `share * ratio` of its tokens), whose
+    byte-weighted mean (`weights`: bytes per token) is within `fraction`.
+
+    Example:
+        >>> [round(s, 3) for s in spread([[0, 1, 1], [0, 0.2, 0.4]], [1.0, 1.0], 0.5, 0.0, 1.0, [1, 1])]
+        [0.5, 0.5]
+    """
+    return _within(_greedy(utilities, ratios, fraction, floor, ceiling, weights), fraction, weights)
+
+
+def _greedy(curves: list[list[float]], ratios: list[float], fraction: float, floor: float, ceiling: float,
+            weights: list[int]) -> list[float]:
+    """Marginal-gain allocation: each quantum of budget to the site whose predicted utility
+    (`curves`, increasing in the kept fraction) gains most per byte (ties to the site with the smaller share), until the bytes are spent.
+
+    Gains are read off each curve's upper concave envelope: measured curves have bumps where
+    one more token first hurts and then helps, and a greedy step on the raw curve would stop
+    in front of such a bump. On concave curves, greedy is optimal."""
+    curves = [_concave_envelope(curve) for curve in curves]
+    shares = [floor] * len(curves)
+    spare = fraction * sum(weights) - floor * sum(weights)
+    step = 1.0 / QUANTA
+    while spare > 1e-12 * sum(weights):
+        best, best_key = None, None
+        for i, (curve, ratio, share, weight) in enumerate(zip(curves, ratios, shares, weights)):
+            size = min(step, ceiling - share, spare / weight)
+            if size <= 0:
+                continue
+            gain = (curve_at(curve, (share + size) * ratio) - curve_at(curve, share * ratio)) / (size * weight)
+            key = (gain, -share)
+            if best_key is None or key > best_key:
+                best, best_key = i, key
+        if best is None:
+            break
+        size = min(step, ceiling - shares[best], spare / weights[best])
+        shares[best] += size
+        spare -= size * weights[best]
+    return shares
+
+
+def _within(shares: list[float], fraction: float, weights: list[int]) -> list[float]:
+    """Shave float rounding off the largest share until the byte-weighted sum is exactly within budget."""
+    shares = list(shares)
+    limit = Fraction(fraction) * sum(weights)
+    while (excess := sum(Fraction(s) * w for s, w in zip(shares, weights)) - limit) > 0:
+        i = max(range(len(shares)), key=shares.__getitem__)
+        shares[i] = math.nextafter(shares[i] - float(excess) / weights[i], 0.0)
+    return shares
+
+
+def _token_caps(plan: Plan, budget: Budget, shares: list[float], weights: list[int], pruned: list[AttentionSite],
+                reference: int) -> dict[str, int]:
+    """Per-site token caps for an absolute budget: sinks + window everywhere, the rest split by share.
+    `weights` are the pruned sites' bytes per token, `reference` the unmodified model's (all sites)."""
+    total = budget.bytes_per_sequence(reference)
+    per_token = [w + state_bytes_per_token(site, plan.method)[0] for site, w in zip(pruned, weights)]
+    base = plan.sinks + plan.recent
+    floor_bytes = base * sum(per_token)
+    if total < floor_bytes:
+        raise ValueError(
+            f"budget={budget.text!r} ({total} bytes) is smaller than the sink/window floor: keeping sinks={plan.sinks} "
+            f"+ recent={plan.recent} tokens at {len(plan.sites)} sites takes {floor_bytes} bytes"
+        )
+    spare = total - floor_bytes  # split exactly: the caps' bytes never sum above the budget
+    spread = sum(Fraction(s) * w for s, w in zip(shares, weights))
+    return {
+        site.name: base + int(spare * Fraction(share) * w / spread // cost)
+        for site, share, w, cost in zip(plan.sites, shares, weights, per_token)
+    }

@@ -1,0 +1,326 @@
+"""The Plan: every transform's decisions for one model, chosen before the first token runs.
+
+A plan holds, per attention site, the eviction fraction of its cache, the KV heads head
+pruning removed, and the evidence behind them (calibration entropy, predicted retention and
+output error, head importance). Byte figures are always relative to the *unmodified* model:
+`full_kv_bytes` counts every original head, `kv_bytes` what the pruned model holds.
+
+Plans are saved as versioned JSON and validated when loaded (types and ranges, naming the
+file) and when applied (`check_model`: site names, geometry and dtype must be the model's),
+so a hand-edited or foreign plan fails loudly instead of running unpruned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import sympy
+
+from kvpass.cost import BATCH, SEQ, SiteCost, Symbols, site_cost, smin
+from kvpass.methods import Method, Stat, get_method
+from kvpass.planning.schedule import SiteSchedule, check_schedule_options, state_bytes_per_token
+from kvpass.site import AttentionSite
+
+FORMAT_VERSION = 2
+"""Version 1 (no `format` key) had no head pruning and no transforms list; it still loads."""
+ALLOCATIONS = ("uniform", "pyramid", "adaptive")
+
+
+@dataclass
+class Plan:
+    """Budgets per attention site, the transforms that realise them, and the evidence behind them.
+
+    Example:
+        >>> from kvpass.planning import build_plan
+        >>> site = AttentionSite("layers.0.attn", 0, 4, 2, 16, None, True)
+        >>> plan = build_plan([site], 0.5, get_method("h2o"))
+        >>> plan.budgets, plan.kv_bytes(1000) <= 0.5 * plan.full_kv_bytes(1000)
+        ({'layers.0.attn': 0.5}, True)
+    """
+
+    method: Method | None
+    """The eviction method (None when no `Evict` transform runs: caches are never evicted)."""
+    budgets: dict[str, float]
+    """Site name -> fraction of its cache's bytes kept by eviction, relative to the site's cache
+    after structural transforms (one fraction per site: every KV head keeps as many tokens)."""
+    sinks: int = 4
+    recent: int = 32
+    evict_every: int = 1
+    allocation: str = "uniform"
+    max_tokens: dict[str, int] = field(default_factory=dict)
+    """Site name -> absolute token cap (token and byte budgets); the site holds at most the
+    smaller of this and its fraction's cap."""
+    sites: list[AttentionSite] = field(default_factory=list)
+    """Geometry of every site in the unmodified model, for byte and cost accounting."""
+    dtype_bytes: int = 4
+    """Element size of the cache the byte figures assume (the model's parameter dtype)."""
+    requested: str = ""
+    """The budget as written (`0.5`, `'2048 tokens'`, `'1.5GiB'`)."""
+    entropy: dict[str, list[float]] = field(default_factory=dict)
+    """Site name -> normalised attention entropy per KV head, from calibration."""
+    retention: dict[str, float] = field(default_factory=dict)
+    """Site name -> predicted share of the last-window attention mass the kept tokens hold."""
+    output_error: dict[str, float] = field(default_factory=dict)
+    """Site name -> predicted relative error of the attention output at its budget."""
+    floor: float = 0.0
+    ceiling: float = 1.0
+    """Bounds every site's fraction stays within, at plan time and when re-allocating."""
+    reallocate: int = 0
+    """Re-spread the budget between sites every this many decoded tokens (0: fixed shares);
+    see `kvpass.runtime.reallocation`."""
+    pruned_heads: dict[str, list[int]] = field(default_factory=dict)
+    """Site name -> indices of the original KV heads removed (with their query groups)."""
+    head_importance: dict[str, list[float]] = field(default_factory=dict)
+    """Site name -> the score that ranked each original KV head for removal (higher: kept first)."""
+    transforms: list[dict[str, Any]] = field(default_factory=list)
+    """The transforms that made the plan, as `{"name": ..., "options": {...}}`, in the order given."""
+
+    # ----------------------------------------------------------------- geometry and schedules
+
+    def geometry(self, site: AttentionSite) -> AttentionSite:
+        """`site` as the pruned model has it: minus the KV heads (and their query groups) removed."""
+        removed = len(self.pruned_heads.get(site.name, ()))
+        if not removed:
+            return site
+        return replace(site, num_heads=site.num_heads - removed * site.group_size,
+                       num_kv_heads=site.num_kv_heads - removed)
+
+    def schedule(self, site: AttentionSite, dtype_bytes: int) -> SiteSchedule:
+        """The eviction arithmetic for `site` (original geometry; pruned heads are taken off here)
+        with a cache stored in `dtype_bytes`-wide elements."""
+        fraction, max_tokens = self.budgets[site.name], self.max_tokens.get(site.name)
+        pruned = self.geometry(site)
+        prunes = fraction < 1.0 or max_tokens is not None
+        state, stat = state_bytes_per_token(pruned, self.method) if prunes else (0, 0)
+        return SiteSchedule(
+            fraction=fraction,
+            kv_bytes_per_token=pruned.kv_bytes_per_token(dtype_bytes),
+            state_bytes_per_token=state,
+            sinks=self.sinks,
+            recent=self.recent,
+            evict_every=self.evict_every,
+            max_tokens=max_tokens,
+            stat_bytes_per_token=stat,
+            page_size=self.method.page_size if self.method is not None else 1,
+        )
+
+    def _geometry(self) -> list[AttentionSite]:
+        if not self.sites:
+            raise ValueError("this plan carries no site geometry: make it with kvpass.plan() or build_plan(sites, ...)")
+        return self.sites
+
+    # ----------------------------------------------------------------- bytes and costs
+
+    def kv_bytes(self, seq_len: int, batch: int = 1) -> int:
+        """Bytes the pruned cache holds after a prefill of `seq_len` tokens per sequence,
+        exactly as `kvpass.cache_bytes` counts them (no padding). Never above the budget.
+
+        Example:
+            >>> plan.kv_bytes(4096)      # doctest: +SKIP
+            47185920
+        """
+        _check_length(seq_len, batch)
+        return int(sum(self.schedule(site, self.dtype_bytes).held_bytes(seq_len, batch) for site in self._geometry()))
+
+    def full_kv_bytes(self, seq_len: int, batch: int = 1) -> int:
+        """Bytes the unmodified model's cache holds after `seq_len` tokens per sequence."""
+        _check_length(seq_len, batch)
+        return batch * seq_len * sum(site.kv_bytes_per_token(self.dtype_bytes) for site in self._geometry())
+
+    @property
+    def kv_bytes_expr(self) -> sympy.Expr:
+        """`kv_bytes` as a sympy expression in `kvpass.cost.SEQ` and `BATCH`."""
+        return sum((cost.kv_bytes for cost in self.costs().values()), sympy.Integer(0))
+
+    @property
+    def full_kv_bytes_expr(self) -> sympy.Expr:
+        """`full_kv_bytes` as a sympy expression in `kvpass.cost.SEQ` and `BATCH`."""
+        return sympy.expand(BATCH * SEQ * sum(site.kv_bytes_per_token(self.dtype_bytes) for site in self._geometry()))
+
+    def costs(self, symbols: Symbols = Symbols()) -> dict[str, SiteCost]:
+        """Site name -> its symbolic costs under this plan (KV bytes, prefill FLOPs, decode bytes),
+        with the pruned model's geometry."""
+        stat = self.method.stat if self.method is not None else Stat.NONE
+        window = self.method.window if self.method is not None else 0
+        scored = {Stat.NONE: 0, Stat.LAST_QUERY: 1, Stat.WINDOW: smin(window, symbols.seq),
+                  Stat.COLUMN_SUM: symbols.seq}[stat]
+        return {
+            site.name: site_cost(self.geometry(site), self.dtype_bytes, symbols, self.schedule(site, self.dtype_bytes),
+                                 scored)
+            for site in self._geometry()
+        }
+
+    def within(self, budget_fraction: float) -> bool:
+        """Whether the plan's byte cap is within `budget_fraction` of the unmodified cache at every
+        length: the sites' eviction fractions, weighted by their pruned bytes per token, against
+        the original bytes per token (exact arithmetic)."""
+        spent = sum(Fraction(self.budgets[site.name]) * self.geometry(site).kv_bytes_per_token(self.dtype_bytes)
+                    for site in self._geometry())
+        return spent <= Fraction(budget_fraction) * sum(site.kv_bytes_per_token(self.dtype_bytes)
+                                                        for site in self._geometry())
+
+    # ----------------------------------------------------------------- for people
+
+    def table(self, seq_len: int = 4096) -> str:
+        """A markdown table for people: per site its KV heads kept, entropy, budget, predicted
+        retained mass and output error, and bytes.
+
+        Example:
+            >>> print(plan.table(4096))   # doctest: +SKIP
+        """
+        rows = [f"| layer | site | KV heads | entropy | budget | retained | output error | KiB @ {seq_len} |",
+                "|---|---|---|---|---|---|---|---|"]
+        for site in self._geometry():
+            entropy = self.entropy.get(site.name)
+            cap = self.max_tokens.get(site.name)
+            retained, error = self.retention.get(site.name), self.output_error.get(site.name)
+            cells = [
+                str(site.layer), site.name, f"{self.geometry(site).num_kv_heads}/{site.num_kv_heads}",
+                f"{sum(entropy) / len(entropy):.3f}" if entropy else "-",
+                f"{self.budgets[site.name]:.3f}" + (f" / {cap} tok" if cap is not None else ""),
+                f"{retained:.3f}" if retained is not None else "-",
+                f"{error:.3f}" if error is not None else "-",
+                f"{self.schedule(site, self.dtype_bytes).held_bytes(seq_len) / 1024:.1f}",
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+        full, pruned = self.full_kv_bytes(seq_len), self.kv_bytes(seq_len)
+        method = self.method.name if self.method is not None else "no eviction"
+        rows.append(f"| all | {self.allocation}, {method}, budget {self.requested or '?'} | | | "
+                    f"{pruned / full:.3f} | | | {pruned / 1024:.1f} of {full / 1024:.1f} |")
+        return "\n".join(rows)
+
+    # ----------------------------------------------------------------- validation
+
+    def validate(self, where: str = "plan") -> None:
+        """Raise ValueError, naming `where` and the field, unless every value has its type and range."""
+        def fail(what: str) -> None:
+            raise ValueError(f"{where}: {what}")
+
+        if self.method is not None and not isinstance(self.method, Method):
+            fail(f"method must be a kvpass Method or None, got {self.method!r}")
+        try:
+            check_schedule_options(self.sinks, self.recent, self.evict_every)
+        except ValueError as error:
+            fail(str(error))
+        if self.allocation not in ALLOCATIONS:
+            fail(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.dtype_bytes not in (1, 2, 4, 8):
+            fail(f"dtype_bytes must be 1, 2, 4 or 8, got {self.dtype_bytes!r}")
+        if not isinstance(self.reallocate, int) or isinstance(self.reallocate, bool) or self.reallocate < 0:
+            fail(f"reallocate must be an int >= 0, got {self.reallocate!r}")
+        names = [site.name for site in self.sites]
+        if len(set(names)) != len(names):
+            fail("sites has duplicate names")
+        if set(self.budgets) != set(names):
+            fail(f"budgets must name exactly the plan's sites; missing {sorted(set(names) - set(self.budgets))}, "
+                 f"unknown {sorted(set(self.budgets) - set(names))}")
+        for name, fraction in self.budgets.items():
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction) \
+                    or not 0.0 < fraction <= 1.0:
+                fail(f"budgets[{name!r}] must be a fraction in (0, 1], got {fraction!r}")
+            if fraction < 1.0 and self.method is None:
+                fail(f"budgets[{name!r}] = {fraction} evicts, but the plan has no eviction method")
+        for name, cap in self.max_tokens.items():
+            if name not in names or isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+                fail(f"max_tokens[{name!r}] must be a token count >= 0 for a site of the plan, got {cap!r}")
+        sites = {site.name: site for site in self.sites}
+        for name, heads in self.pruned_heads.items():
+            site = sites.get(name)
+            if site is None:
+                fail(f"pruned_heads names {name!r}, which is not a site of the plan")
+            if not isinstance(heads, list) or len(set(heads)) != len(heads) or any(
+                    isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < site.num_kv_heads for h in heads):
+                fail(f"pruned_heads[{name!r}] must list distinct KV head indices in [0, {site.num_kv_heads}), "
+                     f"got {heads!r}")
+            if len(heads) >= site.num_kv_heads:
+                fail(f"pruned_heads[{name!r}] removes all {site.num_kv_heads} KV heads; every site keeps one")
+
+    def check_model(self, sites: list[AttentionSite], dtype_bytes: int) -> None:
+        """Raise ValueError unless this plan was made for a model with exactly these `sites` (names
+        and geometry) and this cache element size; a plan for another model never runs."""
+        self.validate()
+        mine = {site.name: site for site in self.sites}
+        theirs = {site.name: site for site in sites}
+        if set(mine) != set(theirs):
+            raise ValueError(
+                f"plan was made for another model: its sites {sorted(set(mine) - set(theirs))[:4]} are not in this "
+                f"model, and this model's sites {sorted(set(theirs) - set(mine))[:4]} are not in the plan")
+        for name, site in theirs.items():
+            planned = mine[name]
+            shape = lambda s: (s.num_heads, s.num_kv_heads, s.head_dim)  # noqa: E731
+            if shape(planned) != shape(site):
+                raise ValueError(f"plan was made for another model: site {name} has (heads, KV heads, head dim) "
+                                 f"{shape(site)} here but {shape(planned)} in the plan")
+        if dtype_bytes != self.dtype_bytes:
+            raise ValueError(f"plan was made for {self.dtype_bytes}-byte elements but the model's cache uses "
+                             f"{dtype_bytes}-byte elements: make the plan for this dtype")
+
+    # ----------------------------------------------------------------- on disk
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data (`save` writes it)."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("method", "sites")}
+        return {
+            "format": FORMAT_VERSION,
+            "method": None if self.method is None else {"name": self.method.name, "options": asdict(self.method)},
+            "sites": [site.to_dict() for site in self.sites],
+            **data,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as versioned JSON (transforms, budgets, removed heads, sites, evidence).
+
+        Sites are saved without their graph match (it points into one captured graph); `optimize`
+        re-finds the sites and checks they are the plan's."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "plan") -> "Plan":
+        """A validated plan from `to_dict` data; errors name `where` and the bad field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: a plan is a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("format", 1)
+        if version not in (1, FORMAT_VERSION):
+            raise ValueError(f"{where}: plan format {version!r} is not supported (this kvpass reads 1 and "
+                             f"{FORMAT_VERSION})")
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{where}: unknown plan fields {sorted(unknown)}")
+        try:
+            method = data.pop("method", None)
+            if method is not None:
+                method = get_method(method["name"], **method["options"])
+            sites = [AttentionSite.from_dict(site) for site in data.pop("sites", [])]
+            plan = cls(method=method, sites=sites, **data)
+        except (TypeError, KeyError, ValueError) as error:
+            raise ValueError(f"{where}: not a valid kvpass plan ({type(error).__name__}: {error})") from error
+        plan.validate(where)
+        return plan
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        """Read and validate a plan written by `save`; every error names the file.
+
+        Example:
+            >>> plan.save("plan.json"); kvpass.optimize(model, plan=Plan.load("plan.json"))  # doctest: +SKIP
+        """
+        where = str(path)
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"plan file {where!r} does not exist") from error
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{where}: not a JSON plan file ({error})") from error
+        return cls.from_dict(data, where)
+
+
+def _check_length(seq_len: Any, batch: Any) -> None:
+    for name, value in (("seq_len", seq_len), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")

@@ -1,0 +1,107 @@
+"""`kvpass.Evict`: budgeted eviction of cached tokens (H2O, SnapKV, StreamingLLM, TOVA, knorm, paged, ...).
+
+Eviction is planned last: the budget is the cap on KV bytes relative to the unmodified model,
+and eviction supplies whatever saving the structural transforms left (none when they already
+meet it). Its handlers route each site onto the compacted cache: the transformers attention
+seam for HF models, an FX rewrite for explicit-cache models, standard-op subgraphs for ONNX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kvpass.methods import Method, get_method
+from kvpass.planning import ALLOCATIONS, build_plan, check_schedule_options
+from kvpass.transforms.base import Backend, Phase, PlanningContext, RewriteTarget, Transform, register
+
+
+@dataclass(frozen=True, init=False)
+class Evict(Transform):
+    """Evict cached tokens with `method` (None: `kvpass.methods.DEFAULT_METHOD`) so that the
+    cache stays within the budget at prefill and at every decode step.
+
+    `sinks` first tokens and the `recent` latest ones are always kept, inside the cap.
+    Eviction runs at most every `evict_every` steps (evicting a little deeper so the cap still
+    holds in between). `allocation` spreads the budget over the sites ('uniform', 'pyramid',
+    or 'adaptive' from calibration, each within `floor`..`ceiling`); `reallocate=N` re-spreads
+    it every N decoded tokens. Other keywords are the method's options (`span=2`, `window=16`).
+
+    Example:
+        >>> import kvpass
+        >>> kvpass.Evict("snapkv", window=16).method.window
+        16
+        >>> model = kvpass.optimize(model, budget=0.5, transforms=[kvpass.Evict("tova", span=2)])  # doctest: +SKIP
+    """
+
+    name = "Evict"
+    phase = Phase.EVICTION
+    method: Method
+    sinks: int
+    recent: int
+    evict_every: int
+    allocation: str
+    floor: float | None
+    ceiling: float
+    reallocate: int
+
+    def __init__(self, method: str | Method | None = None, *, sinks: int = 4, recent: int = 32, evict_every: int = 1,
+                 allocation: str = "uniform", floor: float | None = None, ceiling: float = 1.0, reallocate: int = 0,
+                 **method_options: Any) -> None:
+        check_schedule_options(sinks, recent, evict_every)
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
+        values = {"method": get_method(method, **method_options), "sinks": sinks, "recent": recent,
+                  "evict_every": evict_every, "allocation": allocation, "floor": floor, "ceiling": ceiling,
+                  "reallocate": reallocate}
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    def options(self) -> dict[str, Any]:
+        options = super().options()
+        options["method"] = {"name": self.method.name, "options": asdict(self.method)}
+        return options
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "Evict":
+        options = dict(options)
+        method = options.pop("method")
+        return cls(get_method(method["name"], **method["options"]), **options)
+
+    def decide(self, context: PlanningContext) -> None:
+        calibration = None
+        if self.allocation == "adaptive" or context.calibration_source is not None:
+            calibration = context.calibration()
+            if calibration.method != self.method.name:
+                raise ValueError(f"calibration was measured for method {calibration.method!r}, not {self.method.name!r}")
+        context.plan = build_plan(
+            list(context.sites), context.budget, self.method, self.allocation, calibration,
+            dtype_bytes=context.dtype_bytes, seq_len=context.seq_len, floor=self.floor, ceiling=self.ceiling,
+            sinks=self.sinks, recent=self.recent, evict_every=self.evict_every, reallocate=self.reallocate,
+            pruned_heads=context.pruned_heads,
+        )
+
+    def stats(self, plan, cache) -> dict[str, Any]:
+        layers = [layer.site_cache for layer in getattr(cache, "layers", []) if hasattr(layer, "site_cache")]
+        return {"method": self.method.name, "evictions": sum(layer.evictions for layer in layers)}
+
+
+@register(Evict, Backend.HF)
+def _evict_hf(transform: Evict, target: RewriteTarget) -> None:
+    from kvpass.runtime.hf_eviction import bind_plan
+
+    target.undo.append(bind_plan(target.model, target.sites, target.plan))
+
+
+@register(Evict, Backend.EXPLICIT_CACHE)
+def _evict_explicit_cache(transform: Evict, target: RewriteTarget) -> None:
+    from kvpass.runtime.explicit_cache import rewrite_explicit_cache
+
+    target.model = rewrite_explicit_cache(target.model, target.sites, target.plan, target.example_args)
+
+
+@register(Evict, Backend.ONNX)
+def _evict_onnx(transform: Evict, target: RewriteTarget) -> None:
+    from kvpass.rewrites.onnx import rewrite_sites
+
+    rewrite_sites(target.model, target.sites, target.plan, target.plan.dtype_bytes)
