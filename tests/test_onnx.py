@@ -77,7 +77,7 @@ def test_budget_one_matches_unpruned_torch(exported, base) -> None:
     np.testing.assert_allclose(generator.step(ids.numpy()), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method", [None, "knorm", "streaming_llm"])
+@pytest.mark.parametrize("method", [None, "knorm", "streaming_llm", "paged"])
 def test_half_budget_keeps_what_torch_keeps(exported, base, method) -> None:
     _, proto = exported
     ids, new = prompt(), 12
@@ -115,6 +115,41 @@ def test_evict_every_keeps_what_torch_keeps_and_appends_in_between(exported, bas
         assert lengths[-1] <= schedule.cap(generator.seen)  # the byte cap holds at every step
     evictions = sum(after <= before for before, after in zip(lengths, lengths[1:]))
     assert 0 < evictions <= (new - 1) // every + 1  # in between, the cache only grows
+
+
+@pytest.mark.parametrize("method", [get_method("tova", span=2), get_method("knorm", per_head=False),
+                                    get_method("paged", page_size=4), get_method("streaming_llm")], ids=repr)
+def test_onnx_ranking_is_the_torch_ranking(method) -> None:
+    """The ONNX eviction ranks with the torch ranking function itself, exported: same scores,
+    carve-outs and padding, for any batch, heads and length."""
+    import onnx_ir as ir
+
+    from kvpass.methods import Observation
+    from kvpass.methods.selection import ranking_scores
+    from kvpass.rewrites.onnx_scoring import INPUTS, ranking_function
+
+    function = ranking_function(method, ir.DataType.FLOAT, 18)
+    caller = helper.make_graph(
+        [helper.make_node(function.name, list(INPUTS), ["scores"], domain=function.domain)], "call",
+        [helper.make_tensor_value_info(n, TensorProto.INT32 if n in ("slots", "seen", "sinks", "recent")
+                                       else TensorProto.FLOAT, None) for n in INPUTS],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)])
+    model = helper.make_model(caller, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(function.domain, 1)],
+                              functions=[ir.to_proto(function)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(0)
+    for batch, heads, length in [(1, 2, 40), (3, 1, 7), (2, 4, 129)]:
+        slots = torch.sort(torch.randperm(3 * length, generator=generator)[:length]).values.to(torch.int32)
+        slots = slots.expand(batch, heads, length).clone()
+        slots[0, :, :2] = -1 - slots[0, :, :2]  # left padding in the first row
+        inputs = (torch.randn(batch, heads, length, 8, generator=generator),
+                  torch.randn(batch, heads, length, 8, generator=generator), slots,
+                  torch.rand(batch, heads, length, generator=generator),
+                  torch.tensor(3 * length, dtype=torch.int32), torch.tensor(4, dtype=torch.int32),
+                  torch.tensor(6, dtype=torch.int32))
+        expected = ranking_scores(method, Observation(*inputs[:4], int(inputs[4]), 1), int(inputs[5]), int(inputs[6]))
+        (actual,) = session.run(None, {name: value.numpy() for name, value in zip(INPUTS, inputs)})
+        np.testing.assert_allclose(actual, expected.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_export_of_an_optimized_model_uses_its_plan(base, tmp_path) -> None:

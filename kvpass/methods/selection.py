@@ -35,17 +35,23 @@ def ranking_scores(method: Method, obs: Observation, sinks: int, recent: int) ->
 
 
 def _span_max(scores: torch.Tensor, span: int) -> torch.Tensor:
-    """Each token takes the best score within `span` tokens either side (cache order = slot order)."""
-    batch, heads, tokens = scores.shape
-    flat = scores.reshape(batch * heads, 1, tokens)
-    pooled = torch.nn.functional.max_pool1d(flat, 2 * span + 1, stride=1, padding=span)
-    return pooled.reshape(batch, heads, tokens)
+    """Each token takes the best score within `span` tokens either side (cache order = slot order).
+
+    A max over sliding windows of the -inf-padded scores (`unfold`), which keeps the cache
+    length symbolic when exported to ONNX (max_pool1d specialises it)."""
+    padded = torch.nn.functional.pad(scores, (span, span), value=float("-inf"))
+    return padded.unfold(-1, 2 * span + 1, 1).amax(-1)
 
 
 def _page_means(scores: torch.Tensor, slots: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Give every token the mean score of its page, so pages rank (and leave) as a whole."""
-    pages = slots.clamp_min(0).long() // page_size
-    num_pages = int(pages.max()) + 1 if pages.numel() else 1
-    sums = torch.zeros(*scores.shape[:-1], num_pages, device=scores.device).scatter_add_(-1, pages, scores)
-    counts = torch.zeros_like(sums).scatter_add_(-1, pages, torch.ones_like(scores))
-    return torch.gather(sums / counts.clamp_min(1), -1, pages)
+    """Give every token the mean score of its page, so pages rank (and leave) as a whole.
+
+    The cache is in slot order, so a page's tokens are contiguous: numbering the runs of equal
+    page ids gives segment ids below the cache length, with no data-dependent size (the same
+    code exports to ONNX). Padding (negative slots) shares page 0 with the first real tokens."""
+    pages = slots.clamp_min(0) // page_size
+    starts = torch.nn.functional.pad((pages[..., 1:] != pages[..., :-1]).long(), (1, 0))
+    segments = starts.cumsum(-1)
+    sums = torch.zeros_like(scores).scatter_add(-1, segments, scores)
+    counts = torch.zeros_like(scores).scatter_add(-1, segments, torch.ones_like(scores))
+    return torch.gather(sums / counts.clamp_min(1), -1, segments)

@@ -36,6 +36,7 @@ from onnxscript.rewriter import pattern
 from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method, Stat
 from kvpass.planning import Plan
+from kvpass.rewrites.onnx_scoring import ranking_function
 from kvpass.site import AttentionSite, SiteReport, UnsupportedAttention
 
 METADATA_KEY = "kvpass"
@@ -256,11 +257,12 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
             f"Attention nodes {causal} have is_causal=1 over a Concat(past, new) cache: ONNX aligns that causal "
             "mask to the node's own past_key input (none here), so new queries would not see the cache; export "
             "with an explicit attn_mask")
-    if method.name not in SCORES or method.page_size > 1:
+    if method.stat is not Stat.NONE and method.stat not in STATISTICS:
         raise UnsupportedModelError(
-            f"method {method.name!r} (page_size={method.page_size}) has no ONNX scoring; ONNX supports "
-            f"{sorted(SCORES)} with page_size=1 (methods that keep running statistics across steps need state "
-            "the exported graph does not carry)")
+            f"method {method.name!r} ranks by the {method.stat.value} statistic, which an ONNX decode step cannot "
+            f"give (it needs state carried across steps, or the prefill's window); ONNX supports methods with "
+            f"{sorted(s.value for s in STATISTICS)} statistics or none")
+    ranking_function(method, ir.DataType.FLOAT, max(opset, MIN_OPSET))  # a scoring that does not export fails here
 
 
 class _Ops:
@@ -269,10 +271,11 @@ class _Ops:
     def __init__(self, graph: ir.Graph | None, prefix: str):
         self.tape, self.prefix, self.count = Tape(graph), prefix, 0
 
-    def __call__(self, op_type: str, *inputs, outputs: int = 1, **attributes):
+    def __call__(self, op_type: str, *inputs, outputs: int = 1, domain: str = "", **attributes):
         self.count += 1
         name = f"{self.prefix}/{op_type}_{self.count}"
-        values = self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=outputs, name=name)
+        values = self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=outputs, name=name,
+                                        domain=domain)
         for index, value in enumerate(values):  # named here: If branches are separate graphs, but one namespace
             value.name = f"{name}:{index}"
         return values[0] if outputs == 1 else values
@@ -290,7 +293,7 @@ class _Ops:
         return ir.Graph([], outputs, nodes=ops.tape.nodes, name=f"{self.prefix}/{name}".replace("/", "_"))
 
 
-def _last_query_attention(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Value, slots) -> ir.Value:
+def _last_query_attention(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Value) -> ir.Value:
     """TOVA's statistic: the newest query's attention, summed over each KV head's query group."""
     shape = o("Concat", o.dim(cache_k, 0), o.const([site.num_kv_heads, site.group_size, -1]), axis=0)
     return o("ReduceSum", o("Reshape", _last_query_probs(o, site, cache_k, cache_v), shape), o.const([2]), keepdims=0)
@@ -320,12 +323,9 @@ def _last_query_probs(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: 
     return outputs[3]
 
 
-SCORES: dict[str, Callable] = {
-    "tova": _last_query_attention,
-    "knorm": lambda o, site, cache_k, cache_v, slots: o("Neg", o("ReduceL2", cache_k, o.const([-1]), keepdims=0)),
-    "streaming_llm": lambda o, site, cache_k, cache_v, slots: o("Cast", slots, to=ir.DataType.FLOAT),
-}
-"""The ONNX form of each method's `score` ([B, Hkv, T], higher is kept), by method name."""
+STATISTICS: dict[Stat, Callable] = {Stat.LAST_QUERY: _last_query_attention}
+"""The statistics an ONNX graph can give a method at eviction time (the others need state carried
+across steps, or the prefill's window, that the exported step does not carry)."""
 
 
 def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position_ids: ir.Value,
@@ -345,7 +345,11 @@ def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position
     params = o("Gather", evict, o.const(row), axis=0)
     keep = o("Gather", params, o.const([0]), axis=0)  # [1], as TopK wants k
     evicting = o("Less", keep, o.dim(cache_k, 2))  # the host feeds keep = length when no eviction is due
-    evicted = o.branch("evict", lambda b: _select_and_compact(b, site, method, cache_k, cache_v, slots, keep, params))
+    ranking = ranking_function(method, cache_k.dtype, model.opset_imports[""])
+    model.functions[ranking.identifier()] = ranking
+    model.opset_imports[ranking.domain] = 1
+    evicted = o.branch("evict", lambda b: _select_and_compact(b, site, method, ranking, cache_k, cache_v, slots, keep,
+                                                              params))
     appended = o.branch("append", lambda b: [b("Identity", value) for value in (cache_k, cache_v, slots)])
     present = o("If", evicting, outputs=3, then_branch=evicted, else_branch=appended)
 
@@ -363,19 +367,14 @@ def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position
     return past_slots.name, present_slots.name
 
 
-def _select_and_compact(o: _Ops, site: AttentionSite, method: Method, cache_k: ir.Value, cache_v: ir.Value,
-                        slots: ir.Value, keep: ir.Value, params: ir.Value) -> list[ir.Value]:
-    """score → protect sinks and recent → top `keep` → gather: compacted (keys, values, slots)."""
+def _select_and_compact(o: _Ops, site: AttentionSite, method: Method, ranking: ir.Function, cache_k: ir.Value,
+                        cache_v: ir.Value, slots: ir.Value, keep: ir.Value, params: ir.Value) -> list[ir.Value]:
+    """rank (the torch ranking, exported: `kvpass.rewrites.onnx_scoring`) → top `keep` → gather:
+    compacted (keys, values, slots)."""
     sinks, recent, seen = (o("Cast", o("Gather", params, o.const(i), axis=0), to=ir.DataType.INT32) for i in (1, 2, 3))
-    scores = SCORES[method.name](o, site, cache_k, cache_v, slots)
-    if not method.per_head:
-        scores = o("Expand", o("ReduceMean", scores, o.const([1]), keepdims=1), o("Shape", slots))
-    if method.span > 0:
-        pooled = o("MaxPool", o("Reshape", scores, o.const([-1, 1, 0])), kernel_shape=[2 * method.span + 1],
-                   pads=[method.span, method.span], strides=[1])
-        scores = o("Reshape", pooled, o("Shape", slots))
-    protected = o("Or", o("Less", slots, sinks), o("GreaterOrEqual", slots, o("Sub", seen, recent)))
-    scores = o("Where", protected, o.const(np.float32(np.inf)), scores)
+    stat = (STATISTICS[method.stat](o, site, cache_k, cache_v) if method.stat is not Stat.NONE
+            else o("Cast", slots, to=ir.DataType.FLOAT))  # no statistic: any [B, Hkv, T] float fills the input
+    scores = o(ranking.name, cache_k, cache_v, slots, stat, seen, sinks, recent, domain=ranking.domain)
     _, top = o("TopK", scores, keep, axis=-1, largest=1, sorted=1, outputs=2)  # ties: earlier token first
     index, _ = o("TopK", top, keep, axis=-1, largest=0, sorted=1, outputs=2)  # kept indices, slot order
     rows = _row_index(o, cache_k, index)
