@@ -12,10 +12,9 @@ from typing import Any, Sequence
 
 import torch
 
-from kvpass.budget import Budget, parse_budget
+from kvpass.budget import parse_budget
 from kvpass.calibration import Calibration
 from kvpass.capture import capture, default_example_inputs
-from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method
 from kvpass.planning import Plan
 from kvpass.rewrites.fx import find_sites

@@ -64,3 +64,29 @@ def test_half_budget_halves_cache_bytes_at_every_layer(smollm2, long_prompt) -> 
             [full_layer.keys, full_layer.values])
         assert pruned_layer.keys.shape[-2] < full_layer.keys.shape[-2] // 2
     assert pruned.get_seq_length() == long_prompt.shape[-1]
+
+
+def test_head_pruning_is_exact_against_zeroed_output_columns(smollm2) -> None:
+    """10% of SmolLM2's 90 KV groups removed by calibrated importance: logits and 32 greedy tokens equal
+    the unmodified model with those groups' o_proj input columns zeroed."""
+    base, tokenizer = smollm2
+    model = kvpass.optimize(copy.deepcopy(base), budget=1.0, tokenizer=tokenizer,
+                            transforms=[kvpass.PruneHeads(0.1), kvpass.Evict()])
+    plan = model.kvpass_plan
+    assert sum(map(len, plan.pruned_heads.values())) == 9
+    oracle = copy.deepcopy(base)
+    for site in plan.sites:
+        weight = oracle.get_submodule(site.name).o_proj.weight
+        with torch.no_grad():
+            for head in plan.pruned_heads.get(site.name, []):
+                weight[:, head * 3 * 64:(head + 1) * 3 * 64] = 0
+    ids = tokenizer("The lighthouse keeper counted the ships that passed each night, and wrote", return_tensors="pt").input_ids
+    with torch.no_grad():
+        actual = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=2, output_logits=True,
+                                return_dict_in_generate=True)
+        expected = oracle.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=2, output_logits=True,
+                                   return_dict_in_generate=True)
+    assert torch.equal(actual.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(actual.logits), torch.stack(expected.logits), rtol=0, atol=1e-4)
+    removed = sum(p.numel() for p in base.parameters()) - sum(p.numel() for p in model.parameters())
+    assert removed == model.kvpass_heads_removed == 9 * (3 * 64 * 576 + 2 * 64 * 576 + 576 * 3 * 64)
