@@ -34,8 +34,6 @@ def press_factory(name: str, budget: float):
         "StreamingLLM": kvpress.StreamingLLMPress, "ExpectedAttention": kvpress.ExpectedAttentionPress,
         "ObservedAttention": kvpress.ObservedAttentionPress,
     }
-    if name == "AdaKV":
-        return kvpress.AdaKVPress(kvpress.ExpectedAttentionPress(compression_ratio=1 - budget))
     return classes[name](compression_ratio=1 - budget)
 
 
@@ -49,47 +47,31 @@ def slice_kwargs(kwargs: dict, length: int, cache) -> dict:
             "attention_mask": mask[..., :length, :length] if mask is not None else None}
 
 
-def run(job: dict) -> list[dict]:
+def load(job: dict):
+    """(model, kvpress pipeline) for the job's GGUF file; eager attention when a press reads attention weights."""
     import kvpress  # noqa: F401  (registers the "kv-press-text-generation" pipeline)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, pipeline
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     torch.set_num_threads(job["threads"] or torch.get_num_threads())
     folder, name = job["gguf"].rsplit("/", 1)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    eager = any(p in ("ObservedAttention",) for p in job["presses"])
+    eager = "ObservedAttention" in job["presses"]
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                                  attn_implementation="eager" if eager else "sdpa").eval()
-    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    return model, pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+
+
+def run(job: dict) -> list[dict]:
+    """Answers of every press x budget x mode on every prompt of `job` (one shared prefill per prompt)."""
+    model, pipe = load(job)
     presses = {(p, b): press_factory(p, b) for p in job["presses"] for b in job["budgets"]}
-    layers = model.model.layers
-    for press in presses.values():
-        press.post_init_from_model(model)
-    for layer in layers:  # what each press's context manager sets before hooking a layer
-        layer.self_attn.rotary_emb = model.model.rotary_emb
+    prepare(model, presses)
 
     answers = []
     for prompt in job["prompts"]:
         ids = torch.tensor([prompt["ids"]])
         cuts = {"query-aware": ids.shape[-1] - 1, "context-only": prompt["context_length"]}
-        caches = {(key, mode): DynamicCache(config=model.config) for key in presses for mode in job["modes"]}
-
-        def hook(module, args, kwargs, output):
-            full = kwargs["past_key_values"].layers[module.layer_idx]
-            for (key, mode), cache in caches.items():
-                length = cuts[mode]
-                cache.update(full.keys[:, :, :length], full.values[:, :, :length], module.layer_idx)
-                attentions = output[1][..., :length, :length] if output[1] is not None else None
-                presses[key].forward_hook(module, args, slice_kwargs(kwargs, length, cache),
-                                          (output[0][:, :length], attentions))
-            return output
-
-        hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in layers]
-        try:
-            with torch.no_grad():
-                model.model(input_ids=ids[:, :-1], past_key_values=DynamicCache(config=model.config))
-        finally:
-            for handle in hooks:
-                handle.remove()
+        caches = shared_prefill(model, ids, presses, cuts, job["modes"])
         for ((press, budget), mode), cache in caches.items():
             length = cuts[mode]
             with torch.no_grad():
@@ -99,11 +81,68 @@ def run(job: dict) -> list[dict]:
     return answers
 
 
+def shared_prefill(model, ids: torch.Tensor, presses: dict, cuts: dict[str, int], modes: list[str]) -> dict:
+    """(press key, mode) -> the cache that press leaves after prefilling ids[:, :cuts[mode]], from one prefill."""
+    from transformers import DynamicCache
+
+    caches = {(key, mode): DynamicCache(config=model.config) for key in presses for mode in modes}
+
+    def hook(module, args, kwargs, output):
+        full = kwargs["past_key_values"].layers[module.layer_idx]
+        for (key, mode), cache in caches.items():
+            length = cuts[mode]
+            cache.update(full.keys[:, :, :length], full.values[:, :, :length], module.layer_idx)
+            attentions = output[1][..., :length, :length] if output[1] is not None else None
+            presses[key].forward_hook(module, args, slice_kwargs(kwargs, length, cache),
+                                      (output[0][:, :length], attentions))
+        return output
+
+    hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model.model(input_ids=ids[:, : max(cuts.values())], past_key_values=DynamicCache(config=model.config))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return caches
+
+
+def check(job: dict) -> None:
+    """The shared prefill leaves exactly the cache of kvpress's own usage (`with press(model): prefill`)."""
+    from transformers import DynamicCache
+
+    model, _ = load(job)
+    prompt = job["prompts"][0]
+    ids = torch.tensor([prompt["ids"]])
+    cuts = {"query-aware": ids.shape[-1] - 1, "context-only": prompt["context_length"]}
+    presses = {(p, b): press_factory(p, b) for p in job["presses"] for b in job["budgets"]}
+    prepare(model, presses)
+    shared = shared_prefill(model, ids, presses, cuts, job["modes"])
+    for (key, mode), cache in shared.items():
+        alone = DynamicCache(config=model.config)
+        with presses[key](model), torch.no_grad():
+            model.model(input_ids=ids[:, : cuts[mode]], past_key_values=alone)
+        for mine, theirs in zip(cache.layers, alone.layers):
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-4, atol=1e-4)
+        print(f"check: {key} {mode}: shared prefill == kvpress's own prefill", file=sys.stderr, flush=True)
+
+
+def prepare(model, presses: dict) -> None:
+    """What each press's context manager does before hooking the layers."""
+    for press in presses.values():
+        press.post_init_from_model(model)
+    for layer in model.model.layers:
+        layer.self_attn.rotary_emb = model.model.rotary_emb
+
+
 def main() -> None:
     from importlib.metadata import version
 
     job_path, out_path = sys.argv[1:3]
     job = json.loads(open(job_path).read())
+    if job.get("check"):
+        check(job)
     answers = run(job)
     with open(out_path, "w") as out:
         json.dump({"kvpress_version": version("kvpress"), "answers": answers}, out)

@@ -93,7 +93,7 @@ def main() -> None:
     print(f"default method: {kvpass.get_method()}; split {args.split}; {args.samples} samples per task; "
           f"{len(plans)} settings x {len(args.modes)} modes", flush=True)
 
-    jobs = [(task, seed, args.length, None) for task in args.tasks for seed in seeds(args.split, args.samples)]
+    jobs = [(task, seed, args.length, None) for seed in seeds(args.split, args.samples) for task in args.tasks]
     jobs += [("niah", seed, length, depth) for length in args.niah_lengths for depth in args.niah_depths
              for seed in seeds(args.split, args.samples, start=10_000)]
     rows, grid_rows = [], []
@@ -113,6 +113,8 @@ def main() -> None:
     if args.out:
         save_jsonl(rows + grid_rows, f"{args.out}.jsonl")
         plots.accuracy_vs_budget(rows, f"{args.out}_accuracy.png", COUNTED_TASKS)
+        pyramid = kvpass.plan(model, budget=0.5, allocation="pyramid")
+        plots.plan_budgets(pyramid, f"{args.out}_plan_pyramid.png", "budget 0.5, pyramid allocation: KV kept per layer")
         if grid_rows:
             for setting in (FULL, label("default", min(args.budgets))):
                 plots.niah_heatmap(grid_rows, setting, args.modes[-1], f"{args.out}_niah_{setting}.png")

@@ -40,6 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-kvpress"
 KVPRESS = "kvpress==0.5.5"
 PRESSES = ["TOVA", "SnapKV", "Knorm", "StreamingLLM", "ExpectedAttention", "ObservedAttention"]
+"""AdaKV is not run: it evicts per head by masking keys inside kvpress's patched attention at decode time
+(state kept on each attention module), which one shared prefill cannot give each press separately, and a
+prefill per press, budget and mode does not fit the CPU time budget."""
 
 
 def kvpress_python() -> Path:
@@ -53,10 +56,14 @@ def kvpress_python() -> Path:
     return python
 
 
-def run_kvpress(samples, prompts, presses, budgets, modes, threads) -> tuple[str, list[Result]]:
-    """(kvpress version, result rows) of every press x budget x mode on the given prompts."""
+def run_kvpress(samples, prompts, presses, budgets, modes, threads, check=False) -> tuple[str, list[Result]]:
+    """(kvpress version, result rows) of every press x budget x mode on the given prompts.
+
+    `check`: first verify on the first prompt that the shared prefill leaves the very caches of
+    kvpress's own `with press(model)` usage (one prefill per press, budget and mode)."""
     python = kvpress_python()
     job = dict(gguf=str(smollm2_gguf_path()), presses=presses, budgets=budgets, modes=modes, threads=threads,
+               check=check,
                prompts=[dict(index=i, ids=p.prompt_ids[0].tolist(), context_length=p.context_ids.shape[-1],
                              max_new_tokens=s.max_new_tokens) for i, (s, p) in enumerate(zip(samples, prompts))])
     with tempfile.TemporaryDirectory() as folder:
@@ -83,12 +90,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["default", "paged", "tova"],
                         help="kvpass method specs (see benchmarks/quality.py)")
     parser.add_argument("--presses", nargs="+", default=["TOVA", "SnapKV", "Knorm", "ExpectedAttention"],
-                        choices=PRESSES + ["AdaKV"])
+                        choices=PRESSES)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--niah-depths", type=float, nargs="*", default=[])
     parser.add_argument("--niah-lengths", type=int, nargs="*", default=[])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--check", action="store_true",
+                        help="verify the shared kvpress prefill against kvpress's own usage on the first prompt")
     parser.add_argument("--out", default="", help="write rows to OUT.jsonl and plots to OUT_*.png")
     parser.add_argument("--from-rows", nargs="+", help="print tables and plots of saved rows, run nothing")
     args = parser.parse_args()
@@ -103,7 +112,7 @@ def main() -> None:
     plans = make_plans(model, args.methods, args.budgets)
     count_tokens = token_counter(tokenizer)
     samples = [make_sample(task, args.split, seed, args.length, count_tokens)
-               for task in args.tasks for seed in seeds(args.split, args.samples, args.start)]
+               for seed in seeds(args.split, args.samples, args.start) for task in args.tasks]
     samples += [make_sample("niah", args.split, seed, length, count_tokens, depth)
                 for length in args.niah_lengths for depth in args.niah_depths
                 for seed in seeds(args.split, args.samples, 10_000 + args.start)]
@@ -114,8 +123,11 @@ def main() -> None:
     for sample in tqdm(samples, desc="kvpass", unit="sample"):
         rows += evaluate(model, tokenizer, sample, plans, tuple(args.modes))
     kvpass_seconds = time.perf_counter() - started
+    if args.out:  # kept even if the kvpress stage fails
+        save_jsonl(rows, f"{args.out}.jsonl")
     del model, base
-    version, press_rows = run_kvpress(samples, prompts, args.presses, args.budgets, args.modes, args.threads)
+    version, press_rows = run_kvpress(samples, prompts, args.presses, args.budgets, args.modes, args.threads,
+                                      args.check)
     rows += press_rows
     print(f"\nkvpass: {len(samples)} samples in {kvpass_seconds:.0f}s; kvpress {version}: "
           f"{time.perf_counter() - started - kvpass_seconds:.0f}s", flush=True)
