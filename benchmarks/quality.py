@@ -27,10 +27,6 @@ from kvpass.eval.perplexity import perplexities, windows
 from kvpass.eval.report import FULL, accuracy_table, label, save_jsonl
 from kvpass.eval.runner import MODES, evaluate
 from kvpass.eval.tasks import COUNTED_TASKS, TASKS, make_sample, seeds, token_counter
-from kvpass.methods.units import UnitTOVA
-
-UNREGISTERED = {cls.name: cls for cls in (UnitTOVA,)}
-"""Methods of this suite not (yet) in kvpass.METHODS, by name."""
 
 PROFILES = {
     "smoke": dict(samples=2, methods=["default", "tova", "paged"], budgets=[0.5, 0.25], perplexity_windows=1,
@@ -47,8 +43,6 @@ def parse_method(spec: str):
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         options[key] = float(value) if "." in value else int(value)
-    if name in UNREGISTERED:
-        return UNREGISTERED[name](**options), {}
     return (None if name == "default" else name), options
 
 

@@ -18,9 +18,10 @@ from kvpass.methods.random import Random
 from kvpass.methods.snapkv import SnapKV
 from kvpass.methods.streaming_llm import StreamingLLM
 from kvpass.methods.tova import TOVA
+from kvpass.methods.units import UnitTOVA
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, TOVA, KNorm, Random, Paged)
+    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, TOVA, KNorm, Random, Paged, UnitTOVA)
 }
 
 DEFAULT_METHOD = "tova"
