@@ -16,12 +16,15 @@ from dataclasses import replace
 import onnx
 import torch
 
+from kvpass.budget import parse_budget
 from kvpass.hf_attention import set_attn_implementation
 from kvpass.methods import Method, get_method
 from kvpass.onnx import find_attention, optimize
 from kvpass.planning import Plan
 from kvpass.runtime import hf
+from kvpass.rewrites.onnx import MIN_OPSET
 from kvpass.transforms import Evict
+from kvpass.validation import integer
 
 
 class _DecodeStep(torch.nn.Module):
@@ -61,7 +64,19 @@ def export_onnx(
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a Hugging Face causal LM (torch.nn.Module with a config), got {type(model).__name__}")
+    # Every argument is checked before the export, which takes a while.
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
+    opset = integer(opset, "opset", minimum=MIN_OPSET, meaning="the ONNX opsets kvpass rewrites")
+    parse_budget(budget)
+    if plan is not None and not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a kvpass Plan (from kvpass.plan(...) or kvpass.Plan.load(path)), "
+                        f"got {type(plan).__name__}")
     plan = plan if plan is not None else getattr(model, "kvpass_plan", None)
+    if plan is not None and method is not None:
+        raise TypeError("give method= or a plan, not both: the plan (given, or the one the model was optimized "
+                        "with) already names its method")
+    get_method(method)
     with _unoptimized(model):
         proto = _export_step(model, opset, _kv_heads(model, plan))
     if plan is not None:
