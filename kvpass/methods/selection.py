@@ -35,11 +35,13 @@ def ranking_scores(method: Method, obs: Observation, sinks: int, recent: int) ->
 
 
 def _span_max(scores: torch.Tensor, span: int) -> torch.Tensor:
-    """Each token takes the best score within `span` tokens either side (cache order = slot order)."""
-    batch, heads, tokens = scores.shape
-    flat = scores.reshape(batch * heads, 1, tokens)
-    pooled = torch.nn.functional.max_pool1d(flat, 2 * span + 1, stride=1, padding=span)
-    return pooled.reshape(batch, heads, tokens)
+    """Each token takes the best score within `span` tokens either side (cache order = slot order).
+
+    A max over shifted copies rather than `max_pool1d`, whose output-size arithmetic pins the
+    cache length under torch.compile with dynamic shapes (one recompilation per length)."""
+    tokens = scores.shape[-1]
+    padded = torch.nn.functional.pad(scores, (span, span), value=EVICT_FIRST)
+    return torch.stack([padded[..., shift:shift + tokens] for shift in range(2 * span + 1)]).amax(dim=0)
 
 
 def _page_means(scores: torch.Tensor, slots: torch.Tensor, page_size: int) -> torch.Tensor:
