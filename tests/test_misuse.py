@@ -9,6 +9,7 @@ import json
 import math
 import sys
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -345,10 +346,26 @@ def sites(base) -> list:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> object:
-    """A one-layer tiny Llama exported with kvpass metadata (budget 0.5)."""
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    return kvpass.export_onnx(tiny_llama(layers=1), path, budget=0.5, opset=18)
+def cast_model() -> LlamaForCausalLM:
+    """A one-layer tiny Llama optimized in float32, then cast to float16."""
+    return kvpass.optimize(tiny_llama(layers=1), budget=0.5, method="knorm", sinks=2, recent=4).to(torch.float16)
+
+
+@pytest.fixture(scope="module")
+def exported(cast_model, tmp_path_factory) -> object:
+    """`cast_model` exported with its own plan (kvpass metadata for the Generator)."""
+    return kvpass.export_onnx(cast_model, tmp_path_factory.mktemp("onnx") / "tiny.onnx", opset=18)
+
+
+def test_a_model_cast_after_optimize_exports_with_its_cap(cast_model, exported) -> None:
+    """Its plan follows the cast, as in the torch runtime: the graph's schedule counts 2-byte K/V."""
+    generator = kvpass.onnx.Generator(exported)
+    ids = prompt(length=60)
+    tokens = generator.generate(ids, max_new_tokens=6)
+    assert np.array_equal(tokens, cast_model.generate(ids, max_new_tokens=6, do_sample=False).numpy())
+    keys, values, slots = generator.cache[0]
+    assert keys.dtype == np.float16 and keys.shape[2] < 65
+    assert keys.nbytes + values.nbytes + slots.nbytes <= 0.5 * full_bytes(cast_model, 65)
 
 
 @pytest.mark.parametrize("max_new_tokens", [2.5, None, -1, "4", True])
@@ -379,18 +396,16 @@ def test_generator_refuses_bad_token_ids(exported) -> None:
 
 
 def test_onnx_optimize_refuses_a_plan_for_another_graph(exported) -> None:
-    from dataclasses import replace
-
     sites = list(kvpass.onnx.find_attention(exported))
     method = get_method(None)
     extra = sites + [replace(sites[0], name="/model/layers.1/self_attn", layer=1)]
     other_geometry = [replace(site, num_kv_heads=1) for site in sites]
     with pytest.raises(ValueError, match="plan was made for another model"):
-        kvpass.onnx.optimize(exported, plan=build_plan(extra, 0.5, method))
+        kvpass.onnx.optimize(exported, plan=build_plan(extra, 0.5, method, dtype_bytes=2))
     with pytest.raises(ValueError, match=r"another model.*\(4, 2, 16\) here but \(4, 1, 16\) in the plan"):
-        kvpass.onnx.optimize(exported, plan=build_plan(other_geometry, 0.5, method))
-    with pytest.raises(ValueError, match="plan was made for 2-byte elements but the model's cache uses 4-byte"):
-        kvpass.onnx.optimize(exported, plan=build_plan(sites, 0.5, method, dtype_bytes=2))
+        kvpass.onnx.optimize(exported, plan=build_plan(other_geometry, 0.5, method, dtype_bytes=2))
+    with pytest.raises(ValueError, match="plan was made for 4-byte elements but the model's cache uses 2-byte"):
+        kvpass.onnx.optimize(exported, plan=build_plan(sites, 0.5, method, dtype_bytes=4))
     with pytest.raises(TypeError, match="plan must be a kvpass Plan"):
         kvpass.onnx.optimize(exported, plan={"budgets": {}})
     with pytest.raises(TypeError, match=r"\['sinks'\] are options of kvpass.Evict"):

@@ -13,6 +13,7 @@ import contextlib
 import os
 from dataclasses import replace
 
+import numpy as np
 import onnx
 import torch
 
@@ -72,6 +73,7 @@ def export_onnx(
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"plan must be a kvpass Plan (from kvpass.plan(...) or kvpass.Plan.load(path)), "
                         f"got {type(plan).__name__}")
+    own_plan = plan is None and getattr(model, "kvpass_plan", None) is not None
     plan = plan if plan is not None else getattr(model, "kvpass_plan", None)
     if plan is not None and method is not None:
         raise TypeError("give method= or a plan, not both: the plan (given, or the one the model was optimized "
@@ -80,7 +82,7 @@ def export_onnx(
     with _unoptimized(model):
         proto = _export_step(model, opset, _kv_heads(model, plan))
     if plan is not None:
-        plan = _rename_plan(plan, getattr(model, "kvpass_sites", None) or list(plan.budgets), proto)
+        plan = _rename_plan(plan, getattr(model, "kvpass_sites", None) or list(plan.budgets), proto, own_plan)
     pruned = optimize(proto, budget, method, plan=plan)
     onnx.save(pruned, os.fspath(path))
     return pruned
@@ -134,10 +136,14 @@ def _export_step(model: torch.nn.Module, opset: int, kv_heads: list[int]) -> onn
     return program.model_proto
 
 
-def _rename_plan(plan: Plan, torch_sites: list, proto: onnx.ModelProto) -> Plan:
+def _rename_plan(plan: Plan, torch_sites: list, proto: onnx.ModelProto, own_plan: bool) -> Plan:
     """The torch plan's eviction, for the exported graph: keyed by ONNX site names (matched by
-    layer order), with the graph's own geometry (removed heads are already gone from it)."""
+    layer order), with the graph's own geometry (removed heads are already gone from it). The
+    plan an optimized model carries also takes the graph's element size: the model may have been
+    cast since, and its byte cap follows its cache, as in the torch runtime."""
     onnx_sites = find_attention(proto)
+    if own_plan:
+        plan = replace(plan, dtype_bytes=np.dtype(onnx_sites[0].dtype).itemsize)
     names = [getattr(site, "name", site) for site in torch_sites]
     if len(names) != len(onnx_sites):
         raise ValueError(f"plan has {len(names)} sites but the exported graph has {len(onnx_sites)} attention sites")

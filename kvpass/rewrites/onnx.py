@@ -367,7 +367,8 @@ def _select_and_compact(o: _Ops, site: AttentionSite, method: Method, cache_k: i
                         slots: ir.Value, keep: ir.Value, params: ir.Value) -> list[ir.Value]:
     """score → protect sinks and recent → top `keep` → gather: compacted (keys, values, slots)."""
     sinks, recent, seen = (o("Cast", o("Gather", params, o.const(i), axis=0), to=ir.DataType.INT32) for i in (1, 2, 3))
-    scores = SCORES[method.name](o, site, cache_k, cache_v, slots)
+    # Ranked in float32 whatever the cache's dtype, as the torch runtime ranks them.
+    scores = o("Cast", SCORES[method.name](o, site, cache_k, cache_v, slots), to=ir.DataType.FLOAT)
     if not method.per_head:
         scores = o("Expand", o("ReduceMean", scores, o.const([1]), keepdims=1), o("Shape", slots))
     if method.span > 0:
