@@ -25,6 +25,7 @@ from kvpass.cost import BATCH, SEQ, SiteCost, Symbols, site_cost, smin
 from kvpass.methods import Method, Stat, get_method
 from kvpass.planning.schedule import SiteSchedule, check_schedule_options, state_bytes_per_token
 from kvpass.site import AttentionSite
+from kvpass.validation import integer, real
 
 FORMAT_VERSION = 2
 """Version 1 (no `format` key) had no head pruning and no transforms list; it still loads."""
@@ -124,12 +125,12 @@ class Plan:
             >>> plan.kv_bytes(4096)      # doctest: +SKIP
             47185920
         """
-        _check_length(seq_len, batch)
+        seq_len, batch = _lengths(seq_len, batch)
         return int(sum(self.schedule(site, self.dtype_bytes).held_bytes(seq_len, batch) for site in self._geometry()))
 
     def full_kv_bytes(self, seq_len: int, batch: int = 1) -> int:
         """Bytes the unmodified model's cache holds after `seq_len` tokens per sequence."""
-        _check_length(seq_len, batch)
+        seq_len, batch = _lengths(seq_len, batch)
         return batch * seq_len * sum(site.kv_bytes_per_token(self.dtype_bytes) for site in self._geometry())
 
     @property
@@ -205,14 +206,16 @@ class Plan:
             fail(f"method must be a kvpass Method or None, got {self.method!r}")
         try:
             check_schedule_options(self.sinks, self.recent, self.evict_every)
+            integer(self.reallocate, "reallocate", minimum=0)
+            floor, ceiling = real(self.floor, "floor", 0.0, 1.0), real(self.ceiling, "ceiling", 0.0, 1.0)
         except ValueError as error:
             fail(str(error))
         if self.allocation not in ALLOCATIONS:
             fail(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.dtype_bytes not in (1, 2, 4, 8):
             fail(f"dtype_bytes must be 1, 2, 4 or 8, got {self.dtype_bytes!r}")
-        if not isinstance(self.reallocate, int) or isinstance(self.reallocate, bool) or self.reallocate < 0:
-            fail(f"reallocate must be an int >= 0, got {self.reallocate!r}")
+        if floor > ceiling:
+            fail(f"floor {floor} is above ceiling {ceiling}")
         names = [site.name for site in self.sites]
         if len(set(names)) != len(names):
             fail("sites has duplicate names")
@@ -315,12 +318,13 @@ class Plan:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError as error:
             raise FileNotFoundError(f"plan file {where!r} does not exist") from error
+        except OSError as error:  # a directory, no permission, ...
+            raise ValueError(f"{where}: cannot read the plan file ({error.strerror or error})") from error
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{where}: not a JSON plan file ({error})") from error
         return cls.from_dict(data, where)
 
 
-def _check_length(seq_len: Any, batch: Any) -> None:
-    for name, value in (("seq_len", seq_len), ("batch", batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+def _lengths(seq_len: Any, batch: Any) -> tuple[int, int]:
+    """Both as plain ints (numpy ints too: exact arithmetic must not overflow int64), or a ValueError."""
+    return integer(seq_len, "seq_len", minimum=0), integer(batch, "batch", minimum=0)

@@ -18,6 +18,7 @@ from typing import Any
 from kvpass.cost import smax, smin, where
 from kvpass.methods import Method, Stat
 from kvpass.site import AttentionSite
+from kvpass.validation import integer
 
 SLOT_BYTES = 4
 """Each kept token remembers its logical position (int32) per KV head."""
@@ -60,17 +61,26 @@ class SiteSchedule:
     def cap(self, seen):
         """Most tokens the cache may physically hold once `seen` tokens have been seen."""
         held = seen
-        if self.fraction < 1.0:  # exact rational arithmetic: the byte bound holds to the byte
+        if self.fraction < 1.0:
+            # Exact integer arithmetic (the byte bound holds to the byte) that also works on a
+            # torch SymInt `seen` (compiled with dynamic shapes), where Fraction(...) * seen cannot.
+            ratio = Fraction(self.fraction)
             per_token = self.kv_bytes_per_token + self.state_bytes_per_token
-            held = Fraction(self.fraction) * seen * self.kv_bytes_per_token // per_token
+            held = ratio.numerator * self.kv_bytes_per_token * seen // (ratio.denominator * per_token)
         if self.max_tokens is not None:
             held = smin(held, self.max_tokens)
         return held
 
     def target(self, seen):
         """Tokens to keep when evicting at `seen`, so the cap still holds after the next
-        `evict_every - 1` appended tokens without another eviction."""
-        return smax(0, smin(*(self.cap(seen + j) - j for j in range(self.evict_every))))
+        `evict_every - 1` appended tokens without another eviction: min over j < evict_every
+        of `cap(seen + j) - j`.
+
+        The cap grows by at most one token per token seen (fraction <= 1, state >= 0), so
+        `cap(seen + j) - j` never increases with j and the minimum is at the last j: a closed
+        form, however large `evict_every` is."""
+        last = self.evict_every - 1
+        return smax(0, self.cap(seen + last) - last)
 
     def carve_out(self, keep) -> tuple:
         """(sinks, recent) that fit inside `keep`: sinks first, then the recent window."""
@@ -105,10 +115,7 @@ def state_bytes_per_token(site: AttentionSite, method: Method) -> tuple[int, int
     return site.num_kv_heads * SLOT_BYTES + stat, stat
 
 
-def check_schedule_options(sinks: Any, recent: Any, evict_every: Any) -> None:
-    """Validate the eviction knobs shared by every plan, naming the bad argument."""
-    for name, value in (("sinks", sinks), ("recent", recent)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if isinstance(evict_every, bool) or not isinstance(evict_every, int) or evict_every < 1:
-        raise ValueError(f"evict_every must be an int >= 1, got {evict_every!r}")
+def check_schedule_options(sinks: Any, recent: Any, evict_every: Any) -> tuple[int, int, int]:
+    """Validate the eviction knobs shared by every plan, naming the bad argument; returns them as ints."""
+    return (integer(sinks, "sinks", minimum=0), integer(recent, "recent", minimum=0),
+            integer(evict_every, "evict_every", minimum=1))

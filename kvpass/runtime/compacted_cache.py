@@ -62,10 +62,11 @@ class CompactedKV:
         """
         cache = cls(schedule, method, group_size, reallocator, index)
         cache.keys, cache.values, cache.seen = keys, values, keys.shape[-2]
+        cache._fit_schedule()
         cache.stat = stat if cache.stat_mode is not Stat.NONE else None
         if cache.seen > schedule.cap(cache.seen):
             batch, hkv = keys.shape[:2]
-            cache._evict(cache._past_slots(batch, hkv, cache.seen, keys.device))
+            cache._evict(_sequence_slots(batch, hkv, cache.seen, keys.device))
         return cache
 
     @property
@@ -93,23 +94,29 @@ class CompactedKV:
     ) -> torch.Tensor:
         """Attention of `q` [B, Hq, L, D] over the cache, then eviction if over the cap.
 
-        `key_padding` [B, L] marks which of the just-appended tokens are padding.
+        `key_padding` [B, seen + L] marks which tokens of the sequence so far are padding (the
+        model's mask). Until its first eviction the cache holds every token in sequence order and
+        stores no slots, so the mask labels all of them at every call (an unpruned cache costs
+        exactly its K and V, padding or not); once evicted, kept tokens carry their padding in
+        their slots and only the appended ones are read.
         """
         batch, hkv, total, _ = self.keys.shape
         start, new = self.seen, self.pending
+        self._fit_schedule()
         if self.reallocator is not None:
             self.schedule = replace(self.schedule, fraction=self.reallocator.fraction(self.index, start + new))
-        q_slots = torch.arange(start, start + new, device=q.device, dtype=torch.int32).expand(batch, new)
-        new_slots = q_slots[:, None, :].expand(batch, hkv, new)
-        if key_padding is not None and (self.slots is not None or bool(key_padding.any())):
-            # Once slots are stored no data-dependent branch is taken, so a decode step exports.
-            new_slots = torch.where(key_padding[:, None, :], -1 - new_slots, new_slots)
-            self.slots = self._past_slots(batch, hkv, total - new, q.device)
-        if self.slots is not None:
-            self.slots = torch.cat([self.slots, new_slots.contiguous()], dim=-1)
-        k_slots = self.slots if self.slots is not None else self._past_slots(batch, hkv, total, q.device)
+        appended = torch.arange(start, start + new, device=q.device, dtype=torch.int32)
+        stored = self.slots is not None
+        labelled = (appended if stored else torch.arange(total, device=q.device, dtype=torch.int32)).expand(
+            batch, hkv, -1)
+        if key_padding is not None:
+            padding = key_padding[:, -labelled.shape[-1]:]
+            labelled = torch.where(padding[:, None, :], -1 - labelled, labelled)
+        k_slots = torch.cat([self.slots, labelled], dim=-1) if stored else labelled.contiguous()
+        if stored:
+            self.slots = k_slots
         out, stat = ops.attention(
-            q, self.keys, self.values, q_slots.contiguous(), k_slots, scale, causal,
+            q, self.keys, self.values, appended.expand(batch, new).contiguous(), k_slots, scale, causal,
             self.stat_mode.value, self.method.window,
         )
         self.seen += new
@@ -122,11 +129,14 @@ class CompactedKV:
             self._evict(k_slots)
         return out
 
-    def _past_slots(self, batch: int, hkv: int, length: int, device: torch.device) -> torch.Tensor:
-        """The stored slots, or 0..length-1 when none were stored yet."""
-        if self.slots is not None:
-            return self.slots
-        return torch.arange(length, device=device, dtype=torch.int32).expand(batch, hkv, length).contiguous()
+    def _fit_schedule(self) -> None:
+        """Size the byte cap by the bytes a token of *this* cache takes: a model cast to another
+        dtype after it was optimized (`.to(torch.float16)`) stores narrower K/V than the plan
+        assumed, while slots and statistics keep their width, so fewer tokens fit the same fraction."""
+        per_token = self.keys.shape[1] * (self.keys.shape[-1] * self.keys.element_size()
+                                          + self.values.shape[-1] * self.values.element_size())
+        if per_token != self.schedule.kv_bytes_per_token:
+            self.schedule = replace(self.schedule, kv_bytes_per_token=per_token)
 
     def _accumulate(self, stat: torch.Tensor, new: int) -> None:
         if self.stat is None or self.stat_mode is Stat.LAST_QUERY:
@@ -157,3 +167,8 @@ class CompactedKV:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+
+
+def _sequence_slots(batch: int, hkv: int, length: int, device: torch.device) -> torch.Tensor:
+    """Slots 0..length-1 of a cache that holds every token in sequence order."""
+    return torch.arange(length, device=device, dtype=torch.int32).expand(batch, hkv, length).contiguous()

@@ -112,8 +112,6 @@ class SiteBinding:
     """The site in the unmodified model."""
     method: Method
     schedule: SiteSchedule
-    calls: int = 0
-    """Attention calls that ran through kvpass (the rewrite's probe counts them)."""
     hooks: list = field(default_factory=list)
     reallocation: ReallocationPolicy | None = None
     """Set when the plan moves budget between sites while decoding; `index` is this site's place."""
@@ -142,7 +140,6 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         raise UnsupportedModelError(
             f"attention module {type(module).__name__} routes to kvpass but was not rewritten by kvpass.optimize"
         )
-    binding.calls += 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if kvpass_layer is None:  # use_cache=False: attention over this call's tokens, nothing is kept
@@ -150,20 +147,18 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         layer_cache.extend(key, value)
     else:
         layer_cache = kvpass_layer.site_cache
-    padding = _new_key_padding(attention_mask, layer_cache.pending)
-    out = layer_cache.attend(query, scale, causal, padding)
+    out = layer_cache.attend(query, scale, causal, _key_padding(attention_mask))
     return out.transpose(1, 2).contiguous(), None
 
 
-def _new_key_padding(attention_mask: torch.Tensor | None, new: int) -> torch.Tensor | None:
-    """[B, new] True where an appended token is padding, read off the model's own mask.
+def _key_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, seen + new] True where a token of the sequence so far is padding, read off the model's own mask.
 
-    The last query row of a causal mask sees every real token, so a column hidden from it
-    is padding. Only the appended columns are read: older slots carry their own flag.
+    The last query row of a causal mask sees every real token, so a column hidden from it is padding.
     """
     if attention_mask is None or attention_mask.dim() != 4:
         return None
-    last_row = attention_mask[:, 0, -1, -new:]
+    last_row = attention_mask[:, 0, -1, :]
     visible = last_row if last_row.dtype == torch.bool else last_row == 0
     return ~visible
 

@@ -48,7 +48,7 @@ def bind_plan(model: torch.nn.Module, sites: SiteReport, plan: Plan) -> Callable
     try:
         hf.bind(model, modules, bindings)
         set_attn_implementation(model, hf.IMPLEMENTATION)
-        _probe(model, bindings)
+        _probe(model, modules, bindings)
     except Exception:
         undo()
         raise
@@ -74,19 +74,28 @@ def refuse_unsupported(model: torch.nn.Module, sites: SiteReport) -> None:
         raise UnsupportedModelError(f"{type(model).__name__} has no causal self-attention: no KV cache to prune")
 
 
-def _probe(model: torch.nn.Module, bindings: dict[str, hf.SiteBinding]) -> None:
-    """One tiny cached forward; every bound site must have run through kvpass exactly once."""
+def _probe(model: torch.nn.Module, modules: dict[str, torch.nn.Module], bindings: dict[str, hf.SiteBinding]) -> None:
+    """One tiny cached forward; every bound site's cache layer must have attended over the probe's
+    tokens exactly once (read off the probe's own cache: no counter shared between calls)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    ids = torch.ones(1, 2, dtype=torch.long, device=device)
-    for binding in bindings.values():
-        binding.calls = 0
+    length = 2
+    ids = torch.ones(1, length, dtype=torch.long, device=device)
+    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
-    silent = [name for name, binding in bindings.items() if binding.calls != 1]
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    silent = [name for name in bindings if not _attended(cache, modules[name].layer_idx, length)]
     if silent:
         raise UnsupportedModelError(
             f"these attention sites do not dispatch through transformers' attention interface, so kvpass "
             f"cannot rewrite them: {silent}"
         )
+
+
+def _attended(cache, layer_idx: int, tokens: int) -> bool:
+    """Whether layer `layer_idx` of `cache` is a kvpass layer whose attention ran once over `tokens` tokens."""
+    if layer_idx >= len(cache.layers) or not isinstance(cache.layers[layer_idx], hf.KVPassCacheLayer):
+        return False
+    site_cache = cache.layers[layer_idx].site_cache
+    return site_cache.seen == tokens and site_cache.pending == 0
