@@ -1,0 +1,54 @@
+"""A representative slice of the coverage matrix (`benchmarks/coverage.py`): tiny random models of
+transformers' causal LM families, each built from its own config class and checked end to end by
+`kvpass.eval.coverage.check` (geometry, budget 1.0 tokens, budget 0.5 bytes, generate, and decoding
+against the masked-full oracle), or refused with the reason named."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+from kvpass.eval.coverage import check, tiny_config  # noqa: E402
+
+SUPPORTED = [
+    "llama",        # GQA, SDPA
+    "gpt2",         # Conv1D projections, fused QKV
+    "gpt_neox",     # partial rotary
+    "opt",          # learned absolute positions
+    "gpt_bigcode",  # multi-query attention
+    "falcon",       # multi-query, parallel attention and MLP
+    "mistral",      # every layer sliding-window
+    "gemma2",       # logit soft-capping, sliding + full layers
+    "gemma3_text",  # 5 sliding layers per full one
+    "cohere2",      # 3 sliding layers per full one
+    "gpt_oss",      # learned sink logits, MoE, alternating sliding and full
+]
+REFUSED = {
+    "bloom": "computes attention itself",             # ALiBi attention outside transformers' attention interface
+    "diffllama": "several attentions per forward",    # differential attention: two per layer
+    "mamba": "recurrent state",                       # state-space
+    "deepseek_v3": "latent attention",                # MLA
+}
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_supported_family(model_type: str) -> None:
+    verdict = check(model_type)
+    assert (verdict.status, verdict.kind) == ("ok", "softmax"), verdict.detail
+
+
+@pytest.mark.parametrize(("model_type", "reason"), sorted(REFUSED.items()))
+def test_refused_family_names_why(model_type: str, reason: str) -> None:
+    verdict = check(model_type)
+    assert verdict.status == "refused" and reason in verdict.detail, verdict.detail
+
+
+def test_tiny_configs_take_one_period_of_the_layer_pattern_and_short_windows() -> None:
+    config = tiny_config("gemma3_text")
+    assert config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.sliding_window,
+            config.vocab_size) == (64, 4, 2, 8, 128)
