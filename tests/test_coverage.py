@@ -16,21 +16,22 @@ from kvpass.eval.coverage import check, tiny_config  # noqa: E402
 
 SUPPORTED = [
     "llama",        # GQA, SDPA
-    "gpt2",         # Conv1D projections, fused QKV
+    "gpt2",         # Conv1D projections, fused QKV, eager attention
     "gpt_neox",     # partial rotary
     "opt",          # learned absolute positions
     "gpt_bigcode",  # multi-query attention
-    "falcon",       # multi-query, parallel attention and MLP
-    "mistral",      # every layer sliding-window
+    "qwen2_moe",    # mixture of experts, a sliding_window value with full-attention layers only
     "gemma2",       # logit soft-capping, sliding + full layers
-    "gemma3_text",  # 5 sliding layers per full one
     "cohere2",      # 3 sliding layers per full one
-    "gpt_oss",      # learned sink logits, MoE, alternating sliding and full
 ]
+# Mistral (every layer sliding), Gemma 3 (5 sliding per full) and GPT-OSS (sink logits, alternating
+# layers) are built from their configs in tests/test_failure_classes.py.
 REFUSED = {
     "bloom": "computes attention itself",             # ALiBi attention outside transformers' attention interface
+    "falcon": "computes attention itself",
     "diffllama": "several attentions per forward",    # differential attention: two per layer
     "mamba": "recurrent state",                       # state-space
+    "qwen3_next": "recurrent state",                  # linear attention beside full attention
     "deepseek_v3": "latent attention",                # MLA
 }
 

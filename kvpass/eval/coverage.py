@@ -53,7 +53,7 @@ SIZES: dict[str, tuple[int, tuple[str, ...]]] = {
     "latent_head_dim": (8, ("qk_rope_head_dim", "qk_nope_head_dim")),
     "state_heads": (4, ("mamba_n_heads", "mamba_num_heads", "linear_num_value_heads", "linear_num_heads")),
     "state_key_heads": (2, ("linear_num_key_heads",)),
-    "state_head_dim": (16, ("mamba_d_head", "mamba_head_dim", "linear_key_head_dim", "linear_value_head_dim",
+    "state_head_dim": (32, ("mamba_d_head", "mamba_head_dim", "linear_key_head_dim", "linear_value_head_dim",
                             "linear_head_dim")),
     "vocab": (128, ("vocab_size",)),
     "positions": (256, ("max_position_embeddings", "n_positions", "n_ctx", "max_target_positions")),
@@ -140,14 +140,22 @@ def tiny_kwargs(config_class: type, default: Any = None) -> dict[str, Any]:
         if name in fields and isinstance(_get(default, name), int) and _get(default, name) >= vocab:
             kwargs[name] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[name]
     types = _get(default, "layer_types") if "layer_types" in fields else None
+    layers = SIZES["layers"][0]
     if isinstance(types, list) and types:
         pattern = _period(list(types))
         pattern = pattern if len(pattern) <= 12 else list(dict.fromkeys(types))
-        layers = max(len(pattern), SIZES["layers"][0])
-        kwargs["layer_types"] = (pattern * layers)[:layers]
+        layers = max(len(pattern), layers)
         for name in SIZES["layers"][1]:
             if name in kwargs:
                 kwargs[name] = layers
+    default_layers = _first_int(default, "layers")
+    sizes = {name: value for value, names in SIZES.values() for name in names}
+    for name in fields:  # per-layer lists (layer types, sizes per layer) take the tiny layer count
+        listed = _get(default, name)
+        if isinstance(listed, list) and listed and len(listed) == default_layers and not name.endswith("_config"):
+            kwargs[name] = [sizes[name]] * layers if name in sizes else (_period(listed) * layers)[:layers]
+    if isinstance(types, list) and types:
+        kwargs["layer_types"] = (pattern * layers)[:layers]
     for name, value in fields.items():
         sub = _get(default, name)
         if name.endswith("_config") and hasattr(sub, "to_dict") and hasattr(type(sub), "model_type"):
@@ -186,9 +194,11 @@ def _first_int(config: Any, concept: str) -> int | None:
                  and not isinstance(value, bool)), None)
 
 
-def expected_geometry(config) -> list[tuple[int, int, int]]:
+def expected_geometry(config, cache: Any = None) -> list[tuple[int, int, int]]:
     """(heads, KV heads, head dim) of every attention layer the config describes, read per layer
-    (heterogeneous configs differ from layer to layer)."""
+    (heterogeneous configs differ from layer to layer). KV heads and head dim come from the
+    unmodified model's own `cache` where it holds keys: models may derive them in code (more KV
+    heads in sliding layers), and the cache is what kvpass must match."""
     text = text_config(config)
     types = _get(text, "layer_types")
     layers = len(types) if types else _first_int(text, "layers")
@@ -201,7 +211,11 @@ def expected_geometry(config) -> list[tuple[int, int, int]]:
         kv_heads = _first_int(layer, "kv_heads") or heads
         if _get(layer, "multi_query") and not _get(layer, "new_decoder_architecture"):
             kv_heads = 1
-        geometry.append((heads, kv_heads, _get(layer, "head_dim") or _first_int(layer, "hidden") // heads))
+        head_dim = _get(layer, "head_dim") or _first_int(layer, "hidden") // heads
+        keys = getattr(cache.layers[index], "keys", None) if index < len(getattr(cache, "layers", ())) else None
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            kv_heads, head_dim = keys.shape[1], keys.shape[3]
+        geometry.append((heads, kv_heads, head_dim))
     return geometry
 
 
@@ -226,8 +240,10 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int = DECODE_STEPS)
 
 
 def prefill(model: torch.nn.Module, ids: torch.Tensor):
+    """The cache a model returns after `ids` (None for a model that keeps none)."""
     with torch.no_grad():
-        return model(ids, use_cache=True).past_key_values
+        output = model(ids, use_cache=True)
+    return getattr(output, "past_key_values", None)
 
 
 def check(model_type: str) -> Verdict:
@@ -263,7 +279,7 @@ def _run_checks(base, ids, expected_tokens, full_cache) -> tuple[str, str]:
 
     model = kvpass.optimize(copy.deepcopy(base), budget=1.0)
     report = model.kvpass_sites  # what find_attention found (optimize calls it)
-    expected = expected_geometry(base.config)
+    expected = expected_geometry(base.config, full_cache)
     found = [(s.num_heads, s.num_kv_heads, s.head_dim) for s in report]
     if found != expected:
         return "wrong", f"find_attention (heads, KV heads, head dim): {found}, the config says {expected}"

@@ -86,6 +86,9 @@ def build_plan(
     parsed = parse_budget(budget)
     if reallocate and parsed.kind != "fraction":
         raise ValueError(f"reallocate={reallocate} needs a fraction budget; budget={parsed.text!r} is absolute")
+    if reallocate and any(site.window is not None for site in sites):
+        raise ValueError(f"reallocate={reallocate}: moving budget between sites while decoding is not supported with "
+                         "sliding-window or chunked layers yet (their share of the cap is fixed by their window)")
 
     plan = Plan(method=method, budgets={site.name: 1.0 for site in sites}, sinks=sinks, recent=recent,
                 evict_every=evict_every, allocation=allocation, sites=list(sites), dtype_bytes=dtype_bytes,

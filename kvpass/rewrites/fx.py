@@ -422,22 +422,16 @@ def _through_sink_column(cat: Node, scale: float, path: list[Node]) -> _ScorePat
 
 
 def _score_product_above(softmax: Node, limit: int = 48) -> Node | None:
-    """A product of two activations within `limit` producers of the softmax input (attention-like)."""
-    seen, queue = {softmax}, deque([softmax])
-    while queue and len(seen) < limit:
-        node = queue.popleft()
-        if _is_call(node, PROJECTION_OPS):
-            continue  # logits are computed from q and k, never through another projection
-        if node is not softmax and _is_call(node, SCORE_OPS) and len(_shape(node)) >= 3:
-            operands = node.args[1] if node.target is aten.einsum.default else [
-                _arguments(node)[SCORE_OPS[node.target].q], _arguments(node)[SCORE_OPS[node.target].k]]
-            if len(operands) == 2 and not any(_is_weight(o) for o in operands):
-                return node
-        for arg in node.all_input_nodes:
-            if arg not in seen and arg.op == "call_function":
-                seen.add(arg)
-                queue.append(arg)
-    return None
+    """A product of two activations within `limit` producers of the softmax input (attention-like);
+    logits are computed from q and k, never through another projection."""
+    def is_score_product(node: Node) -> bool:
+        if node is softmax or not _is_call(node, SCORE_OPS) or len(_shape(node)) < 3:
+            return False
+        operands = node.args[1] if node.target is aten.einsum.default else [
+            _arguments(node)[SCORE_OPS[node.target].q], _arguments(node)[SCORE_OPS[node.target].k]]
+        return len(operands) == 2 and not any(_is_weight(o) for o in operands)
+
+    return _nearest_above(softmax, is_score_product, limit, through=lambda n: not _is_call(n, PROJECTION_OPS))
 
 
 def _einsum_roles(node: Node) -> tuple[Node, Node, int, int, int]:
@@ -584,11 +578,20 @@ def _match_softmax_chain(softmax: Node) -> _Core | None:
 
 def _projection(node: Node, limit: int = 64) -> Node | None:
     """The nearest projection (linear/addmm/mm with a weight) at or above `node`, breadth first."""
+    return _nearest_above(node, lambda n: _is_call(n, PROJECTION_OPS), limit)
+
+
+def _nearest_above(node: Node, wanted: Callable[[Node], bool], limit: int,
+                   through: Callable[[Node], bool] = lambda n: True) -> Node | None:
+    """The first of `node` and its producers (breadth first, at most `limit`) that `wanted` accepts,
+    walking past only the nodes `through` accepts."""
     seen, queue = {node}, deque([node])
     while queue and len(seen) < limit:
         current = queue.popleft()
-        if _is_call(current, PROJECTION_OPS):
+        if wanted(current):
             return current
+        if not through(current):
+            continue
         for arg in current.all_input_nodes:
             if arg not in seen and arg.op == "call_function":
                 seen.add(arg)
@@ -624,7 +627,7 @@ def _mask_is_causal(masks: list[Node]) -> bool:
             return True
         if (_is_call(node, SCALAR_ORDER_COMPARISONS) and _is_call(_walk_up(node.args[0], TRANSPARENT_OPS)[0],
                                                                     {aten.sub.Tensor})
-                and any(_is_call(user, MASK_CONSUMERS) for user in node.users)):
+                and _selects_logits(node)):
             return True
         if node.op == "get_attr" and _is_triangular(_attribute(node)):
             return True
@@ -632,6 +635,18 @@ def _mask_is_causal(masks: list[Node]) -> bool:
             if arg not in seen:
                 seen.add(arg)
                 queue.append(arg)
+    return False
+
+
+def _selects_logits(node: Node) -> bool:
+    """Whether a boolean `node` reaches, through layout ops only, something that selects or blocks logits."""
+    frontier = [node]
+    while frontier:
+        for user in frontier.pop().users:
+            if _is_call(user, MASK_CONSUMERS | SDPA_OPS.keys()):
+                return True
+            if _is_call(user, TRANSPARENT_OPS | REPEAT_OPS):
+                frontier.append(user)
     return False
 
 

@@ -198,11 +198,12 @@ def _new_key_padding(attention_mask: torch.Tensor | None, new: int) -> torch.Ten
 
 def find_cache(args: tuple, kwargs: dict) -> Any:
     """The cache an attention module was called with: a transformers `Cache` under any name or
-    position (`past_key_values=`, `layer_past=`, ...), else whatever a cache keyword holds."""
-    for value in (*kwargs.values(), *args):
-        if isinstance(value, Cache):
-            return value
-    return next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
+    position (`past_key_values=`, `layer_past=`, ...), else whatever a cache keyword holds (the
+    self-attention part of an encoder-decoder cache)."""
+    found = next((value for value in (*kwargs.values(), *args) if isinstance(value, Cache)), None)
+    if found is None:
+        found = next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
+    return getattr(found, "self_attention_cache", found)  # an EncoderDecoderCache: its decoder self-attention part
 
 
 CACHE_KEYWORDS = ("past_key_values", "past_key_value", "layer_past", "cache")

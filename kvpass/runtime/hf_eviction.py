@@ -106,6 +106,10 @@ def refuse_unsupported(model: torch.nn.Module, sites: SiteReport) -> None:
     refuse_config(model)
     if not any(site.causal for site in sites):
         raise UnsupportedModelError(f"{type(model).__name__} has no causal self-attention: no KV cache to prune")
+    cross = [site.name for site in sites if site.cross]
+    if cross:
+        raise UnsupportedModelError(f"{type(model).__name__} has cross-attention sites {cross}: kvpass prunes the "
+                                    "decoder's self-attention cache of decoder-only models")
 
 
 def _run_probe(model: torch.nn.Module, modules: dict, bindings: dict[str, hf.SiteBinding]) -> dict[str, list]:
