@@ -37,6 +37,9 @@ def _tensors(obj: Any):
     elif isinstance(obj, dict):
         for item in obj.values():
             yield from _tensors(item)
+    elif hasattr(obj, "self_attention_cache"):  # transformers EncoderDecoderCache
+        yield from _tensors(obj.self_attention_cache)
+        yield from _tensors(obj.cross_attention_cache)
     elif hasattr(obj, "layers"):  # transformers Cache: every tensor its layers hold (K/V, recurrent states, ...)
         for layer in obj.layers:
             site_cache = getattr(layer, "site_cache", None)

@@ -35,7 +35,7 @@ SIZES: dict[str, tuple[int, tuple[str, ...]]] = {
                     "word_embed_proj_dim", "attention_hidden_size", "hidden_dim", "n_embed")),
     "layers": (2, ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers")),
     "heads": (4, ("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads", "attention_heads",
-                  "encoder_attention_heads", "swa_num_attention_heads")),
+                  "encoder_attention_heads", "swa_num_attention_heads", "num_attention_heads_per_layer")),
     "kv_heads": (2, ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "swa_num_key_value_heads")),
     "head_dim": (16, ("head_dim", "d_head", "dim_head", "attention_head_dim", "attention_head_size", "kv_channels",
                       "swa_head_dim", "v_head_dim", "qk_head_dim", "global_head_dim")),
@@ -84,7 +84,8 @@ class Verdict:
     """'ok', 'refused', 'wrong', 'crashed' or 'could not build'."""
     detail: str = ""
     kind: str = ""
-    """'softmax' (attention over a KV cache), 'state-space / linear', 'latent', or '' if unknown."""
+    """'softmax' (attention over a KV cache), 'state-space / linear', 'latent', 'no KV cache' (the
+    model returns none), or '' if unknown."""
     seconds: float = 0.0
 
 
@@ -260,6 +261,8 @@ def check(model_type: str) -> Verdict:
         ids = prompt(base)
         expected_tokens = greedy(base, ids)
         full_cache = prefill(base, ids)
+        if full_cache is None and verdict.kind == "softmax":
+            verdict.kind = "no KV cache"  # the model recomputes attention over the whole sequence each step
     except Exception as error:  # noqa: BLE001 - anything here is a transformers/config problem
         verdict.detail = _one_line(error)
         verdict.seconds = time.perf_counter() - start
