@@ -14,7 +14,7 @@ import torch
 
 from kvpass.budget import parse_budget
 from kvpass.calibration import Calibration
-from kvpass.capture import capture, default_example_inputs
+from kvpass.capture import capture, default_example_inputs, is_transformers_model
 from kvpass.methods import Method
 from kvpass.planning import Plan
 from kvpass.rewrites.fx import find_sites
@@ -47,6 +47,10 @@ def find_attention(model: torch.nn.Module, *example_args: Any, **example_kwargs:
     captured = capture(model, args, kwargs)
     report = find_sites(captured.graph_module)
     report.capture, report.capture_note = captured.how, captured.note
+    if is_transformers_model(model):
+        from kvpass.hf_attention import annotate_windows
+
+        annotate_windows(model, report)
     return report
 
 
@@ -97,6 +101,7 @@ def optimize(
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         raise TypeError(f"example_inputs must be a tuple of positional arguments, got {type(example_inputs).__name__}")
 
+    _refuse_before_capture(model)
     # An optimized model is re-planned from the sites found the first time (its graph now holds kvpass ops).
     report = getattr(model, "kvpass_sites", None) or find_attention(model, *(example_inputs or ()))
     what = type(model).__name__
@@ -179,6 +184,7 @@ def plan(
     shorthand = {"allocation": allocation, "floor": floor, "ceiling": ceiling, "sinks": sinks, "recent": recent,
                  "evict_every": evict_every, "reallocate": reallocate}
     transforms = shorthand_transforms(transforms, None, method, method_options, shorthand, {"allocation": "adaptive"})
+    _refuse_before_capture(model)
     report = getattr(model, "kvpass_sites", None) or find_attention(model, *(example_inputs or ()))
     what = type(model).__name__
     report.require_rewritable(what)
@@ -186,6 +192,15 @@ def plan(
     return solve(model, report, budget, transforms, dtype_bytes=next(model.parameters()).element_size(),
                  seq_len=seq_len if seq_len is not None else _context_length(model), calibration=calibration,
                  tokenizer=tokenizer)
+
+
+def _refuse_before_capture(model: torch.nn.Module) -> None:
+    """Transformers models whose config already says kvpass cannot compact their cache (encoder-decoders,
+    latent attention, state-space layers) are refused by name, before a capture that might fail first."""
+    if is_transformers_model(model) and hasattr(model, "generate"):
+        from kvpass.runtime.hf_eviction import refuse_config
+
+        refuse_config(model)
 
 
 def _context_length(model: torch.nn.Module) -> int | None:
