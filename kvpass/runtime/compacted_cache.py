@@ -13,7 +13,7 @@ unpruned cache costs exactly the bytes of its K and V.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,10 +28,29 @@ if TYPE_CHECKING:
     from kvpass.runtime.reallocation import Reallocator
 
 
-class CompactedKV:
-    """One site's cache. Call `extend` with the new K/V, then `attend` with the queries."""
+@dataclass(frozen=True)
+class TokenPositions:
+    """Where one call's tokens sit in the sequence, when some were pruned before reaching the cache.
 
-    def __init__(self, schedule: SiteSchedule, method: Method, group_size: int,
+    Example:
+        >>> TokenPositions(torch.tensor([[0, 1, 4, 5]]), span=6).span   # tokens 2 and 3 were pruned
+        6
+    """
+
+    offsets: torch.Tensor
+    """int [B, L]: each appended token's position relative to the first position of the call."""
+    span: int
+    """Positions the call covers (kept and pruned tokens): what the logical length grows by."""
+    padding: torch.Tensor | None = None
+    """bool [B, L]: True for padding tokens."""
+
+
+class CompactedKV:
+    """One site's cache. Call `extend` with the new K/V, then `attend` with the queries.
+
+    `method` None: a cache that never evicts (its schedule must not prune)."""
+
+    def __init__(self, schedule: SiteSchedule, method: Method | None, group_size: int,
                  reallocator: "Reallocator | None" = None, index: int = 0):
         self.schedule = schedule
         self.method = method
@@ -70,7 +89,7 @@ class CompactedKV:
 
     @property
     def stat_mode(self) -> Stat:
-        return self.method.stat if self.schedule.prunes else Stat.NONE
+        return self.method.stat if self.schedule.prunes and self.method is not None else Stat.NONE
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds, for byte accounting."""
@@ -89,30 +108,46 @@ class CompactedKV:
         return self.keys, self.values
 
     def attend(
-        self, q: torch.Tensor, scale: float, causal: bool = True, key_padding: torch.Tensor | None = None
+        self, q: torch.Tensor, scale: float, causal: bool = True, key_padding: torch.Tensor | None = None,
+        positions: TokenPositions | None = None,
     ) -> torch.Tensor:
         """Attention of `q` [B, Hq, L, D] over the cache, then eviction if over the cap.
 
-        `key_padding` [B, L] marks which of the just-appended tokens are padding.
+        `key_padding` [B, L] marks which of the just-appended tokens are padding. `positions`:
+        where the appended tokens sit in the sequence when they are not simply the next L
+        (tokens were pruned before reaching this cache); the logical length grows by its span.
         """
         batch, hkv, total, _ = self.keys.shape
         start, new = self.seen, self.pending
+        span = new if positions is None else positions.span
         if self.reallocator is not None:
-            self.schedule = replace(self.schedule, fraction=self.reallocator.fraction(self.index, start + new))
-        q_slots = torch.arange(start, start + new, device=q.device, dtype=torch.int32).expand(batch, new)
+            self.schedule = replace(self.schedule, fraction=self.reallocator.fraction(self.index, start + span))
+        if positions is None:
+            q_slots = torch.arange(start, start + new, device=q.device, dtype=torch.int32).expand(batch, new)
+        else:
+            q_slots = (positions.offsets.to(device=q.device, dtype=torch.int32) + start).expand(batch, new)
+            key_padding = positions.padding
         new_slots = q_slots[:, None, :].expand(batch, hkv, new)
-        if key_padding is not None and (self.slots is not None or bool(key_padding.any())):
+        padded = key_padding is not None and (self.slots is not None or bool(key_padding.any()))
+        if padded:
             # Once slots are stored no data-dependent branch is taken, so a decode step exports.
             new_slots = torch.where(key_padding[:, None, :], -1 - new_slots, new_slots)
+        if padded or (positions is not None and self.schedule.prunes):
+            # Eviction ranks by slot: gaps must be remembered. A cache that never evicts does not
+            # need them: every later query sits after all it holds, whatever their slots.
             self.slots = self._past_slots(batch, hkv, total - new, q.device)
         if self.slots is not None:
             self.slots = torch.cat([self.slots, new_slots.contiguous()], dim=-1)
-        k_slots = self.slots if self.slots is not None else self._past_slots(batch, hkv, total, q.device)
+            k_slots = self.slots
+        elif positions is not None:
+            k_slots = torch.cat([self._past_slots(batch, hkv, total - new, q.device), new_slots], dim=-1).contiguous()
+        else:
+            k_slots = self._past_slots(batch, hkv, total, q.device)
         out, stat = ops.attention(
             q, self.keys, self.values, q_slots.contiguous(), k_slots, scale, causal,
-            self.stat_mode.value, self.method.window,
+            self.stat_mode.value, self.method.window if self.method is not None else 0,
         )
-        self.seen += new
+        self.seen += span
         self.pending = 0
         if self.stat_mode is not Stat.NONE:
             self._accumulate(stat, new)

@@ -31,7 +31,7 @@ from kvpass import hf_attention
 from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method
 from kvpass.planning import SiteSchedule
-from kvpass.runtime.compacted_cache import CompactedKV
+from kvpass.runtime.compacted_cache import CompactedKV, TokenPositions
 from kvpass.runtime.reallocation import ReallocationPolicy, Reallocator
 from kvpass.site import AttentionSite
 
@@ -133,9 +133,17 @@ because torch.compile guards on what the lookup reads, and a global weak dict's 
 LAYER_KEYWORD = "kvpass_layer"
 """The keyword the pre-hook adds to an attention module's call: that call's KVPassCacheLayer."""
 
+POSITIONS_KEYWORD = "kvpass_positions"
+"""The keyword the pre-hook adds when the call's tokens are not simply the next ones of the sequence
+(patch pruning dropped some before they reached the attention): a `TokenPositions`."""
+
+POSITIONS_ATTRIBUTE = "_kvpass_positions"
+"""Where whoever drops tokens puts that `TokenPositions` on the call's cache, for the layers that see them."""
+
 
 def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                     kvpass_layer: KVPassCacheLayer | None = None, **kwargs):
+                     kvpass_layer: KVPassCacheLayer | None = None, kvpass_positions: TokenPositions | None = None,
+                     **kwargs):
     """The "kvpass" attention implementation: custom-op attention over the compacted cache."""
     binding = getattr(module, BINDING_ATTRIBUTE, None)
     if binding is None:
@@ -150,8 +158,12 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         layer_cache.extend(key, value)
     else:
         layer_cache = kvpass_layer.site_cache
-    padding = _new_key_padding(attention_mask, layer_cache.pending)
-    out = layer_cache.attend(query, scale, causal, padding)
+    positions = kvpass_positions
+    if positions is not None and positions.offsets.shape[-1] != layer_cache.pending:
+        raise RuntimeError(f"{binding.site.name}: the call's token positions cover {positions.offsets.shape[-1]} tokens, "
+                           f"but {layer_cache.pending} reached the attention")
+    padding = _new_key_padding(attention_mask, layer_cache.pending) if positions is None else None
+    out = layer_cache.attend(query, scale, causal, padding, positions)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -194,7 +206,8 @@ def _adopt_cache_layer(module, args, kwargs):
                 setattr(cache, REALLOCATOR_ATTRIBUTE, reallocator)
         layer = _convert_layer(layer, binding, reallocator)
         layers[index] = layer
-    return args, {**kwargs, LAYER_KEYWORD: layer}
+    positions = getattr(cache, POSITIONS_ATTRIBUTE, None)
+    return args, {**kwargs, LAYER_KEYWORD: layer, **({POSITIONS_KEYWORD: positions} if positions is not None else {})}
 
 
 def _convert_layer(layer: CacheLayerMixin, binding: SiteBinding, reallocator: Reallocator | None) -> KVPassCacheLayer:

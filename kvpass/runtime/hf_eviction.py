@@ -13,7 +13,6 @@ from collections.abc import Callable
 import torch
 
 from kvpass.errors import UnsupportedModelError
-from kvpass.hf_attention import set_attn_implementation
 from kvpass.planning import Plan
 from kvpass.runtime import hf
 from kvpass.runtime.reallocation import ReallocationPolicy
@@ -22,7 +21,6 @@ from kvpass.site import SiteReport
 
 def bind_plan(model: torch.nn.Module, sites: SiteReport, plan: Plan) -> Callable[[], None]:
     """Route `model`'s sites onto compacted caches under `plan`; returns the undo."""
-    config = model.config
     refuse_unsupported(model, sites)
     modules = dict(model.named_modules())
     dtype_bytes = next(model.parameters()).element_size()
@@ -34,7 +32,11 @@ def bind_plan(model: torch.nn.Module, sites: SiteReport, plan: Plan) -> Callable
         for index, site in enumerate(sites)
     }
     previous_bindings = getattr(model, "kvpass_bindings", None)
-    previous = config._attn_implementation
+    # Only the bound modules' configs are pointed at kvpass: a vision-language model's vision
+    # encoder keeps its own attention (it has no KV cache to compact).
+    configs = list({id(config): config for config in (getattr(modules[name], "config", model.config)
+                                                      for name in bindings)}.values())
+    previous = [config._attn_implementation for config in configs]
     if previous_bindings:  # re-optimizing replaces the plan
         hf.unbind(modules, previous_bindings)
 
@@ -42,12 +44,14 @@ def bind_plan(model: torch.nn.Module, sites: SiteReport, plan: Plan) -> Callable
         hf.unbind(modules, bindings)
         if previous_bindings:
             hf.bind(model, modules, previous_bindings)
-        set_attn_implementation(model, previous)
+        for config, implementation in zip(configs, previous):
+            config._attn_implementation = implementation
         model.kvpass_bindings = previous_bindings
 
     try:
         hf.bind(model, modules, bindings)
-        set_attn_implementation(model, hf.IMPLEMENTATION)
+        for config in configs:
+            config._attn_implementation = hf.IMPLEMENTATION
         _probe(model, bindings)
     except Exception:
         undo()
