@@ -23,15 +23,14 @@ its decoder layers, the vision encoder), the vision encoder's last attention bef
 from __future__ import annotations
 
 import operator
-from collections import deque
 from collections.abc import Iterable
 
 import torch
 from torch.fx import GraphModule, Node
 
 from kvpass.anchors import VisionBoundary
-from kvpass.rewrites.fx import (PROJECTION_OPS, TRANSPARENT_OPS, _arguments, _constant, _is_call, _module_stack,
-                                _shape, _val)
+from kvpass.rewrites.fx import (PROJECTION_OPS, TRANSPARENT_OPS, _arguments, _attribute, _constant, _is_call,
+                                _module_stack, _reachable, _shape, _val, _walk_up)
 from kvpass.site import SiteReport
 
 aten = torch.ops.aten
@@ -95,8 +94,8 @@ def _describe(write: Node, graph_name: str, report: SiteReport) -> VisionBoundar
     lookup = _embedding_lookup(embeddings)
     if lookup is None:
         raise _Miss("the written tensor is not an embedding lookup of token ids")
-    token_input = _walk_to_placeholder(_arguments(lookup)["indices"])
-    if token_input is None:
+    token_input, _ = _walk_up(_arguments(lookup)["indices"], TRANSPARENT_OPS)
+    if token_input.op != "placeholder":
         raise _Miss("the embedding lookup does not read a graph input")
     image_token_ids = _compared_ids(where, token_input)
     if not image_token_ids:
@@ -133,25 +132,30 @@ def _describe(write: Node, graph_name: str, report: SiteReport) -> VisionBoundar
     layers = tuple(_first_below(_module_stack(nodes[site.match.anchor]), above_layers) for site in language)
     if None in layers or len(set(layers)) != len(layers):
         raise _Miss("the language model's attention sites are not in one decoder layer each")
+    # the vision side: what computes the features, and the rest of the encoder (layers whose output is unused)
+    vision_side = {site.name for site in encoder} | {site.name for site in report if _inside(site.name, vision_encoder)}
     return VisionBoundary(
         owner=owner_stack[-1] if owner_stack else "", language_model=language_model, language_layers=layers,
         embedding=embedding[-1], vision_encoder=vision_encoder, pixel_site=encoder[0].name,
         scoring_site=encoder[-1].name, feature_module=_module_stack(producer)[-1],
         class_tokens=_class_tokens(nodes[encoder[0].match.anchor]), token_input=token_input.name,
         image_token_ids=image_token_ids, op=str(write.target).split(".")[-2].rstrip("_").removeprefix("_unsafe_"),
+        encoder_sites=tuple(site.name for site in report if site.name in vision_side),
     )
 
 
 def _split_sites(report: SiteReport, boundary: VisionBoundary) -> None:
-    """Keep the language model's sites in the report (renumbered), list the vision encoder's in the anchor."""
-    inside = lambda name, module: name == module or name.startswith(module + ".")  # noqa: E731
-    encoder = [site for site in report if inside(site.name, boundary.vision_encoder)]
-    kept = [site for site in report if not inside(site.name, boundary.vision_encoder)]
+    """Keep the language model's sites in the report (renumbered); the vision side's are listed in the anchor."""
+    kept = [site for site in report if site.name not in boundary.encoder_sites]
     for layer, site in enumerate(kept):
         site.layer = layer
     report[:] = kept
-    report.unsupported = [u for u in report.unsupported if not inside(u.name, boundary.vision_encoder)]
-    report.vision = VisionBoundary(**{**boundary.__dict__, "encoder_sites": tuple(site.name for site in encoder)})
+    report.unsupported = [u for u in report.unsupported if not _inside(u.name, boundary.vision_encoder)]
+    report.vision = boundary
+
+
+def _inside(name: str, module: str) -> bool:
+    return name == module or name.startswith(module + ".")
 
 
 def _embedding_lookup(node: object) -> Node | None:
@@ -166,12 +170,6 @@ def _embedding_lookup(node: object) -> Node | None:
     return None
 
 
-def _walk_to_placeholder(node: object) -> Node | None:
-    while isinstance(node, Node) and _is_call(node, TRANSPARENT_OPS):
-        node = node.args[0]
-    return node if isinstance(node, Node) and node.op == "placeholder" else None
-
-
 def _compared_ids(where: object, token_input: Node) -> tuple[int, ...]:
     """The constants the token ids are compared with on the way to the written positions."""
     found: set[int] = set()
@@ -179,23 +177,16 @@ def _compared_ids(where: object, token_input: Node) -> tuple[int, ...]:
         if not _is_call(node, TOKEN_COMPARISONS):
             continue
         operands = list(node.args[:2])
-        if _walk_to_placeholder(operands[0]) is not token_input:
+        if not isinstance(operands[0], Node) or _walk_up(operands[0], TRANSPARENT_OPS)[0] is not token_input:
             continue
         other = operands[1]
         values = [_constant(other)] if not isinstance(other, (list, tuple)) else [_constant(v) for v in other]
         if isinstance(other, Node) and other.op == "get_attr" and values == [None]:
-            constant = _attribute_tensor(other)
-            values = constant.flatten().tolist() if constant is not None else [None]
+            constant = _attribute(other)
+            values = constant.flatten().tolist() if isinstance(constant, torch.Tensor) else [None]
         if None not in values and all(float(v).is_integer() for v in values):
             found.update(int(v) for v in values)
     return tuple(sorted(found))
-
-
-def _attribute_tensor(node: Node) -> torch.Tensor | None:
-    value: object = node.graph.owning_module
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def _rows_producer(rows: Node) -> Node | None:
@@ -245,22 +236,8 @@ def _first_below(stack: list[str], above: list[str]) -> str | None:
 
 
 def _ancestors(nodes: Iterable[object], limit: int = ANCESTOR_LIMIT) -> set[Node]:
-    start = [n for n in nodes if isinstance(n, Node)]
-    seen, queue = set(start), deque(start)
-    while queue and len(seen) < limit:
-        for arg in queue.popleft().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                queue.append(arg)
-    return seen
+    return _reachable([n for n in nodes if isinstance(n, Node)], lambda n: n.all_input_nodes, limit)
 
 
 def _descendants(node: Node) -> set[Node]:
-    seen, queue = {node}, deque([node])
-    while queue and len(seen) < ANCESTOR_LIMIT:
-        for user in queue.popleft().users:
-            if user not in seen:
-                seen.add(user)
-                queue.append(user)
-    return seen
-
+    return _reachable([node], lambda n: n.users, ANCESTOR_LIMIT)

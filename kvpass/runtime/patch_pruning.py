@@ -41,6 +41,8 @@ from kvpass.runtime.token_regions import LAST_ENCODING, Encoding, TokenRegions
 
 RECORD_ATTRIBUTE = "_kvpass_patches"
 """Where a cache keeps the `PatchRecord` of the calls that used it."""
+ADDED_PADDING_SLOT = 2**30
+"""Offset given to padding added between rows that keep different counts: beyond any real position."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,11 @@ class PatchOptions:
 
     keep: float | int
     method: str
-    source: str = "pixels"
-    threshold: float = 0.1
-    merge: bool = False
-    contextual: float = 0.0
-    layer: int = 2
+    source: str
+    threshold: float
+    merge: bool
+    contextual: float
+    layer: int
 
 
 @dataclass
@@ -421,8 +423,12 @@ def _cut_prepared_mask(mask: Any, cut: _Cut) -> Any:
 
 
 def _positions(cut: _Cut, padding_mask: torch.Tensor | None) -> TokenPositions:
-    """Where the kept tokens sit in the call, for the cache (padding: added, or masked by the model's mask)."""
+    """Where the kept tokens sit in the call, for the cache (padding: added, or masked by the model's mask).
+
+    Added padding takes a slot no token of the sequence will ever have (a padding slot is visible to
+    the query of the same slot, so it must not share one with a real token)."""
     padding = cut.added_padding
+    offsets = torch.where(padding, ADDED_PADDING_SLOT, cut.index)
     if padding_mask is not None:
         padding = padding | (padding_mask[:, -cut.index.shape[1]:].to(padding.device) == 0)
-    return TokenPositions(cut.index.clamp(min=0), cut.span, padding if bool(padding.any()) else None)
+    return TokenPositions(offsets, cut.span, padding if bool(padding.any()) else None)

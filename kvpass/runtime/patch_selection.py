@@ -92,7 +92,7 @@ def contextual_groups(scores: torch.Tensor, keys: torch.Tensor, count: int, cont
         >>> keys = torch.tensor([[1.0, 0], [0, 1], [1, 0.1], [0.1, 1], [1, 0], [0, 1]])
         >>> s = contextual_groups(torch.tensor([9.0, 8, 0, 0, 0, 0]), keys, 4, 2)
         >>> s.kept.tolist(), [m.tolist() for m in s.members]
-        ([0, 1, 2, 4], [[0], [1], [2, 3, 5], [4]])
+        ([0, 1, 2, 5], [[0], [1], [2, 4], [5, 3]])
     """
     dominant = top_scores(scores, count - contextual).kept
     if contextual == 0:

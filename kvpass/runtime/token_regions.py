@@ -80,7 +80,7 @@ class TokenRegions:
         module = self.model.get_submodule
         encoder, scoring = module(self.boundary.vision_encoder), module(self.boundary.scoring_site)
         hooks = [encoder.register_forward_pre_hook(self._start, with_kwargs=True),
-                 scoring.register_forward_hook(self._trace_scoring_rows, always_call=True),
+                 scoring.register_forward_hook(self._trace_scoring_rows),
                  module(self.boundary.feature_module).register_forward_hook(self._finish, always_call=True)]
         if self.pixels:
             hooks.append(module(self.boundary.pixel_site).register_forward_pre_hook(self._trace_pixels,
@@ -138,6 +138,11 @@ class TokenRegions:
         if encoding is None or encoding.leaf is None:
             return None
         try:
+            if output is None:  # the call failed: only the graph is left to close
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise UnsupportedModelError(f"{self.boundary.feature_module} returns {type(output).__name__}, not the "
+                                            "feature rows as one tensor")
             features = output.reshape(-1, output.shape[-1])
             encoding.row_token = _feeds(features, encoding.leaf, per_row=True)
             encoding.tokens = features.shape[0]
