@@ -4,6 +4,8 @@ Example:
     >>> import kvpass
     >>> model = kvpass.optimize(model, budget=0.5)   # doctest: +SKIP
     >>> model = kvpass.optimize(model, budget=0.5, transforms=[kvpass.PruneHeads(0.25), kvpass.Evict()])  # doctest: +SKIP
+    >>> model = kvpass.optimize(vlm, budget=0.3, transforms=[kvpass.PrunePatches(0.25), kvpass.Evict()],
+    ...                         example_inputs=processor(images=image, text=prompt, return_tensors="pt"))  # doctest: +SKIP
     >>> kvpass.stats(model)["kv_bytes"]               # doctest: +SKIP
 """
 

@@ -95,6 +95,9 @@ def optimize(
     models whose forward carries its own cache tensors keep their signature and return
     compacted caches (pass `example_inputs`); models with no KV cache (encoders) take
     structural transforms only, at `budget=1.0`. `kvpass.stats(model)` reports the last call.
+    `example_inputs` is a tuple of positional arguments or a mapping of keyword arguments
+    (a processor's output: `kvpass.PrunePatches` needs a vision-language model captured with
+    an image, to find where image features enter its language model).
 
     Example:
         >>> import kvpass

@@ -366,3 +366,20 @@ def test_example_runs_as_written(monkeypatch, capsys) -> None:
     assert "image tokens: 576 in, 144 reach the language model" in out
     ratio = float(re.search(r"\(x([0-9.]+), budget 0.3\)", out).group(1))
     assert ratio <= 0.3
+
+
+def test_evict_alone_leaves_the_vision_encoder_to_its_own_attention() -> None:
+    """A vision-language model captured from text only (no boundary) still takes Evict: only the language
+    model's attention is routed through kvpass, so images still encode."""
+    base, _ = base_and_report("llava")
+    model = kvpass.optimize(copy.deepcopy(base), budget=0.5)
+    batch = inputs("llava")
+    model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    figures = kvpass.stats(model)
+    assert figures["kv_bytes"] <= 0.5 * figures["full_kv_bytes"]
+    assert model.config.vision_config._attn_implementation == base.config.vision_config._attn_implementation
+
+
+def test_a_plan_records_and_restores_the_transform() -> None:
+    transform = kvpass.PrunePatches(12, method="dominant", contextual=0.25)
+    assert kvpass.transforms.from_record(transform.record()) == transform

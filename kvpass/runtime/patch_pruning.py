@@ -157,33 +157,34 @@ class PatchPruning:
 
     def _enter_language_model(self, module, args, kwargs):
         call = CALL.get()
-        if call is None or call.cache is not None:  # not through the owner, or a nested call
+        if call is None or call.length:  # called outside the owner, or a second time in one owner call
             return None
         arguments = bind_call(module, args, kwargs)
         embeddings = arguments.get("inputs_embeds")
-        cache = arguments.get("past_key_values")
-        if cache is None and embeddings is not None:  # a pruned call's positions travel on a cache
+        if embeddings is None:
+            return None
+        call.length, call.cache = embeddings.shape[1], arguments.get("past_key_values")
+        if call.token_ids is not None:  # image tokens are known by their ids only
+            call.image_mask = self._image_rows(call.token_ids, embeddings)
+        if call.image_mask is None:
+            return None
+        if call.cache is None:  # the kept tokens' positions travel on the call's cache
             from transformers import DynamicCache
 
-            cache = arguments["past_key_values"] = DynamicCache(config=getattr(module, "config", None))
-        call.cache, call.length = cache, embeddings.shape[1] if embeddings is not None else 0
-        if embeddings is None or call.token_ids is None:  # image tokens are known by their ids only
-            return call_with(module, arguments)
-        call.image_mask = self._image_rows(call.token_ids, embeddings)
-        if call.image_mask is None or self.options.method == "fastv":
+            call.cache = arguments["past_key_values"] = DynamicCache(config=getattr(module, "config", None))
+        if self.options.method == "fastv":
             return call_with(module, arguments)
         call.encoding = self._encoding(call)
         positions = arguments.get("position_ids")
         if positions is None:
-            past = cache.get_seq_length()
+            past = call.cache.get_seq_length()
             positions = torch.arange(past, past + embeddings.shape[1], device=embeddings.device)[None]
         cut = call.cut = self._cut(call, embeddings, self._choose(call, embeddings))
-        if cut.removes_nothing:
-            return call_with(module, arguments)
-        arguments["inputs_embeds"] = cut.features
-        arguments["position_ids"] = _gather_tokens(positions, cut.index, axis=-1)
-        arguments["attention_mask"] = _cut_padding_mask(arguments.get("attention_mask"), cut)
-        setattr(cache, POSITIONS_ATTRIBUTE, _positions(cut, arguments["attention_mask"]))
+        if not cut.removes_nothing:
+            arguments["inputs_embeds"] = cut.features
+            arguments["position_ids"] = _gather_tokens(positions, cut.index, axis=-1)
+            arguments["attention_mask"] = _cut_padding_mask(arguments.get("attention_mask"), cut)
+            setattr(call.cache, POSITIONS_ATTRIBUTE, _positions(cut, arguments["attention_mask"]))
         return call_with(module, arguments)
 
     def _image_rows(self, ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor | None:
@@ -216,9 +217,9 @@ class PatchPruning:
 
     def _leave_language_model(self, module, args, output):
         call = CALL.get()
-        if call is None or call.cache is None:
+        cache = call.cache if call is not None and call.cache is not None else getattr(output, "past_key_values", None)
+        if call is None or cache is None:
             return
-        cache = call.cache
         if hasattr(cache, POSITIONS_ATTRIBUTE):
             delattr(cache, POSITIONS_ATTRIBUTE)
         record = getattr(cache, RECORD_ATTRIBUTE, None) or PatchRecord()

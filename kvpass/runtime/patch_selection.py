@@ -72,14 +72,15 @@ def representatives(vectors: torch.Tensor, limit: int, threshold: float) -> Sele
     """
     x = vectors.float().reshape(vectors.shape[0], -1)
     tolerance = threshold * x.pow(2).sum(dim=-1).mean().sqrt()
+    distance = torch.cdist(x, x)
     chosen = [int((x - x.mean(dim=0)).norm(dim=-1).argmin())]
-    nearest = (x - x[chosen[0]]).norm(dim=-1)
+    nearest = distance[chosen[0]].clone()
     while len(chosen) < limit and bool(nearest.max() > tolerance):
         far = int(nearest.argmax())
         chosen.append(far)
-        nearest = torch.minimum(nearest, (x - x[far]).norm(dim=-1))
+        nearest = torch.minimum(nearest, distance[far])
     centers = torch.tensor(sorted(chosen), device=vectors.device)
-    owner = torch.cdist(x, x[centers]).argmin(dim=-1)
+    owner = distance[:, centers].argmin(dim=-1)
     return Selection(centers, [torch.nonzero(owner == i).flatten() for i in range(len(centers))])
 
 

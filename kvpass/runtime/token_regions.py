@@ -13,7 +13,8 @@ model's forward, or before it, as `generate` encodes images ahead of the prefill
 On each token-wise stretch, a scalar s_t = F_t . w per output row t (random w) is back-propagated
 twice, once weighted by t+1 and once by 1: for every input element x the two gradients are
 (t+1) c(x) and c(x), so their ratio names the one output row x feeds. Elements feeding none (zero
-gradient) or several (a non-integer ratio) map to -1. Two short backward passes per encoding.
+gradient) or several (a non-integer ratio) map to -1. Two short backward passes per stretch
+(another two, for another w, when some element's gradient happens to cancel).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from kvpass.runtime.call_arguments import bind_call, call_with
 
 NOISE = 1e-6
 """Gradients below this fraction of the largest are taken as zero."""
+PROJECTIONS = 3
+"""Random projections tried, at most, to resolve every element."""
 
 
 @dataclass
@@ -162,15 +165,31 @@ class TokenRegions:
 
 def _feeds(outputs: torch.Tensor, source: torch.Tensor, per_row: bool) -> torch.Tensor:
     """The row of `outputs` [n, d] that each element of `source` feeds (`per_row`: each row of `source`,
-    leading axes flattened, by its strongest element); -1 for none or several (module docstring)."""
-    weights = torch.randn(outputs.shape[-1], generator=torch.Generator().manual_seed(0)).to(outputs.device)
+    leading axes flattened, by its strongest element); -1 for none or several (module docstring).
+
+    An element whose gradient is tiny for one random projection (its weights happen to cancel) is
+    retried with another, so a token is not left a pixel short."""
+    found = None
+    for seed in range(PROJECTIONS):
+        row, unresolved = _feeds_along(outputs, source, per_row, seed, last=seed == PROJECTIONS - 1)
+        found = row if found is None else torch.where(found < 0, row, found)
+        if not bool((unresolved & (found < 0)).any()):
+            break
+    return found
+
+
+def _feeds_along(outputs: torch.Tensor, source: torch.Tensor, per_row: bool, seed: int,
+                 last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_feeds` for one random projection: (rows, elements that feed something but were not resolved)."""
+    weights = torch.randn(outputs.shape[-1], generator=torch.Generator().manual_seed(seed)).to(outputs.device)
     scores = outputs.float() @ weights
     order = torch.arange(1, scores.shape[0] + 1, dtype=scores.dtype, device=scores.device)
     weighted, = torch.autograd.grad((scores * order).sum(), source, retain_graph=True, allow_unused=True)
-    plain, = torch.autograd.grad(scores.sum(), source, allow_unused=True)
+    plain, = torch.autograd.grad(scores.sum(), source, retain_graph=not last, allow_unused=True)
     if plain is None:
-        shape = source.shape[:-1].numel() if per_row else source.shape
-        return torch.full((shape,) if per_row else shape, -1, dtype=torch.long, device=source.device)
+        shape = (source.shape[:-1].numel(),) if per_row else source.shape
+        none = torch.full(shape, -1, dtype=torch.long, device=source.device)
+        return none, torch.zeros(shape, dtype=torch.bool, device=source.device)
     largest = plain.abs().max()
     if per_row:
         plain, weighted = plain.reshape(-1, plain.shape[-1]), weighted.reshape(-1, plain.shape[-1])
@@ -179,4 +198,4 @@ def _feeds(outputs: torch.Tensor, source: torch.Tensor, per_row: bool) -> torch.
     ratio = weighted.double() / torch.where(plain != 0, plain.double(), torch.ones_like(plain, dtype=torch.double))
     row = ratio.round()
     valid = (plain.abs() > NOISE * largest) & ((ratio - row).abs() < 0.05) & (row >= 1) & (row <= scores.shape[0])
-    return torch.where(valid, row.long() - 1, torch.full_like(row, -1, dtype=torch.long))
+    return torch.where(valid, row.long() - 1, torch.full_like(row, -1, dtype=torch.long)), (plain != 0) & ~valid
