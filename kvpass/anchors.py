@@ -76,3 +76,50 @@ class Projections:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Projections":
         return cls(**{role: Projection(**data[role]) for role in ("q", "k", "v", "o")})
+
+
+@dataclass(frozen=True)
+class VisionBoundary:
+    """Where a vision-language model's image features become language-model inputs: the op
+    that writes the projected features into the token embeddings at the image tokens' positions.
+
+    Patch pruning acts here: it drops image tokens from the sequence the language model
+    receives (or, for FastV, from the sequence that reaches `language_layers[K]`), ranking them
+    with the vision encoder's attention at `scoring_site`. Found by
+    `kvpass.rewrites.vision_boundary`; every field is a module path, an input name or a number.
+
+    Example:
+        >>> b = VisionBoundary("model", "model.language_model", ("model.language_model.layers.0",),
+        ...                    "model.language_model.embed_tokens", "model.vision_tower",
+        ...                    "model.vision_tower.layers.0.attn", "model.vision_tower.layers.1.attn",
+        ...                    "model.projector.linear_2", 1, "input_ids", (32000,), "masked_scatter")
+        >>> b.image_token_ids
+        (32000,)
+    """
+
+    owner: str
+    """The module whose forward writes the features into the embeddings (it receives the token ids)."""
+    language_model: str
+    """The module that receives the merged embeddings (`inputs_embeds`)."""
+    language_layers: tuple[str, ...]
+    """The language model's decoder layers, one per attention site, in order."""
+    embedding: str
+    """The token embedding the features overwrite (rows still equal to it received no features)."""
+    vision_encoder: str
+    pixel_site: str
+    """The vision encoder's first attention on the way to the features (its input rows are the patches)."""
+    scoring_site: str
+    """The vision encoder's last attention before the features: its attention ranks the patches, and
+    nothing after it mixes tokens."""
+    feature_module: str
+    """The module whose output rows are the features written, one per image token, in order."""
+    class_tokens: int
+    """Learned tokens the vision encoder puts before each image's patches (a [CLS]); 0 if none."""
+    token_input: str
+    """The owner's input holding the token ids."""
+    image_token_ids: tuple[int, ...]
+    """Token ids whose positions receive the features."""
+    op: str
+    """The writing op: 'masked_scatter' or 'index_put'."""
+    encoder_sites: tuple[str, ...] = ()
+    """The vision encoder's attention sites (no KV cache: never planned, never evicted)."""
