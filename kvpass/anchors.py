@@ -9,6 +9,7 @@ never graph nodes, so they survive `Plan.save`/`load` and mean the same in any c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,22 @@ class Projection:
     def parameter(self, model: torch.nn.Module, name: str | None = None) -> torch.nn.Parameter:
         """The weight (or the parameter `name`, e.g. the bias) on `model`."""
         return getattr(model.get_submodule(self.module), name or self.weight)
+
+    def zero(self, model: torch.nn.Module, features: Sequence[int]) -> Callable[[], None]:
+        """Zero `features` (offsets into this role's range) of the weight along `axis`, in place;
+        returns the restore. Zeroing an O projection's input columns removes those heads' output
+        exactly: the oracle of head removal, and how calibration measures what a head is worth."""
+        weight = self.parameter(model)
+        index = torch.tensor([self.start + feature for feature in features], device=weight.device)
+        saved = weight.detach().index_select(self.axis, index).clone()
+        with torch.no_grad():
+            weight.index_fill_(self.axis, index, 0.0)
+
+        def restore() -> None:
+            with torch.no_grad():
+                weight.index_copy_(self.axis, index, saved)
+
+        return restore
 
     def to_dict(self) -> dict[str, Any]:
         return {"module": self.module, "weight": self.weight, "bias": self.bias, "axis": self.axis,

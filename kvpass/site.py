@@ -64,6 +64,11 @@ class AttentionSite:
         """Query heads per KV head (GQA/MQA group)."""
         return self.num_heads // self.num_kv_heads
 
+    def query_group_features(self, head: int) -> range:
+        """The features KV head `head`'s query group occupies in Q's output and O's input."""
+        width = self.group_size * self.head_dim
+        return range(head * width, (head + 1) * width)
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes one cached token costs at this site (K and V, all KV heads), per sequence."""
         return 2 * self.num_kv_heads * self.head_dim * dtype_bytes
