@@ -39,11 +39,11 @@ import torch
 
 from kvpass.errors import UnsupportedModelError
 from kvpass.eviction_cost import mass_kept, output_errors
+from kvpass.hf_attention import attention_implementation
 from kvpass.kernels import ops
 from kvpass.kernels.reference import first_scored_query
 from kvpass.methods import Method, Observation, Stat, get_method
 from kvpass.methods.selection import ranking_scores
-from kvpass.hf_attention import attention_implementation
 from kvpass.site import AttentionSite
 
 RECORDER = "kvpass_calibrate"
