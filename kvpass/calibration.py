@@ -164,7 +164,7 @@ def calibrate(
             "use allocation='uniform' or 'pyramid'"
         )
     chosen = get_method(method)
-    ids = _token_ids(model, prompts, tokenizer)
+    ids = token_ids(model, prompts, tokenizer)
     recorder = _Recorder({module: name for name, module in model.named_modules()}, chosen, sinks, recent,
                          {site.name: site.projections for site in sites or () if site.projections is not None}, model)
     started = time.perf_counter()
@@ -198,7 +198,7 @@ def _rows(rows: list[list[float]], heads: Sequence[int] | None) -> list[list[flo
     return rows if heads is None else [rows[head] for head in heads]
 
 
-def _token_ids(model: torch.nn.Module, prompts: Any, tokenizer: Any | None) -> list[torch.Tensor]:
+def token_ids(model: torch.nn.Module, prompts: Any, tokenizer: Any | None) -> list[torch.Tensor]:
     """Every prompt as a [1, L] long tensor, checked against the model's context length (the
     built-in prompts are cut to it, keeping their end: the question)."""
     built_in = prompts is None
@@ -272,7 +272,7 @@ class _Recorder:
         self.long_range.setdefault(name, []).append(_long_range(probs, kv_heads, self.sinks, self.recent)[0].tolist())
         if name in self.projections:
             self.head_error.setdefault(name, []).append(
-                _head_removal_errors(out, self.projections[name].o, self.model, kv_heads)[0].tolist())
+                head_output_errors(out, -out, self.projections[name].o, self.model, kv_heads)[0].tolist())
         return out.transpose(1, 2).contiguous(), None
 
 
@@ -286,11 +286,14 @@ def _long_range(probs: torch.Tensor, kv_heads: int, sinks: int, recent: int) -> 
     return share.view(batch, kv_heads, heads // kv_heads, window).mean(dim=(2, 3))
 
 
-def _head_removal_errors(out: torch.Tensor, o: Projection, model: torch.nn.Module, kv_heads: int) -> torch.Tensor:
-    """[B, Hkv]: ||Δo|| / ||o|| per token, averaged, when each KV head's query group is removed.
+def head_output_errors(out: torch.Tensor, change: torch.Tensor, o: Projection, model: torch.nn.Module,
+                       kv_heads: int) -> torch.Tensor:
+    """[B, Hkv]: ||Δo|| / ||o|| of the attention block's output per token, averaged, when only KV head
+    g's query group changes its attention output by `change`, for each g.
 
-    `out` [B, Hq, L, D] is the attention output before the O projection; removing a group
-    removes its columns' contribution W_o[:, cols] · out[cols] from the projection's output."""
+    `out` [B, Hq, L, D] is the attention output before the O projection (`change` alike); a
+    group's change moves the projection's output by W_o[:, cols] · change[cols]. Removing a
+    head is `change = -out`."""
     batch, heads, length, dim = out.shape
     weight = o.parameter(model).detach().float().narrow(o.axis, o.start, o.size)
     matrix = weight if o.axis == 1 else weight.T                     # [out features, heads * dim]
@@ -300,7 +303,8 @@ def _head_removal_errors(out: torch.Tensor, o: Projection, model: torch.nn.Modul
         full = full + o.parameter(model, o.bias).detach().float()
     norm = full.norm(dim=-1).clamp_min(1e-12)
     width = heads // kv_heads * dim
-    errors = [(x[..., g * width:(g + 1) * width] @ matrix[:, g * width:(g + 1) * width].T).norm(dim=-1) / norm
+    delta = change.float().transpose(1, 2).reshape(batch, length, heads * dim)
+    errors = [(delta[..., g * width:(g + 1) * width] @ matrix[:, g * width:(g + 1) * width].T).norm(dim=-1) / norm
               for g in range(kv_heads)]
     return torch.stack(errors, -1).mean(dim=1)
 

@@ -64,8 +64,10 @@ class Method:
 
     name: ClassVar[str] = ""
     stat: ClassVar[Stat] = Stat.NONE
-    per_head: bool = True
-    """Evict per KV head (each head keeps its own tokens) or one keep set for the whole layer."""
+    shared_keep_set: bool = False
+    """One keep set for the whole layer (scores averaged over its KV heads) instead of each KV head
+    ranking its own tokens. Every head still keeps as many tokens: how many each head keeps is the
+    budget's business (`kvpass.Evict(per_head=True)` gives heads different numbers)."""
     window: int = 0
     """Observation window for Stat.WINDOW methods (queries at the end of the prefill)."""
     page_size: int = 1
@@ -73,6 +75,12 @@ class Method:
     span: int = 0
     """Max-pool scores over `span` tokens either side, so a kept token keeps its neighbours:
     numbers, names and keys are split over several tokens and are useless when half kept."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "per_head" in cls.__dict__.get("__annotations__", {}):
+            raise TypeError(f"{cls.__name__}: the Method field per_head was renamed shared_keep_set (its inverse: "
+                            "per_head=False is shared_keep_set=True)")
 
     def score(self, obs: Observation) -> torch.Tensor:
         """Importance of each cached token, [B, Hkv, T]; higher is kept first."""

@@ -72,6 +72,22 @@ class CompactedKV:
     def stat_mode(self) -> Stat:
         return self.method.stat if self.schedule.prunes else Stat.NONE
 
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[0]
+
+    def head_lengths(self) -> torch.Tensor:
+        """[B, Hkv] tokens each KV head holds (all alike)."""
+        return torch.full(self.keys.shape[:2], self.keys.shape[-2], dtype=torch.long, device=self.keys.device)
+
+    def empty(self) -> "CompactedKV":
+        """A new, empty cache like this one."""
+        return CompactedKV(self.schedule, self.method, self.group_size, self.reallocator, self.index)
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Take over a filled uniform cache [B, Hkv, T, D] (contiguous slots)."""
+        self.keys, self.values, self.seen = keys, values, keys.shape[-2]
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds, for byte accounting."""
         return [t for t in (self.keys, self.values, self.slots, self.stat) if t is not None]
@@ -110,7 +126,7 @@ class CompactedKV:
         k_slots = self.slots if self.slots is not None else self._past_slots(batch, hkv, total, q.device)
         out, stat = ops.attention(
             q, self.keys, self.values, q_slots.contiguous(), k_slots, scale, causal,
-            self.stat_mode.value, self.method.window,
+            self.stat_mode.value, self.method.window if self.method is not None else 0,
         )
         self.seen += new
         self.pending = 0

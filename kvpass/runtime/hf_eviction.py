@@ -30,7 +30,7 @@ def bind_plan(model: torch.nn.Module, sites: SiteReport, plan: Plan) -> Callable
               if plan.reallocate else None)
     bindings = {
         site.name: hf.SiteBinding(site=site, method=plan.method, schedule=plan.schedule(site, dtype_bytes),
-                                  reallocation=policy, index=index)
+                                  reallocation=policy, index=index, heads=plan.head_schedule(site, dtype_bytes))
         for index, site in enumerate(sites)
     }
     previous_bindings = getattr(model, "kvpass_bindings", None)
