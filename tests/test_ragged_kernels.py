@@ -23,7 +23,8 @@ STATS = ["none", "column_sum", "window", "last_query"]
 
 def ragged_inputs(lengths: list[list[int]], group: int, lq: int, tail: int, dim: int = 16, seed: int = 0):
     """A packed cache with these per-head lengths (slots a sorted subset of 0..59, one padding row),
-    a tail of `tail` tokens at 60.., and `lq` queries ending at the newest position."""
+    a tail of `tail` tokens at 60.., and `lq` queries: the newest tokens (in the tail, as the runtime
+    calls it; with no tail, the positions right after the packed part)."""
     gen = torch.Generator().manual_seed(seed)
     lengths_t = torch.tensor(lengths, dtype=torch.int32)
     batch, kv_heads = lengths_t.shape
@@ -33,7 +34,8 @@ def ragged_inputs(lengths: list[list[int]], group: int, lq: int, tail: int, dim:
     slots[0] = -1 - slots[0]
     end = 60 + tail
     tail_slots = torch.arange(60, end, dtype=torch.int32).expand(batch, tail).contiguous()
-    q_slots = torch.arange(end - lq, end, dtype=torch.int32).expand(batch, lq).contiguous()
+    first = end - lq if tail else 60
+    q_slots = torch.arange(first, first + lq, dtype=torch.int32).expand(batch, lq).contiguous()
     tensors = [torch.randn(rows, dim, generator=gen), torch.randn(rows, dim, generator=gen), slots, lengths_t,
                torch.randn(batch, kv_heads, tail, dim, generator=gen), torch.randn(batch, kv_heads, tail, dim,
                                                                                    generator=gen), tail_slots, q_slots]
@@ -62,7 +64,7 @@ def dense_masked(q, packed_k, packed_v, packed_slots, lengths, tail_k, tail_v, t
     return torch.softmax(logits.masked_fill(~mask, float("-inf")), -1) @ values.repeat_interleave(group, 1)
 
 
-@pytest.mark.parametrize("lq,tail", [(1, 3), (3, 1), (20, 5)])
+@pytest.mark.parametrize("lq,tail", [(1, 3), (3, 3), (20, 24)])
 def test_reference_equals_a_dense_masked_attention(lq, tail) -> None:
     args = [x.cpu() for x in ragged_inputs([[5, 40, 0], [2, 17, 9]], group=3, lq=lq, tail=tail)]
     out, packed_stat, tail_stat = ragged.ragged_attention(*args, 0.25, True, "column_sum", 0)
@@ -73,7 +75,7 @@ def test_reference_equals_a_dense_masked_attention(lq, tail) -> None:
 
 @pytest.mark.triton
 @pytest.mark.parametrize("lq,tail,lengths", [(1, 3, [[5, 40], [0, 17]]), (4, 0, [[5, 40], [2, 17]]),
-                                             (20, 5, [[5, 40], [2, 17]])])
+                                             (20, 24, [[5, 40], [2, 17]])])
 @pytest.mark.parametrize("stat", STATS)
 def test_triton_reads_the_packed_buffer_through_offsets(lq, tail, lengths, stat) -> None:
     pytest.importorskip("triton")

@@ -22,6 +22,7 @@ from kvpass.onnx import find_attention, optimize
 from kvpass.planning import Plan
 from kvpass.runtime import hf
 from kvpass.transforms import Evict
+from kvpass.transforms.evict import refuse_ragged
 
 
 class _DecodeStep(torch.nn.Module):
@@ -62,6 +63,8 @@ def export_onnx(
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a Hugging Face causal LM (torch.nn.Module with a config), got {type(model).__name__}")
     plan = plan if plan is not None else getattr(model, "kvpass_plan", None)
+    if plan is not None:
+        refuse_ragged(plan, "kvpass's ONNX graphs (every site keeps one [B, Hkv, T, D] present K/V per layer)")
     with _unoptimized(model):
         proto = _export_step(model, opset, _kv_heads(model, plan))
     if plan is not None:

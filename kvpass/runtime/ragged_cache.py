@@ -28,7 +28,7 @@ from kvpass.errors import UnsupportedModelError
 from kvpass.kernels.ragged import sequence_starts
 from kvpass.methods import Method, Observation, Stat, get_method
 from kvpass.methods.selection import ranking_scores
-from kvpass.planning import SiteSchedule
+from kvpass.planning import SLOT_BYTES, SiteSchedule
 from kvpass.planning.head_schedule import HeadSchedule
 from kvpass.runtime.compacted_cache import CompactedKV
 
@@ -103,8 +103,9 @@ class RaggedKV:
 
     def head_lengths(self) -> torch.Tensor:
         """[B, Hkv] tokens each KV head holds (padding of the tail included)."""
-        packed = self.lengths.long() if self.lengths is not None else 0
-        return packed + self.tail_length
+        if self.lengths is None:
+            return torch.full(self.tail_keys.shape[:2], self.tail_length, device=self.tail_keys.device)
+        return self.lengths.long() + self.tail_length
 
     def empty(self) -> "RaggedKV":
         """A new, empty cache like this one."""
@@ -182,15 +183,15 @@ class RaggedKV:
     # ----------------------------------------------------------------- when and what to evict
 
     def _held_bytes(self) -> int:
-        """Bytes one sequence's cache holds (the longest one), by the arithmetic the schedule caps."""
+        """Bytes one sequence's cache holds (the longest one) by the arithmetic the schedule caps: once
+        packed, the tail counts a slot per token whether stored or implied, so when eviction falls due
+        does not depend on padding elsewhere in the batch."""
         heads, tail = self.heads, self.tail_length
         whole = tail * heads.kv_heads * (heads.head_bytes + heads.stat_bytes)
-        if self.tail_slots is not None:
-            whole += tail * 4
         if self.lengths is None:
-            return whole
+            return whole + (tail * SLOT_BYTES if self.tail_slots is not None else 0)
         packed = int(self.lengths.sum(1).max()) * heads.row_bytes + heads.bookkeeping_bytes
-        return packed + whole
+        return packed + whole + tail * SLOT_BYTES
 
     def _wanted_rows(self) -> int:
         """Rows the longest sequence would keep if nothing capped it (padding is never kept)."""
@@ -260,7 +261,12 @@ class RaggedKV:
     def _keep(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, stat: torch.Tensor | None,
               real: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, T] the tokens the eviction at `seen` keeps: streaming heads their window, the budgeted
-        heads an equal share each or a joint top-k with a per-head floor (`HeadSchedule`)."""
+        heads an equal share each, or (`joint`) as many as a joint top-k over the layer hands them.
+
+        The joint top-k compares the heads' own scores (a head whose tokens score high gets more of
+        them); each head then keeps its carve-outs, its floor and that many more tokens in the order
+        its method ranks them, so a method with a shared keep set still keeps a prefix of the
+        layer-wide ranking in every head (its robustness stays; only the depth differs per head)."""
         heads, seen = self.heads, self.seen
         rows = heads.rows(seen)
         streaming = torch.zeros(heads.kv_heads, dtype=torch.bool, device=slots.device)
@@ -274,24 +280,23 @@ class RaggedKV:
         budgeted = (~streaming).nonzero().squeeze(1)
         pick = lambda x: x.index_select(1, budgeted) if x is not None else None  # noqa: E731
         method = self.method or RECENCY
-        if heads.joint and method.shared_keep_set:
-            method = replace(method, shared_keep_set=False)  # a joint top-k compares the heads' own scores
         share = nominal // heads.budgeted if heads.joint else heads.equal_quota(nominal)
-        carve_sinks, carve_recent = heads.base.carve_out(share)
+        carve = heads.base.carve_out(share)
         observation = Observation(pick(keys), pick(values), pick(slots), pick(stat), seen, self.group_size)
-        scores = ranking_scores(method, observation, carve_sinks, carve_recent)
+        scores = ranking_scores(method, observation, *carve)
         candidates = pick(real)
         rank = _ranks(scores, candidates)
-        if heads.joint:
-            split = [heads.joint_split(s) for s in spare]
-            first = _per_sequence([f for f, _ in split], rank)
-            chosen = candidates & (rank < first)
-            extra = candidates & ~chosen
-            joint_rank = _ranks(scores.flatten(1), extra.flatten(1)).view_as(rank)
-            chosen |= extra & (joint_rank < _per_sequence([e for _, e in split], rank))
-        else:
-            chosen = candidates & (rank < _per_sequence([heads.equal_quota(s) for s in spare], rank))
-        keep[:, budgeted] = chosen
+        if not heads.joint:
+            keep[:, budgeted] = candidates & (rank < _per_sequence([heads.equal_quota(s) for s in spare], rank))
+            return keep
+        own = ranking_scores(replace(method, shared_keep_set=False), observation, *carve) \
+            if method.shared_keep_set else scores
+        split = [heads.joint_split(s) for s in spare]
+        first = _per_sequence([f for f, _ in split], rank)
+        rest = candidates & (rank >= first)
+        joint_rank = _ranks(own.flatten(1), rest.flatten(1)).view_as(rank)
+        handed = (rest & (joint_rank < _per_sequence([e for _, e in split], rank))).sum(-1, keepdim=True)
+        keep[:, budgeted] = candidates & (rank < first + handed)
         return keep
 
     def select_batch(self, index: torch.Tensor) -> None:

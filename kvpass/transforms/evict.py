@@ -136,5 +136,6 @@ def refuse_ragged(plan, where: str) -> None:
     if ragged:
         asked = "per-head budgets (Evict(per_head=True))" if plan.per_head_budgets else "streaming heads"
         raise UnsupportedModelError(
-            f"{asked} need a ragged cache, which {where} cannot hold (sites {ragged[:3]}...): use a Hugging Face "
-            "model, whose cache object kvpass replaces")
+            f"{asked} need a ragged cache (KV heads of different lengths, packed), which {where} cannot hold "
+            f"(sites {ragged[:3]}{'...' if len(ragged) > 3 else ''}): run the Hugging Face model, whose cache "
+            "object kvpass replaces")
