@@ -1,141 +1,147 @@
-"""Passkey retrieval on SmolLM2 for every method x budget, next to the full cache.
+"""The quality suite on SmolLM2: retrieval tasks x methods x budgets x modes, perplexity, NIAH grid.
 
-Protocol: DESIGN.md ("Passkey protocol"), both evaluation modes:
-  query-aware  - the whole prompt is prefilled, then evicted (what `generate` does);
-  context-only - the context is prefilled and evicted before the question arrives
-                 (kvpress's protocol; what multi-turn cache reuse needs).
-One prefill per sample and mode is shared by every (method, budget) pair
-(`kvpass.eval.sweep`). Also prints decode tokens/s and KV bytes, full vs pruned.
+Every task (`kvpass.eval.tasks`) runs in both modes: query-aware (whole prompt prefilled,
+then evicted) and context-only (context evicted before the question arrives). One prefill
+per sample is shared by every (method, budget, mode) (`kvpass.eval.runner`). Prints mean
+scores per task, retention against the full cache over the counted tasks, and perplexity
+increase per method; writes every row to `<out>.jsonl` for plots (`kvpass.eval.plots`).
 
-    python benchmarks/quality.py --samples 24 --lengths 1500 3000
-    python benchmarks/quality.py --samples 4 --lengths 1500 --methods tova tova:span=2 --budgets 0.5
+    python benchmarks/quality.py                       # smoke profile (about 10 min, 2 cores)
+    python benchmarks/quality.py --full                # the complete grid (hours)
+    python benchmarks/quality.py --split dev --samples 12 --methods default tova:span=4 paged
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import random
 import time
 
 import torch
+from tqdm import tqdm
 
 import kvpass
+from kvpass.eval import plots
 from kvpass.eval.models import load_smollm2
-from kvpass.eval.passkey import is_correct, make_sample
-from kvpass.eval.sweep import cache_from_recording, record_prefill
+from kvpass.eval.perplexity import perplexities, windows
+from kvpass.eval.report import FULL, accuracy_table, label, save_jsonl
+from kvpass.eval.runner import MODES, evaluate
+from kvpass.eval.tasks import COUNTED_TASKS, TASKS, make_sample, seeds, token_counter
 
-MODES = ("query-aware", "context-only")
+PROFILES = {
+    "smoke": dict(samples=2, methods=["default", "tova", "paged"], budgets=[0.5, 0.25], perplexity_windows=1,
+                  niah_depths=[], niah_lengths=[]),
+    "full": dict(samples=24, methods=["default", *kvpass.METHODS], budgets=[0.75, 0.5, 0.25],
+                 perplexity_windows=5, niah_depths=[0.1, 0.3, 0.5, 0.7, 0.9], niah_lengths=[500, 1000, 1500, 2000]),
+}
 
 
 def parse_method(spec: str):
-    """'tova' or 'snapkv:window=16,span=2' -> (label, name, options)."""
+    """'tova' or 'tova:span=2,page_size=8' -> (method, options) for `kvpass.plan`; 'default' -> (None, {})."""
     name, _, opts = spec.partition(":")
-    options = {k: int(v) for k, v in (kv.split("=") for kv in opts.split(",") if kv)}
-    return spec, (None if name == "default" else name), options
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = float(value) if "." in value else int(value)
+    return (None if name == "default" else name), options
 
 
-def generate_new(model, prompt_ids, cache=None, new_tokens=10):
-    with torch.no_grad():
-        out = model.generate(prompt_ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=model.config.eos_token_id)
-    return out[0, prompt_ids.shape[-1]:]
-
-
-def decode_speed(model, tokenizer, length, steps=64):
-    """(tokens/s, peak KV bytes) of a step-by-step greedy decode after a `length`-token prompt."""
-    from transformers import DynamicCache
-
-    sample = make_sample(tokenizer, length, random.Random(7))
-    cache = DynamicCache(config=model.config)
-    peak = 0
-    with torch.no_grad():
-        logits = model(sample.prompt_ids, past_key_values=cache, use_cache=True).logits
-        token = logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(steps):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            peak = max(peak, kvpass.cache_bytes(cache))
-        elapsed = time.perf_counter() - start
-    return steps / elapsed, peak
+def make_plans(model, methods: list[str], budgets: list[float]) -> dict:
+    """label -> Plan (uniform allocation), with the full cache under "full"."""
+    plans = {FULL: kvpass.plan(model, budget=1.0, allocation="uniform")}
+    for spec in methods:
+        method, options = parse_method(spec)
+        for budget in budgets:
+            plans[label(spec, budget)] = kvpass.plan(model, budget=budget, method=method, allocation="uniform",
+                                                     **options)
+    return plans
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=24)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1500, 3000])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5, 0.25])
-    parser.add_argument("--methods", nargs="+", default=["default", *kvpass.METHODS])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--full", action="store_true", help="the complete grid instead of the smoke profile")
+    parser.add_argument("--split", choices=["dev", "test"], default="test")
+    parser.add_argument("--samples", type=int, help="samples per task (and per NIAH grid cell)")
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
+    parser.add_argument("--length", type=int, default=1500, help="prompt tokens of the task samples")
+    parser.add_argument("--methods", nargs="+", help="method specs: default, tova, tova:span=4,page_size=8, ...")
+    parser.add_argument("--budgets", type=float, nargs="+")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--niah-depths", type=float, nargs="*")
+    parser.add_argument("--niah-lengths", type=int, nargs="*")
+    parser.add_argument("--perplexity-windows", type=int, help="1024-token held-out windows (0: skip)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default="", help="write rows to OUT.jsonl and plots to OUT_*.png")
     args = parser.parse_args()
-
-    torch.manual_seed(args.seed)
+    profile = PROFILES["full" if args.full else "smoke"]
+    for key, value in profile.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
+
     base, tokenizer = load_smollm2()
     model = kvpass.optimize(copy.deepcopy(base), budget=1.0)
-    methods = [parse_method(spec) for spec in args.methods]
-    print(f"default method: {kvpass.get_method()}; sites: {len(model.kvpass_sites)}", flush=True)
+    plans = make_plans(model, args.methods, args.budgets)
+    count_tokens = token_counter(tokenizer)
+    print(f"default method: {kvpass.get_method()}; split {args.split}; {args.samples} samples per task; "
+          f"{len(plans)} settings x {len(args.modes)} modes", flush=True)
 
-    hits: dict[tuple, int] = {}
-    full_hits: dict[int, int] = {}
+    jobs = [(task, seed, args.length, None) for seed in seeds(args.split, args.samples) for task in args.tasks]
+    jobs += [("niah", seed, length, depth) for length in args.niah_lengths for depth in args.niah_depths
+             for seed in seeds(args.split, args.samples, start=10_000)]
+    rows, grid_rows = [], []
     started = time.perf_counter()
-    for length in args.lengths:
-        rng = random.Random(args.seed * 1000 + length)
-        for index in range(args.samples):
-            sample = make_sample(tokenizer, length, rng)
-            full_hits[length] = full_hits.get(length, 0) + is_correct(
-                tokenizer, sample, generate_new(base, sample.prompt_ids))
-            recordings = {
-                "query-aware": record_prefill(model, sample.prompt_ids[:, :-1]),
-                "context-only": record_prefill(model, sample.context_ids),
-            }
-            for label, name, options in methods:
-                for budget in args.budgets:
-                    kvpass.optimize(model, budget=budget, method=name, **options)
-                    for mode, recording in recordings.items():
-                        cache = cache_from_recording(model, recording, model.kvpass_plan)
-                        ok = is_correct(tokenizer, sample, generate_new(model, sample.prompt_ids, cache))
-                        hits[(length, label, budget, mode)] = hits.get((length, label, budget, mode), 0) + ok
-            print(f"  {length} tokens: sample {index + 1}/{args.samples} "
-                  f"({sample.prompt_ids.shape[-1]} tokens, depth {sample.depth:.2f}) "
-                  f"{time.perf_counter() - started:.0f}s", flush=True)
+    for task, seed, length, depth in tqdm(jobs, desc="samples", unit="sample"):
+        sample = make_sample(task, args.split, seed, length, count_tokens, depth)
+        results = evaluate(model, tokenizer, sample, plans, tuple(args.modes))
+        (grid_rows if depth is not None else rows).extend(results)
+    print(f"\n{len(jobs)} samples in {time.perf_counter() - started:.0f}s", flush=True)
 
-        print_table(args, methods, hits, full_hits, [length])
-    if len(args.lengths) > 1:
-        print_table(args, methods, hits, full_hits, args.lengths)
-    run_speed(args, model, tokenizer)
+    print(f"\nMean score (%), SmolLM2-135M-Instruct, {args.split} split, ~{args.length} tokens")
+    print(accuracy_table(rows, args.modes, args.tasks, COUNTED_TASKS), flush=True)
+    if grid_rows:
+        print_grid(grid_rows, args)
+    if args.perplexity_windows:
+        print_perplexity(model, tokenizer, plans, args)
+    if args.out:
+        save_jsonl(rows + grid_rows, f"{args.out}.jsonl")
+        plots.accuracy_vs_budget(rows, f"{args.out}_accuracy.png", COUNTED_TASKS)
+        pyramid = kvpass.plan(model, budget=0.5, allocation="pyramid")
+        plots.plan_budgets(pyramid, f"{args.out}_plan_pyramid.png", "budget 0.5, pyramid allocation: KV kept per layer")
+        if grid_rows:
+            for setting in (FULL, label("default", min(args.budgets))):
+                plots.niah_heatmap(grid_rows, setting, args.modes[-1], f"{args.out}_niah_{setting}.png")
 
 
-def print_table(args, methods, hits, full_hits, lengths) -> None:
-    print(f"\nPasskey accuracy (%), SmolLM2-135M-Instruct, {args.samples} samples per length", flush=True)
-    header = "| method | budget | " + " | ".join(f"{m} {n}" for m in MODES for n in lengths) + " |"
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    print("| full cache | 1.0 | " + " | ".join(
-        f"{100 * full_hits[n] / args.samples:.0f}" for _ in MODES for n in lengths) + " |")
-    for label, _, _ in methods:
-        for budget in args.budgets:
-            cells = [f"{100 * hits[(n, label, budget, m)] / args.samples:.0f}" for m in MODES for n in lengths]
-            print(f"| {label} | {budget} | " + " | ".join(cells) + " |", flush=True)
+def print_grid(grid_rows, args) -> None:
+    """NIAH accuracy per depth x length, one block per setting, last mode."""
+    mode = args.modes[-1]
+    print(f"\nNIAH grid (% correct, {mode}), depth x prompt length, {args.samples} samples per cell")
+    for setting in sorted({r.setting for r in grid_rows}):
+        print(f"{setting}:")
+        print("| depth | " + " | ".join(str(n) for n in args.niah_lengths) + " |")
+        print("|" + "---|" * (len(args.niah_lengths) + 1))
+        for depth in args.niah_depths:
+            cells = []
+            for seeds_length in args.niah_lengths:
+                got = [r.score for r in grid_rows if r.setting == setting and r.mode == mode
+                       and abs(r.depth - depth) < 1e-6 and abs(r.length - seeds_length) < 0.2 * seeds_length]
+                cells.append(f"{100 * sum(got) / max(len(got), 1):.0f}")
+            print(f"| {depth:g} | " + " | ".join(cells) + " |")
 
 
-def run_speed(args, model, tokenizer) -> None:
-    """Decode speed and peak KV bytes, full vs budget 0.5 evicting every step and every 16 steps."""
-    if args.skip_speed:
-        return
-    length = max(args.lengths)
-    kvpass.optimize(model, budget=1.0)
-    full_speed, full_bytes = decode_speed(model, tokenizer, length)
-    print(f"\nDecode after a {length}-token prompt, 64 steps, CPU (same run):")
-    print(f"  full cache                : {full_speed:.1f} tok/s, peak KV {full_bytes / 2**20:.1f} MiB")
-    for evict_every in (1, 16):
-        kvpass.optimize(model, budget=0.5, evict_every=evict_every)
-        speed, held = decode_speed(model, tokenizer, length)
-        print(f"  budget 0.5, evict_every={evict_every:<2} : {speed:.1f} tok/s, peak KV {held / 2**20:.1f} MiB "
-              f"-> speed x{speed / full_speed:.2f}, KV bytes x{held / full_bytes:.3f}")
+def print_perplexity(model, tokenizer, plans, args) -> None:
+    """Perplexity of held-out text (768 tokens of context evicted, 256 read), relative to the full cache."""
+    chunks = windows(tokenizer, 1024, count=args.perplexity_windows)
+    started = time.perf_counter()
+    values = perplexities(model, chunks, 768, plans)
+    full = values[FULL]
+    print(f"\nPerplexity on held-out text ({len(chunks)} windows: 768 context tokens evicted, 256 read; "
+          f"{time.perf_counter() - started:.0f}s)")
+    print("| setting | perplexity | increase vs full |\n|---|---|---|")
+    for setting, value in values.items():
+        print(f"| {setting} | {value:.2f} | {100 * (value / full - 1):+.1f}% |", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import ClassVar
 
 import torch
 
+from kvpass.validation import boolean, integer
+
 
 class Stat(str, Enum):
     """The attention statistic a method needs, accumulated per KV head and cached token.
@@ -81,6 +83,17 @@ class Method:
         if "per_head" in cls.__dict__.get("__annotations__", {}):
             raise TypeError(f"{cls.__name__}: the Method field per_head was renamed shared_keep_set (its inverse: "
                             "per_head=False is shared_keep_set=True)")
+
+    def __post_init__(self) -> None:
+        """Check every option when the method is made, naming it (`span='2'` fails here, not in a kernel)."""
+        owner = type(self).__name__
+        self.shared_keep_set = boolean(self.shared_keep_set, f"{owner}: shared_keep_set")
+        needs_window = self.stat is Stat.WINDOW
+        self.window = integer(self.window, f"{owner}: window", minimum=1 if needs_window else 0,
+                              meaning="queries observed at the end of the prompt")
+        self.page_size = integer(self.page_size, f"{owner}: page_size", minimum=1, meaning="tokens per evicted page")
+        self.span = integer(self.span, f"{owner}: span", minimum=0,
+                            meaning="neighbours kept either side of a kept token")
 
     def score(self, obs: Observation) -> torch.Tensor:
         """Importance of each cached token, [B, Hkv, T]; higher is kept first."""

@@ -76,7 +76,7 @@ class RaggedKV:
                      values: torch.Tensor, stat: torch.Tensor | None) -> "RaggedKV":
         """A cache for an already computed prefill (contiguous slots), evicted as `attend` would have."""
         cache = cls(heads, method, group_size)
-        cache.adopt(keys, values)
+        cache.adopt(keys, values, keys.shape[-2])
         cache.tail_stat = stat if cache.stat_mode is not Stat.NONE else None
         if cache._due():
             cache._evict()
@@ -111,9 +111,13 @@ class RaggedKV:
         """A new, empty cache like this one."""
         return RaggedKV(self.heads, self.method, self.group_size)
 
-    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Take over a filled uniform cache [B, Hkv, T, D] (contiguous slots) as this cache's tail."""
-        self.tail_keys, self.tail_values, self.seen = keys, values, keys.shape[-2]
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
+        """Take over a filled uniform cache [B, Hkv, T, D] of all `seen` tokens (contiguous slots) as this
+        cache's tail."""
+        if seen != keys.shape[-2]:
+            raise UnsupportedModelError(f"a ragged cache cannot take over a cache holding {keys.shape[-2]} of {seen} "
+                                        "tokens (a sliding window): it needs every token from the first")
+        self.tail_keys, self.tail_values, self.seen = keys, values, seen
 
     def extend(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append new K/V [B, Hkv, L, D] to the tail; returns the tail including them."""
@@ -128,13 +132,22 @@ class RaggedKV:
         return self.tail_keys, self.tail_values
 
     def attend(
-        self, q: torch.Tensor, scale: float, causal: bool = True, key_padding: torch.Tensor | None = None
+        self, q: torch.Tensor, scale: float, causal: bool = True, key_padding: torch.Tensor | None = None,
+        model_mask: torch.Tensor | None = None, softcap: float = 0.0, sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of `q` [B, Hq, L, D] over the packed part and the tail, then eviction when due.
 
-        `key_padding` [B, L] marks which of the just-appended tokens are padding."""
+        `key_padding` [B, seen + L] marks which tokens of the sequence so far are padding (the
+        model's mask); only the appended ones are read, older ones carry their flag in their slot.
+        A model's own mask, soft-capping and sink logits (`CompactedKV.attend`) are refused: the
+        planner refuses such sites for ragged caches, so reaching here with one is a bug."""
+        if model_mask is not None or softcap or sinks is not None:
+            raise UnsupportedModelError("a ragged cache applies causal + padding masks only: it cannot apply the "
+                                        "model's own mask, logit soft-capping or sink logits")
         batch, start, new = q.shape[0], self.seen, self.pending
         q_slots = torch.arange(start, start + new, device=q.device, dtype=torch.int32).expand(batch, new)
+        if key_padding is not None:
+            key_padding = key_padding[:, key_padding.shape[-1] - new:]
         if key_padding is not None and (self.tail_slots is not None or bool(key_padding.any())):
             self.tail_slots = self._tail_slots(batch, start, q.device)
             self.tail_slots = torch.cat([self.tail_slots, torch.where(key_padding, -1 - q_slots, q_slots)], dim=-1)

@@ -15,6 +15,7 @@ from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method, get_method
 from kvpass.planning import ALLOCATIONS, build_plan, check_schedule_options
 from kvpass.transforms.base import Backend, Phase, PlanningContext, RewriteTarget, Transform, register
+from kvpass.validation import boolean, integer, real
 
 
 @dataclass(frozen=True, init=False)
@@ -59,14 +60,18 @@ class Evict(Transform):
     def __init__(self, method: str | Method | None = None, *, sinks: int = 4, recent: int = 32, evict_every: int = 1,
                  allocation: str = "uniform", floor: float | None = None, ceiling: float = 1.0, reallocate: int = 0,
                  per_head: bool = False, head_floor: float = 0.2, **method_options: Any) -> None:
-        check_schedule_options(sinks, recent, evict_every)
+        sinks, recent, evict_every = check_schedule_options(sinks, recent, evict_every)
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
-        if not isinstance(per_head, bool):
-            raise ValueError(f"per_head must be True or False (each KV head its own budget), got {per_head!r}")
-        if isinstance(head_floor, bool) or not isinstance(head_floor, (int, float)) or not 0.0 <= head_floor <= 1.0:
-            raise ValueError(f"head_floor must be a fraction in [0, 1] (of an equal share every head keeps), "
-                             f"got {head_floor!r}")
+        if floor is not None:
+            floor = real(floor, "Evict: floor", 0.0, 1.0, meaning="least fraction of its cache a site keeps")
+        ceiling = real(ceiling, "Evict: ceiling", 0.0, 1.0, low_open=True,
+                       meaning="most fraction of its cache a site keeps")
+        reallocate = integer(reallocate, "Evict: reallocate", minimum=0,
+                             meaning="decoded tokens between re-allocations; 0: off")
+        per_head = boolean(per_head, "Evict: per_head")
+        head_floor = real(head_floor, "Evict: head_floor", 0.0, 1.0,
+                          meaning="fraction of an equal share every head keeps before the joint top-k")
         if per_head and reallocate:
             raise ValueError("per_head=True cannot be combined with reallocate: re-allocation moves budget between "
                              "sites of uniform caches")
