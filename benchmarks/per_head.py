@@ -1,21 +1,16 @@
 """Per-head KV budgets on SmolLM2: AdaKV-style joint allocation and DuoAttention-style streaming heads.
 
-Retrieval accuracy of the same method at the same byte budget with
-  uniform  - every KV head of a layer keeps as many tokens (`kvpass.Evict(method)`);
-  per-head - one joint top-k over the layer's heads, with a per-head floor (`Evict(method, per_head=True)`);
+Quality, on the quality suite (`kvpass.eval.tasks`, test split, both modes: query-aware and
+context-only; one prefill per sample shared by every plan, `kvpass.eval.runner`), of the default
+method at the same byte budget with
+  uniform  - every KV head of a layer keeps as many tokens (`kvpass.Evict()`);
+  per-head - one joint top-k over the layer's heads, with a per-head floor (`Evict(per_head=True)`);
 and of `kvpass.StreamingHeads(f)` (f of the KV heads keep only 4 sinks + 64 recent tokens, chosen by
 calibration) against the same number of heads chosen at random: alone at budget 1.0, and with
-`Evict(method)` at 0.5 against `Evict` alone. Both modes: query-aware (the question is in the prefill
-that is evicted) and context-only (the context is evicted before the question arrives). One prefill
-per sample and mode is shared by every plan (`kvpass.eval.sweep`).
+`Evict()` at 0.5 against `Evict` alone. Then CPU decode tokens/s after a long prompt, ragged
+(per-head, streaming heads) vs uniform at equal bytes, in the same run, and KV MiB.
 
-Tasks (the quality suite with dev/test splits is not merged yet; `make_task_sample` is the one place
-to switch to it): passkey (`kvpass.eval.passkey`, DESIGN.md's protocol), needle (a number for a named
-item in varied prose), multikey (three such facts, one is asked). A sample is correct when the answer
-appears in the 12 greedy tokens. Then CPU decode tokens/s after a long prompt, ragged (per-head,
-streaming heads) vs uniform at equal bytes, in the same run, and KV MiB.
-
-    python benchmarks/per_head.py --samples 8 --length 2000 --threads 1
+    python benchmarks/per_head.py --samples 4 --threads 1
     python benchmarks/per_head.py --skip-quality --speed-length 4096 --threads 1
 """
 
@@ -25,84 +20,33 @@ import argparse
 import copy
 import random
 import time
+from collections import defaultdict
 
 import torch
-from transformers import DynamicCache
 
 import kvpass
 from kvpass.eval.models import load_smollm2
-from kvpass.eval.passkey import PasskeySample, make_sample
+from kvpass.eval.passkey import make_sample as make_passkey
+from kvpass.eval.report import FULL, accuracy_table, save_jsonl
+from kvpass.eval.runner import MODES, evaluate
 from kvpass.eval.sweep import cache_from_recording, record_prefill
-
-MODES = ("query-aware", "context-only")
-TASKS = ("passkey", "needle", "multikey")
-
-SUBJECTS = ["The harbour master", "A retired teacher", "The night nurse", "Our neighbour", "The youngest clerk",
-            "A travelling salesman", "The village doctor", "An old fisherman", "The mayor's cousin", "A quiet student"]
-VERBS = ["repaired", "painted", "carried", "sold", "borrowed", "cleaned", "measured", "described", "hid", "found"]
-OBJECTS = ["the green boat", "a broken clock", "the parish ledger", "two wooden chairs", "the orchard gate",
-           "a box of letters", "the station lamp", "a pair of boots", "the brass telescope", "the kitchen table"]
-PLACES = ["before the storm", "near the old mill", "on a windy Sunday", "behind the chapel", "at the market",
-          "after the long winter", "by the river", "during the fair", "in the attic", "on the cliff path"]
-ITEMS = ["violet umbrella", "iron anchor", "silver spoon", "painted drum", "cedar chest", "glass marble",
-         "woollen scarf", "copper kettle", "linen map", "leather saddle", "amber brooch", "pewter mug"]
+from kvpass.eval.tasks import COUNTED_TASKS, make_sample, seeds, token_counter
 
 
-def _prose(rng: random.Random, sentences: int) -> list[str]:
-    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
-            for _ in range(sentences)]
-
-
-def _facts_sample(tokenizer, length: int, rng: random.Random, facts: int) -> PasskeySample:
-    """Varied prose with `facts` "The number of the <item> is <7 digits>." sentences; one item is asked."""
-    items = rng.sample(ITEMS, facts)
-    numbers = [f"{rng.randint(1_000_000, 9_999_999)}" for _ in items]
-    per_sentence = len(tokenizer(" ".join(_prose(random.Random(0), 20))).input_ids) / 20
-    sentences = _prose(rng, int((length - 120) / per_sentence))
-    depths = [rng.uniform(0.1, 0.9) for _ in items]
-    for item, number, depth in sorted(zip(items, numbers, depths), key=lambda fact: -fact[2]):
-        sentences.insert(round(depth * len(sentences)), f"The number of the {item} is {number}.")
-    messages = [{"role": "user", "content": "Read the story; it mentions numbers you will be asked about.\n\n"
-                 + " ".join(sentences) + "\x00"}]
-    asked = rng.randrange(facts)
-    prefix = f"The number of the {items[asked]} is"
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
-    context_text, question_text = text.split("\x00")
-    question = f"\n\nWhat is the number of the {items[asked]}? Answer with the 7-digit number."
-    return PasskeySample(numbers[asked], depths[asked],
-                         tokenizer(context_text, add_special_tokens=False, return_tensors="pt").input_ids,
-                         tokenizer(question + question_text, add_special_tokens=False, return_tensors="pt").input_ids)
-
-
-def make_task_sample(task: str, tokenizer, length: int, rng: random.Random) -> PasskeySample:
-    """One sample of `task` (the place to switch to `kvpass.eval.tasks` once the quality suite lands)."""
-    if task == "passkey":
-        return make_sample(tokenizer, length, rng)
-    return _facts_sample(tokenizer, length, rng, 1 if task == "needle" else 3)
-
-
-def answer(model, tokenizer, sample: PasskeySample, cache) -> bool:
-    with torch.no_grad():
-        out = model.generate(sample.prompt_ids, past_key_values=cache, max_new_tokens=12, do_sample=False,
-                             pad_token_id=model.config.eos_token_id)
-    return sample.key in tokenizer.decode(out[0, sample.prompt_ids.shape[-1]:], skip_special_tokens=True)
-
-
-def plans(model, tokenizer, budgets, fractions, seeds) -> dict[str, kvpass.Plan]:
+def plans(model, tokenizer, budgets, fractions, seeds_) -> dict[str, kvpass.Plan]:
     """Label -> plan, every one for the same model (sites found once)."""
-    evict = lambda **options: kvpass.Evict(None, **options)  # noqa: E731  (the default method: tova, span=2)
-    result = {"full": kvpass.plan(model, 1.0, transforms=[evict()])}
+    result = {FULL: kvpass.plan(model, 1.0, transforms=[kvpass.Evict()])}
     for budget in budgets:
-        result[f"uniform@{budget}"] = kvpass.plan(model, budget, transforms=[evict()])
-        result[f"per-head@{budget}"] = kvpass.plan(model, budget, transforms=[evict(per_head=True)])
+        result[f"uniform@{budget:g}"] = kvpass.plan(model, budget, transforms=[kvpass.Evict()])
+        result[f"per-head@{budget:g}"] = kvpass.plan(model, budget, transforms=[kvpass.Evict(per_head=True)])
     for fraction in fractions:
-        label = f"{fraction:.2f}"
-        chooser = {"calibrated": {}, **{f"random{seed}": {"importance": "random", "seed": seed} for seed in seeds}}
+        chooser = {"calibrated": {}, **{f"random{seed}": {"importance": "random", "seed": seed} for seed in seeds_}}
         for name, options in chooser.items():
             heads = kvpass.StreamingHeads(fraction, **options)
-            result[f"streaming {label} {name}@1.0"] = kvpass.plan(model, 1.0, transforms=[heads], tokenizer=tokenizer)
-            result[f"streaming {label} {name}+evict@0.5"] = kvpass.plan(model, 0.5, transforms=[heads, evict()],
-                                                                         tokenizer=tokenizer)
+            result[f"streaming {fraction:.2f} {name}@1"] = kvpass.plan(model, 1.0, transforms=[heads],
+                                                                       tokenizer=tokenizer)
+            result[f"streaming {fraction:.2f} {name}+evict@0.5"] = kvpass.plan(
+                model, 0.5, transforms=[heads, kvpass.Evict()], tokenizer=tokenizer)
     return result
 
 
@@ -114,48 +58,42 @@ def run_quality(args, model, tokenizer) -> None:
         if plan.streaming_heads:
             heads = sorted((int(name.split(".")[2]), h) for name, hs in plan.streaming_heads.items() for h in hs)
             print(f"  {label}: streaming (layer, head) {heads}", flush=True)
-    hits: dict[tuple[str, str, str], int] = {}
+    counter, rows = token_counter(tokenizer), []
     for task in args.tasks:
-        rng = random.Random(args.seed * 1000 + TASKS.index(task))
-        for index in range(args.samples):
-            sample = make_task_sample(task, tokenizer, args.length, rng)
-            recordings = {"query-aware": record_prefill(model, sample.prompt_ids[:, :-1]),
-                          "context-only": record_prefill(model, sample.context_ids)}
-            for label, plan in table.items():
-                for mode in MODES:
-                    cache = cache_from_recording(model, recordings[mode], plan)
-                    key = (task, label, mode)
-                    hits[key] = hits.get(key, 0) + answer(model, tokenizer, sample, cache)
-            print(f"  {task} {index + 1}/{args.samples} ({sample.prompt_ids.shape[-1]} tokens, depth "
-                  f"{sample.depth:.2f}) {time.perf_counter() - started:.0f}s", flush=True)
-    print_tables(args, table, hits)
-
-
-def print_tables(args, table, hits) -> None:
-    n = args.samples
-    print(f"\nAccuracy (%), SmolLM2-135M-Instruct, ~{args.length} tokens, {n} samples per task; "
+        for seed in seeds("test", args.samples):
+            sample = make_sample(task, "test", seed, args.length, counter)
+            rows += evaluate(model, tokenizer, sample, table, MODES)
+            print(f"  {task} seed {seed} {time.perf_counter() - started:.0f}s", flush=True)
+            if args.out:
+                save_jsonl(rows, args.out)
+    print(f"\nScores (%), SmolLM2-135M-Instruct, ~{args.length} tokens, test split, {args.samples} samples per task, "
           f"method {kvpass.get_method()}")
-    header = "| setting | mode | " + " | ".join(args.tasks) + " | mean |"
-    print(header + "\n|" + "---|" * (header.count("|") - 1))
-    for label in table:
-        for mode in MODES:
-            cells = [100 * hits[(task, label, mode)] / n for task in args.tasks]
-            print(f"| {label} | {mode} | " + " | ".join(f"{c:.0f}" for c in cells)
-                  + f" | {sum(cells) / len(cells):.1f} |")
-    print("\nPer-head vs uniform (target: mean >= uniform at 0.25 and 0.125, no task more than 2 samples below):")
+    print(accuracy_table(rows, MODES, args.tasks, counted=args.tasks))
+    print_targets(args, rows)
+
+
+def print_targets(args, rows) -> None:
+    """The issue's targets: per-head >= uniform on the mean over tasks at each budget and mode, no task
+    more than 2 samples below; streaming at 1/3 >= 90% of the full cache and above random."""
+    total: dict[tuple[str, str, str], float] = defaultdict(float)
+    for row in rows:
+        total[(row.task, row.setting, row.mode)] += row.score
+    n = args.samples
+    print("\nPer-head vs uniform (summed sample scores per task; target: mean >= 0, no task below -2):")
     for budget in args.budgets:
         for mode in MODES:
-            diffs = [hits[(t, f"per-head@{budget}", mode)] - hits[(t, f"uniform@{budget}", mode)] for t in args.tasks]
+            diffs = [total[(t, f"per-head@{budget:g}", mode)] - total[(t, f"uniform@{budget:g}", mode)]
+                     for t in args.tasks]
             mean = sum(diffs) / len(diffs) / n * 100
-            print(f"  budget {budget} {mode}: mean {mean:+.1f} points, per task (samples) {diffs}, "
+            print(f"  budget {budget:g} {mode}: mean {mean:+.1f} points, per task "
+                  f"{dict(zip(args.tasks, [round(d, 2) for d in diffs]))} "
                   f"{'met' if mean >= 0 and min(diffs) >= -2 else 'MISSED'}")
-    print("\nStreaming heads (target at 1/3: >= 90% of the full cache, and above random):")
-    full = {mode: sum(hits[(t, "full", mode)] for t in args.tasks) for mode in MODES}
-    for label in table:
-        if label.startswith("streaming"):
-            for mode in MODES:
-                got = sum(hits[(t, label, mode)] for t in args.tasks)
-                print(f"  {label} {mode}: {got}/{n * len(args.tasks)} = {got / max(full[mode], 1):.2f} of full")
+    print("\nStreaming heads (target at 1/3, alone: >= 90% of the full cache, and above random):")
+    full = sum(total[(t, FULL, MODES[0])] for t in args.tasks)
+    for label in sorted({row.setting for row in rows if row.setting.startswith("streaming")}):
+        for mode in MODES:
+            got = sum(total[(t, label, mode)] for t in args.tasks)
+            print(f"  {label} {mode}: {got:.1f}/{n * len(args.tasks)} = {got / max(full, 1e-9):.2f} of full")
 
 
 def decode_speed(model, recording, plan, first_token, steps: int) -> tuple[float, int]:
@@ -174,7 +112,7 @@ def decode_speed(model, recording, plan, first_token, steps: int) -> tuple[float
 
 def run_speed(args, model, tokenizer) -> None:
     """Decode tokens/s and KV MiB after an `--speed-length` prompt: ragged vs uniform at equal bytes, same run."""
-    sample = make_sample(tokenizer, args.speed_length, random.Random(7))
+    sample = make_passkey(tokenizer, args.speed_length, random.Random(7))
     recording = record_prefill(model, sample.prompt_ids)
     first = sample.prompt_ids[:, -1:]
     heads = kvpass.StreamingHeads(1 / 3, importance="random")  # the choice does not change the speed
@@ -194,7 +132,7 @@ def run_speed(args, model, tokenizer) -> None:
             results[label] = (max(best, speed), held)
     print(f"\nDecode after a {recording.layers[0].keys.shape[2]}-token prompt, {args.steps} steps, best of "
           f"{args.repeats}, {torch.get_num_threads()} thread(s), CPU (same run):")
-    full_speed, full_held = results["full cache"]
+    full_held = results["full cache"][1]
     for label, (speed, held) in results.items():
         peer = label.replace("per-head", "uniform") if label.startswith("per-head") else "full cache"
         print(f"  {label:<26}: {speed:5.2f} tok/s (x{speed / results[peer][0]:.2f} of {peer}), KV "
@@ -203,13 +141,13 @@ def run_speed(args, model, tokenizer) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--length", type=int, default=2000)
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--samples", type=int, default=4, help="test-split samples per task")
+    parser.add_argument("--length", type=int, default=1500)
+    parser.add_argument("--tasks", nargs="+", default=list(COUNTED_TASKS))
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])
-    parser.add_argument("--fractions", type=float, nargs="+", default=[1 / 3, 2 / 3])
+    parser.add_argument("--fractions", type=float, nargs="*", default=[1 / 3, 2 / 3])
     parser.add_argument("--random-seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="", help="write result rows to this JSONL file as they come")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--speed-length", type=int, default=4096)

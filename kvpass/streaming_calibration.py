@@ -15,7 +15,8 @@ random key span recurs at the end (the induction pattern retrieval heads serve).
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_find_attention import CachedDecoder, decode_step_inputs
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvpass
@@ -25,7 +26,6 @@ from kvpass.planning.head_schedule import LENGTH_BYTES
 from kvpass.runtime.ragged_cache import RaggedKV
 from kvpass.site import AttentionSite
 from kvpass.streaming_calibration import retrieval_prompts, streaming_errors
-from test_find_attention import CachedDecoder, decode_step_inputs
 
 VOCAB, HEAD_DIM, LAYERS = 128, 16, 2
 
@@ -199,7 +199,7 @@ def test_decoding_equals_the_full_model_with_each_heads_evicted_keys_masked(tran
     budget = 1.0 if len(transforms) == 1 and isinstance(transforms[0], kvpass.StreamingHeads) else 0.3
     model = kvpass.optimize(tiny(), budget=budget, transforms=transforms)
     ids, masks = prompt(100, seed=3), []
-    cache, logits = decode(model, ids, 12, lambda cache, seen: masks.append(
+    _, logits = decode(model, ids, 12, lambda cache, seen: masks.append(
         [held(layer.site_cache, seen) for layer in cache.layers]))
     assert any(int(mask.sum()) < mask.numel() for mask in masks[-1])  # something was evicted
     tokens = [step.argmax(-1) for step in logits]

@@ -14,8 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kvpass.kernels import ragged  # noqa: E402
-from kvpass.kernels.reference import slot_mask  # noqa: E402
+from kvpass.kernels import ragged
+from kvpass.kernels.reference import slot_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STATS = ["none", "column_sum", "window", "last_query"]

@@ -73,7 +73,7 @@ class RaggedKV:
 
     @classmethod
     def from_prefill(cls, heads: HeadSchedule, method: Method | None, group_size: int, keys: torch.Tensor,
-                     values: torch.Tensor, stat: torch.Tensor | None) -> "RaggedKV":
+                     values: torch.Tensor, stat: torch.Tensor | None) -> RaggedKV:
         """A cache for an already computed prefill (contiguous slots), evicted as `attend` would have."""
         cache = cls(heads, method, group_size)
         cache.adopt(keys, values, keys.shape[-2])
@@ -107,7 +107,7 @@ class RaggedKV:
             return torch.full(self.tail_keys.shape[:2], self.tail_length, device=self.tail_keys.device)
         return self.lengths.long() + self.tail_length
 
-    def empty(self) -> "RaggedKV":
+    def empty(self) -> RaggedKV:
         """A new, empty cache like this one."""
         return RaggedKV(self.heads, self.method, self.group_size)
 
@@ -291,7 +291,7 @@ class RaggedKV:
         spare = [rows - int(kept) for kept in keep.sum(dim=(1, 2))]
         nominal = rows - len(heads.streaming) * min(seen, sinks + recent)
         budgeted = (~streaming).nonzero().squeeze(1)
-        pick = lambda x: x.index_select(1, budgeted) if x is not None else None  # noqa: E731
+        pick = lambda x: x.index_select(1, budgeted) if x is not None else None
         method = self.method or RECENCY
         share = nominal // heads.budgeted if heads.joint else heads.equal_quota(nominal)
         carve = heads.base.carve_out(share)
@@ -347,7 +347,7 @@ def _per_sequence(counts: list[int], like: torch.Tensor) -> torch.Tensor:
 
 
 def new_site_cache(schedule: SiteSchedule, heads: HeadSchedule | None, method: Method | None, group_size: int,
-                   reallocator: "Reallocator | None" = None, index: int = 0) -> CompactedKV | RaggedKV:
+                   reallocator: Reallocator | None = None, index: int = 0) -> CompactedKV | RaggedKV:
     """An empty cache for one site: ragged when its heads keep different numbers of tokens, else uniform."""
     if heads is None:
         return CompactedKV(schedule, method, group_size, reallocator, index)
@@ -359,7 +359,7 @@ def new_site_cache(schedule: SiteSchedule, heads: HeadSchedule | None, method: M
 
 def site_cache_from_prefill(schedule: SiteSchedule, heads: HeadSchedule | None, method: Method | None,
                             group_size: int, keys: torch.Tensor, values: torch.Tensor, stat: torch.Tensor | None,
-                            reallocator: "Reallocator | None" = None, index: int = 0) -> CompactedKV | RaggedKV:
+                            reallocator: Reallocator | None = None, index: int = 0) -> CompactedKV | RaggedKV:
     """A site's cache for an already computed prefill, evicted as the first `attend` would have."""
     if heads is None:
         return CompactedKV.from_prefill(schedule, method, group_size, keys, values, stat, reallocator, index)

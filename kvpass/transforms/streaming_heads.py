@@ -22,8 +22,16 @@ from typing import Any
 
 from kvpass.errors import UnsupportedModelError
 from kvpass.planning import check_schedule_options
-from kvpass.transforms.base import Backend, Phase, PlanningContext, RewriteTarget, Transform, register
+from kvpass.transforms.base import (
+    Backend,
+    Phase,
+    PlanningContext,
+    RewriteTarget,
+    Transform,
+    register,
+)
 from kvpass.transforms.evict import Evict
+from kvpass.validation import integer, real
 
 IMPORTANCE = ("output_error", "long_range", "random")
 
@@ -55,18 +63,18 @@ class StreamingHeads(Transform):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
-                or not 0.0 <= self.fraction <= 1.0:
-            raise ValueError(f"StreamingHeads: fraction must be a number in [0, 1] (the share of KV heads that "
-                             f"stream), got {self.fraction!r}")
+        """Check every option where it is given, naming it (numpy numbers count as numbers)."""
+        checked = {"fraction": real(self.fraction, "StreamingHeads: fraction", 0.0, 1.0,
+                                    meaning="the share of KV heads that stream"),
+                   "seed": integer(self.seed, "StreamingHeads: seed")}
         try:
-            check_schedule_options(self.sinks, self.recent, 1)
+            checked["sinks"], checked["recent"], _ = check_schedule_options(self.sinks, self.recent, 1)
         except ValueError as error:
             raise ValueError(f"StreamingHeads: {error}") from None
         if self.importance not in IMPORTANCE:
             raise ValueError(f"StreamingHeads: importance must be one of {IMPORTANCE}, got {self.importance!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"StreamingHeads: seed must be an int, got {self.seed!r}")
+        for key, value in checked.items():
+            object.__setattr__(self, key, value)
 
     def decide(self, context: PlanningContext) -> None:
         kept = {site.name: [h for h in range(site.num_kv_heads) if h not in context.pruned_heads.get(site.name, ())]
