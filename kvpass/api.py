@@ -24,7 +24,13 @@ from kvpass.site import SiteReport
 from kvpass.stats import remember_calls
 from kvpass.transforms import Backend, RewriteTarget, Transform
 from kvpass.transforms.base import module_backend
-from kvpass.transforms.pipeline import apply, check_transforms, plan_transforms, shorthand_transforms, solve
+from kvpass.transforms.pipeline import (
+    apply,
+    check_transforms,
+    plan_transforms,
+    shorthand_transforms,
+    solve,
+)
 from kvpass.validation import integer
 
 

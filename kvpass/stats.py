@@ -45,7 +45,8 @@ def stats(model_or_cache: Any) -> dict[str, Any]:
     """Bytes held and each transform's figures for the last call of an optimized model, or for one cache.
 
     Returns `{"kv_bytes", "full_kv_bytes" (the unmodified model's cache at the same length),
-    "sites": {name: {"kv_bytes", "tokens_held", "seen", "kv_heads"}}, <transform name>: {...}}`.
+    "sites": {name: {"kv_bytes", "tokens_held" (the longest head), "seen", "kv_heads", "head_tokens"
+    ([B][Hkv] tokens per head: they differ with per-head budgets and streaming heads)}}, <transform name>: {...}}`.
 
     Example:
         >>> model = kvpass.optimize(model, budget=0.5)             # doctest: +SKIP
@@ -74,15 +75,19 @@ def _figures(cache: Any, plan: Plan | None, transforms: list) -> dict[str, Any]:
     sites = plan.sites if plan is not None and len(plan.sites) == len(cache.layers) else [None] * len(cache.layers)
     for layer, planned in zip(cache.layers, sites):
         site = getattr(layer, "site", None) or planned
-        keys = layer.keys
-        if keys is None:
+        site_cache = getattr(layer, "site_cache", None)
+        tensors = site_cache.tensors() if site_cache is not None else [t for t in (layer.keys, layer.values) if t is not None]
+        if not tensors:
             continue
         seen = layer.get_seq_length()
-        held = cache_bytes([keys, layer.values, *(layer.site_cache.tensors() if hasattr(layer, "site_cache") else [])])
-        full = held if site is None else keys.shape[0] * seen * 2 * site.num_kv_heads * site.head_dim * keys.element_size()
+        held = cache_bytes(tensors)
+        keys = tensors[0]
+        lengths = site_cache.head_lengths() if site_cache is not None else torch.full(keys.shape[:2], keys.shape[-2])
+        full = held if site is None else lengths.shape[0] * seen * 2 * site.num_kv_heads * site.head_dim * keys.element_size()
         figures["full_kv_bytes"] += full
         figures["sites"][site.name if site is not None else str(len(figures["sites"]))] = {
-            "kv_bytes": held, "tokens_held": int(keys.shape[-2]), "seen": int(seen), "kv_heads": int(keys.shape[1])}
+            "kv_bytes": held, "tokens_held": int(lengths.max()), "seen": int(seen), "kv_heads": int(lengths.shape[1]),
+            "head_tokens": lengths.tolist()}
     for transform in transforms:
         figures[transform.name] = transform.stats(plan, cache)
     return figures

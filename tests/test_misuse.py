@@ -138,7 +138,7 @@ def test_plan_lengths_take_numpy_ints_and_refuse_the_rest(base) -> None:
     ("snapkv", {"window": 0}, r"SnapKV: window must be an int >= 1 \(queries observed .*\), got 0"),
     ("h2o", {"window": -3}, r"H2O: window must be an int >= 0 .*, got -3"),
     ("random", {"seed": "x"}, r"Random: seed must be an int, got 'x'"),
-    ("h2o", {"per_head": "yes"}, r"H2O: per_head must be True or False, got 'yes'"),
+    ("h2o", {"shared_keep_set": "yes"}, r"H2O: shared_keep_set must be True or False, got 'yes'"),
     ("tova", {"span": True}, r"TOVA: span must be an int >= 0 .*, got True"),
 ])
 def test_method_options_are_checked_when_given(method, options, message) -> None:

@@ -117,7 +117,7 @@ def test_evict_every_keeps_what_torch_keeps_and_appends_in_between(exported, bas
     assert 0 < evictions <= (new - 1) // every + 1  # in between, the cache only grows
 
 
-@pytest.mark.parametrize("method", [get_method("tova", span=2), get_method("knorm", per_head=False),
+@pytest.mark.parametrize("method", [get_method("tova", span=2), get_method("knorm", shared_keep_set=True),
                                     get_method("paged", page_size=4), get_method("streaming_llm")], ids=repr)
 def test_onnx_ranking_is_the_torch_ranking(method) -> None:
     """The ONNX eviction ranks with the torch ranking function itself, exported: same scores,

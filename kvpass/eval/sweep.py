@@ -18,9 +18,9 @@ from transformers import DynamicCache
 from kvpass.kernels import ops
 from kvpass.methods import Method, Stat
 from kvpass.planning import Plan
-from kvpass.runtime.compacted_cache import CompactedKV
 from kvpass.hf_attention import attention_implementation
 from kvpass.runtime.hf import KVPassCacheLayer
+from kvpass.runtime.ragged_cache import site_cache_from_prefill
 from kvpass.runtime.reallocation import ReallocationPolicy, Reallocator
 
 RECORDER = "kvpass_record"
@@ -122,11 +122,11 @@ def cache_from_recording(model, recording: PrefillRecording, plan: Plan) -> Dyna
     for position, index in enumerate(order):
         layer = recording.layers[index]
         site = by_layer[index]
-        method: Method = plan.method
-        stat = layer.stats.get(method.stat) if method.stat is not Stat.NONE else None
-        site_cache = CompactedKV.from_prefill(
-            plan.schedule(site, dtype_bytes), method, site.group_size, layer.keys, layer.values, stat,
-            reallocator, position,
+        method: Method | None = plan.method
+        stat = layer.stats.get(method.stat) if method is not None and method.stat is not Stat.NONE else None
+        site_cache = site_cache_from_prefill(
+            plan.schedule(site, dtype_bytes), plan.head_schedule(site, dtype_bytes), method, site.group_size,
+            layer.keys, layer.values, stat, reallocator, position,
         )
         layers.append(KVPassCacheLayer(site_cache, site))
     cache = DynamicCache()

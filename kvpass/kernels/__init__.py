@@ -7,7 +7,7 @@ and `torch.export` trace through them.
 
 import torch
 
-from kvpass.kernels import ops, similarity_op  # noqa: F401  (registers torch.ops.kvpass.*)
+from kvpass.kernels import ops, ragged_op, similarity_op  # noqa: F401  (registers torch.ops.kvpass.*)
 
 if torch.cuda.is_available():  # importing triton is slow, and must follow TRITON_INTERPRET on CPU
     from kvpass.kernels import triton_backend  # noqa: F401  (registers the CUDA kernels)

@@ -11,10 +11,14 @@ Three kernels, all specialised by `KernelSpec` constexprs:
   statistic is deterministic (no atomics) and costs one extra QK^T, not an L x L buffer.
 
 Masking follows `kvpass.kernels.reference.slot_mask` exactly. An optional `lengths [B, Hkv]`
-bounds each head's keys (head-wise budgets): keys at or past it are never read.
+bounds each head's keys (head-wise budgets): keys at or past it are never read. With `offsets`
+too, the keys are a ragged cache's packed `[N, D]` buffer (slots `[N]`): head (b, h) is the
+segment of `lengths[b, h]` rows starting at row `offsets[b, h]`, and nothing is padded.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -53,6 +57,24 @@ def _key_end(Lengths, b, h, n_kv_heads, lk, HAS_LENGTHS: tl.constexpr):
     if HAS_LENGTHS:
         return tl.minimum(tl.load(Lengths + b * n_kv_heads + h).to(tl.int32), lk)
     return lk
+
+
+@triton.jit
+def _head_row(Offsets, b, h, n_kv_heads, lk, HAS_OFFSETS: tl.constexpr):
+    """Row of the first key of this (batch, KV head) in the flattened key rows: its segment's offset in
+    a packed ragged cache, or (b * Hkv + h) * Lk in a [B, Hkv, Lk, D] one."""
+    if HAS_OFFSETS:
+        return tl.load(Offsets + b * n_kv_heads + h).to(tl.int64)
+    return (b * n_kv_heads + h).to(tl.int64) * lk
+
+
+@triton.jit
+def _head_keys(K, V, b, h, row, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+               HAS_OFFSETS: tl.constexpr):
+    """Pointers to this (batch, KV head)'s first key and value."""
+    if HAS_OFFSETS:
+        return K + row * stride_kn, V + row * stride_vn
+    return K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh
 
 
 @triton.jit
@@ -102,15 +124,15 @@ def _finish(m_i, l_i, acc):
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, QS, KS, Lengths, Out, Lse,
+    Q, K, V, QS, KS, Lengths, Offsets, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     n_q_heads, lq, lk, qk_scale,
-    HAS_LENGTHS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_OFFSETS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -130,10 +152,12 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row = _head_row(Offsets, b, hk, n_kv_heads, lk, HAS_OFFSETS)
+    k_head, v_head = _head_keys(K, V, b, hk, row, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                                HAS_OFFSETS)
     m_i, l_i, acc = _attend(
         q, q_slot, row_ok, m_i, l_i, acc,
-        K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
-        KS + (b * n_kv_heads + hk) * lk, stride_kn, stride_kd, stride_vn, stride_vd,
+        k_head, v_head, KS + row, stride_kn, stride_kd, stride_vn, stride_vd,
         0, _key_end(Lengths, b, hk, n_kv_heads, lk, HAS_LENGTHS), qk_scale,
         HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION, DOT_FP32,
     )
@@ -147,14 +171,14 @@ def _prefill_kernel(
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, QS, KS, Lengths, PartOut, PartLse,
+    Q, K, V, QS, KS, Lengths, Offsets, PartOut, PartLse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     n_kv_heads, lq, lk, split_len, qk_scale,
-    HAS_LENGTHS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_OFFSETS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -178,10 +202,12 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row = _head_row(Offsets, b, hk, n_kv_heads, lk, HAS_OFFSETS)
+    k_head, v_head = _head_keys(K, V, b, hk, row, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                                HAS_OFFSETS)
     m_i, l_i, acc = _attend(
         q, q_slot, row_ok, m_i, l_i, acc,
-        K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
-        KS + pid_bh * lk, stride_kn, stride_kd, stride_vn, stride_vd,
+        k_head, v_head, KS + row, stride_kn, stride_kd, stride_vn, stride_vd,
         lo, tl.minimum(lo + split_len, end), qk_scale,
         HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION, DOT_FP32,
     )
@@ -231,15 +257,16 @@ def _decode_reduce_kernel(
 
 @triton.jit
 def _stats_kernel(
-    Q, K, QS, KS, Lengths, Lse, Stats,
+    Q, K, QS, KS, Lengths, Offsets, Lse, Stats,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     n_kv_heads, lq, lk, first_row, qk_scale,
-    HAS_LENGTHS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_OFFSETS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """stats[b, h, n] = sum over the group's heads and queries >= first_row of softmax(q k^T)[q, n]."""
+    """stats[b, h, n] = sum over the group's heads and queries >= first_row of softmax(q k^T)[q, n]
+    (per packed row, for a ragged cache)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -247,12 +274,16 @@ def _stats_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    n_ok = offs_n < _key_end(Lengths, b, hk, n_kv_heads, lk, HAS_LENGTHS)
+    end = _key_end(Lengths, b, hk, n_kv_heads, lk, HAS_LENGTHS)
+    n_ok = offs_n < end
+    row = _head_row(Offsets, b, hk, n_kv_heads, lk, HAS_OFFSETS)
+    k_head, _ = _head_keys(K, K, b, hk, row, stride_kb, stride_kh, stride_kn, stride_kb, stride_kh, stride_kn,
+                           HAS_OFFSETS)
     kt = tl.load(
-        K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        k_head + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
         mask=n_ok[None, :] & d_ok[:, None], other=0.0,
     )
-    k_slot = tl.load(KS + pid_bh * lk + offs_n, mask=n_ok, other=0)
+    k_slot = tl.load(KS + row + offs_n, mask=n_ok, other=0)
     total = tl.zeros([BLOCK_N], tl.float32)
     for g in range(GROUP):
         hq = hk * GROUP + g
@@ -271,7 +302,10 @@ def _stats_kernel(
                 s = _dot(q, kt, PRECISION, DOT_FP32) * qk_scale
                 p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
                 total += tl.sum(p, 0)
-    tl.store(Stats + pid_bh * lk + offs_n, total, mask=offs_n < lk)
+    if HAS_OFFSETS:  # a packed segment ends where the next head's begins
+        tl.store(Stats + row + offs_n, total, mask=n_ok)
+    else:
+        tl.store(Stats + row + offs_n, total, mask=offs_n < lk)
 
 
 def _strides(x: torch.Tensor) -> tuple[int, ...]:
@@ -291,12 +325,53 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Ten
         raise ValueError(f"k_slots must be [B, Hkv, Lk] = {tuple(k.shape[:3])}, got {tuple(k_slots.shape)}")
 
 
-def _lengths_arg(lengths: torch.Tensor | None, k: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    if lengths is None:
-        return _absent(k), False
-    if tuple(lengths.shape) != tuple(k.shape[:2]):
-        raise ValueError(f"lengths must be [B, Hkv] = {tuple(k.shape[:2])}, got {tuple(lengths.shape)}")
-    return lengths.contiguous(), True
+@dataclass(frozen=True)
+class _Keys:
+    """How the kernels read K/V: [B, Hkv, Lk, D] tensors, or a ragged cache's packed [N, D] buffers
+    with each head's `offsets` and `lengths` (then `length` is the longest head)."""
+
+    kv_heads: int
+    length: int
+    k_strides: tuple[int, ...]
+    v_strides: tuple[int, ...]
+    lengths: torch.Tensor
+    offsets: torch.Tensor
+    has_lengths: bool
+    has_offsets: bool
+
+    def spec(self, q: torch.Tensor, causal: bool, stat: Stat | str) -> KernelSpec:
+        return KernelSpec(q.shape[-1], q.shape[1] // self.kv_heads, bool(causal), Stat(stat), q.dtype,
+                          interpreted=q.device.type != "cuda")
+
+    def constexprs(self) -> dict[str, bool]:
+        return {"HAS_LENGTHS": self.has_lengths, "HAS_OFFSETS": self.has_offsets}
+
+
+def _keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor,
+          lengths: torch.Tensor | None, offsets: torch.Tensor | None) -> _Keys:
+    """The key layout of one call, with shape errors that name the argument."""
+    if offsets is None:
+        _check(q, k, v, q_slots, k_slots)
+        if lengths is not None and tuple(lengths.shape) != tuple(k.shape[:2]):
+            raise ValueError(f"lengths must be [B, Hkv] = {tuple(k.shape[:2])}, got {tuple(lengths.shape)}")
+        lens = lengths.contiguous() if lengths is not None else _absent(k)
+        if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+            raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k heads ({k.shape[1]})")
+        return _Keys(k.shape[1], k.shape[2], _strides(k), _strides(v), lens, _absent(k), lengths is not None, False)
+    batch, heads, lq, dim = q.shape
+    if lengths is None or lengths.dim() != 2 or lengths.shape[0] != batch or heads % max(lengths.shape[1], 1):
+        raise ValueError(f"a packed cache needs lengths [B, Hkv] with Hq % Hkv == 0 for q {tuple(q.shape)}, "
+                         f"got {None if lengths is None else tuple(lengths.shape)}")
+    if tuple(offsets.shape) != tuple(lengths.shape):
+        raise ValueError(f"offsets must be [B, Hkv] = {tuple(lengths.shape)}, got {tuple(offsets.shape)}")
+    if k.dim() != 2 or k.shape != v.shape or k.shape[1] != dim or tuple(k_slots.shape) != (k.shape[0],):
+        raise ValueError(f"a packed cache has k, v [N, {dim}] and k_slots [N]; got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}, k_slots {tuple(k_slots.shape)}")
+    if tuple(q_slots.shape) != (batch, lq):
+        raise ValueError(f"q_slots must be [B, Lq] = {(batch, lq)}, got {tuple(q_slots.shape)}")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    return _Keys(lengths.shape[1], longest, (0, 0, *k.stride()), (0, 0, *v.stride()), lengths.contiguous(),
+                 offsets.contiguous(), True, True)
 
 
 def _absent(k: torch.Tensor) -> torch.Tensor:
@@ -306,22 +381,23 @@ def _absent(k: torch.Tensor) -> torch.Tensor:
 
 def prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor,
-    scale: float, causal: bool, lengths: torch.Tensor | None = None,
+    scale: float, causal: bool, lengths: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash-style attention: out [B, Hq, Lq, D] and base-2 log-sum-exp [B, Hq, Lq] (float32)."""
-    _check(q, k, v, q_slots, k_slots)
-    spec = KernelSpec.from_tensors(q, k, causal, Stat.NONE)
+    """Flash-style attention: out [B, Hq, Lq, D] and base-2 log-sum-exp [B, Hq, Lq] (float32).
+
+    With `offsets [B, Hkv]`, k and v are a packed ragged cache [N, D] and k_slots [N] (see the module)."""
+    keys = _keys(q, k, v, q_slots, k_slots, lengths, offsets)
+    spec = keys.spec(q, causal, Stat.NONE)
     launch = spec.prefill()
     batch, hq, lq, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, lq, dtype=torch.float32, device=q.device)
-    lens, has_lengths = _lengths_arg(lengths, k)
     grid = (triton.cdiv(lq, launch.block_m), batch * hq)
     torch.library.wrap_triton(_prefill_kernel)[grid](
-        q, k, v, q_slots.contiguous(), k_slots.contiguous(), lens, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        hq, lq, k.shape[2], scale * LOG2E,
-        HAS_LENGTHS=has_lengths, **spec.constexprs(), **launch.options(),
+        q, k, v, q_slots.contiguous(), k_slots.contiguous(), keys.lengths, keys.offsets, out, lse,
+        *_strides(q), *keys.k_strides, *keys.v_strides, *_strides(out),
+        hq, lq, keys.length, scale * LOG2E,
+        **keys.constexprs(), **spec.constexprs(), **launch.options(),
     )
     return out, lse
 
@@ -329,32 +405,33 @@ def prefill_attention(
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor,
     scale: float, causal: bool, lengths: torch.Tensor | None = None, num_splits: int | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K attention for a few queries over a long cache; same outputs as `prefill_attention`.
 
     `lengths [B, Hkv]` gives each head's number of valid keys (head-wise budgets): keys past
-    it are not read. `num_splits` overrides the spec's split-K factor.
+    it are not read; with `offsets [B, Hkv]` too, k and v are a packed ragged cache [N, D].
+    `num_splits` overrides the spec's split-K factor.
     """
-    _check(q, k, v, q_slots, k_slots)
-    spec = KernelSpec.from_tensors(q, k, causal, Stat.NONE)
+    keys = _keys(q, k, v, q_slots, k_slots, lengths, offsets)
+    spec = keys.spec(q, causal, Stat.NONE)
     batch, hq, lq, _ = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
+    hkv, lk = keys.kv_heads, keys.length
     launch = spec.decode(lq)
     if num_splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
         num_splits = spec.decode_splits(lk, batch * hkv, sms)
-    split_len = triton.cdiv(triton.cdiv(lk, num_splits), launch.block_n) * launch.block_n
+    split_len = triton.cdiv(triton.cdiv(max(lk, 1), num_splits), launch.block_n) * launch.block_n
     num_splits = max(1, triton.cdiv(lk, split_len))
     parts = batch * hkv * num_splits * launch.block_m
     part_out = torch.empty(parts * spec.block_d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(parts, dtype=torch.float32, device=q.device)
-    lens, has_lengths = _lengths_arg(lengths, k)
     consts = spec.constexprs()
     torch.library.wrap_triton(_decode_split_kernel)[(num_splits, batch * hkv)](
-        q, k, v, q_slots.contiguous(), k_slots.contiguous(), lens, part_out, part_lse,
-        *_strides(q), *_strides(k), *_strides(v),
+        q, k, v, q_slots.contiguous(), k_slots.contiguous(), keys.lengths, keys.offsets, part_out, part_lse,
+        *_strides(q), *keys.k_strides, *keys.v_strides,
         hkv, lq, lk, split_len, scale * LOG2E,
-        HAS_LENGTHS=has_lengths, **consts, **launch.options(),
+        **keys.constexprs(), **consts, **launch.options(),
     )
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, lq, dtype=torch.float32, device=q.device)
@@ -369,22 +446,24 @@ def decode_attention(
 def attention_stats(
     q: torch.Tensor, k: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor, lse: torch.Tensor,
     scale: float, causal: bool, stat: Stat | str, window: int, lengths: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-key statistic [B, Hkv, Lk] (float32) from the attention's saved base-2 LSE."""
-    spec = KernelSpec.from_tensors(q, k, causal, stat)
+    """Per-key statistic [B, Hkv, Lk] (float32) from the attention's saved base-2 LSE; per packed
+    row [N] with `offsets` (a ragged cache)."""
+    keys = _keys(q, k, k, q_slots, k_slots, lengths, offsets)
+    spec = keys.spec(q, causal, stat)
     batch, _, lq, _ = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    stats = torch.zeros(batch, hkv, lk, dtype=torch.float32, device=q.device)
+    hkv, lk = keys.kv_heads, keys.length
+    stats = torch.zeros(k_slots.shape, dtype=torch.float32, device=q.device)
     first = first_scored_query(spec.stat, lq, window)
     if first >= lq or lk == 0:
         return stats
     launch = spec.stats()
-    lens, has_lengths = _lengths_arg(lengths, k)
     torch.library.wrap_triton(_stats_kernel)[(triton.cdiv(lk, launch.block_n), batch * hkv)](
-        q, k, q_slots.contiguous(), k_slots.contiguous(), lens, lse, stats,
-        *_strides(q), *_strides(k),
+        q, k, q_slots.contiguous(), k_slots.contiguous(), keys.lengths, keys.offsets, lse, stats,
+        *_strides(q), *keys.k_strides,
         hkv, lq, lk, first, scale * LOG2E,
-        HAS_LENGTHS=has_lengths, **spec.constexprs(), **launch.options(),
+        **keys.constexprs(), **spec.constexprs(), **launch.options(),
     )
     return stats
 
@@ -392,12 +471,19 @@ def attention_stats(
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor,
     scale: float, causal: bool, stat: str, window: int, lengths: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `reference.attention`: decode kernel for few queries, prefill kernel otherwise."""
-    spec = KernelSpec.from_tensors(q, k, causal, stat)
-    lq = q.shape[2]
-    if spec.uses_decode(lq):
-        out, lse = decode_attention(q, k, v, q_slots, k_slots, scale, causal, lengths)
-    else:
-        out, lse = prefill_attention(q, k, v, q_slots, k_slots, scale, causal, lengths)
-    return out, attention_stats(q, k, q_slots, k_slots, lse, scale, causal, stat, window, lengths)
+    out, lse = attention_with_lse(q, k, v, q_slots, k_slots, scale, causal, lengths, offsets)
+    return out, attention_stats(q, k, q_slots, k_slots, lse, scale, causal, stat, window, lengths, offsets)
+
+
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor,
+    scale: float, causal: bool, lengths: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, base-2 LSE): the decode kernel for few queries, the prefill kernel otherwise."""
+    heads = lengths.shape[1] if offsets is not None else k.shape[1]
+    if KernelSpec(q.shape[-1], q.shape[1] // heads, bool(causal), Stat.NONE, q.dtype).uses_decode(q.shape[2]):
+        return decode_attention(q, k, v, q_slots, k_slots, scale, causal, lengths, offsets=offsets)
+    return prefill_attention(q, k, v, q_slots, k_slots, scale, causal, lengths, offsets)

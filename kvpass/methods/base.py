@@ -66,8 +66,10 @@ class Method:
 
     name: ClassVar[str] = ""
     stat: ClassVar[Stat] = Stat.NONE
-    per_head: bool = True
-    """Evict per KV head (each head keeps its own tokens) or one keep set for the whole layer."""
+    shared_keep_set: bool = False
+    """One keep set for the whole layer (scores averaged over its KV heads) instead of each KV head
+    ranking its own tokens. Every head still keeps as many tokens: how many each head keeps is the
+    budget's business (`kvpass.Evict(per_head=True)` gives heads different numbers)."""
     window: int = 0
     """Observation window for Stat.WINDOW methods (queries at the end of the prefill)."""
     page_size: int = 1
@@ -76,10 +78,16 @@ class Method:
     """Max-pool scores over `span` tokens either side, so a kept token keeps its neighbours:
     numbers, names and keys are split over several tokens and are useless when half kept."""
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "per_head" in cls.__dict__.get("__annotations__", {}):
+            raise TypeError(f"{cls.__name__}: the Method field per_head was renamed shared_keep_set (its inverse: "
+                            "per_head=False is shared_keep_set=True)")
+
     def __post_init__(self) -> None:
         """Check every option when the method is made, naming it (`span='2'` fails here, not in a kernel)."""
         owner = type(self).__name__
-        self.per_head = boolean(self.per_head, f"{owner}: per_head")
+        self.shared_keep_set = boolean(self.shared_keep_set, f"{owner}: shared_keep_set")
         needs_window = self.stat is Stat.WINDOW
         self.window = integer(self.window, f"{owner}: window", minimum=1 if needs_window else 0,
                               meaning="queries observed at the end of the prompt")

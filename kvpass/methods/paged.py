@@ -14,7 +14,7 @@ class Paged(Method):
     values matter most), averaged over its page by the shared selector."""
 
     name = "paged"
-    per_head: bool = False
+    shared_keep_set: bool = True
     page_size: int = 16
 
     def score(self, obs: Observation) -> torch.Tensor:

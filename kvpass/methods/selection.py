@@ -22,7 +22,7 @@ def ranking_scores(method: Method, obs: Observation, sinks: int, recent: int) ->
     protected but still count inside the budget (the caller sizes `keep` accordingly).
     """
     scores = method.score(obs).float()
-    if not method.per_head:
+    if method.shared_keep_set:
         scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
     if method.span > 0:
         scores = _span_max(scores, method.span)

@@ -16,7 +16,7 @@ class StreamingLLM(Method):
     """
 
     name = "streaming_llm"
-    per_head: bool = False
+    shared_keep_set: bool = True
 
     def score(self, obs: Observation) -> torch.Tensor:
         return obs.slots.float()

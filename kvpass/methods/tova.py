@@ -14,7 +14,7 @@ class TOVA(Method):
 
     name = "tova"
     stat = Stat.LAST_QUERY
-    per_head: bool = False
+    shared_keep_set: bool = True
 
     def score(self, obs: Observation) -> torch.Tensor:
         return obs.stat

@@ -35,7 +35,7 @@ class UnitTOVA(Method):
 
     name = "tova_units"
     stat = Stat.LAST_QUERY
-    per_head: bool = False
+    shared_keep_set: bool = True
     span: int = 1
     z: float = 1.0
     """Link threshold: this many standard deviations above the layer's mean adjacent-value cosine."""

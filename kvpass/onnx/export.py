@@ -25,6 +25,7 @@ from kvpass.planning import Plan
 from kvpass.runtime import hf
 from kvpass.rewrites.onnx import MIN_OPSET
 from kvpass.transforms import Evict
+from kvpass.transforms.evict import refuse_ragged
 from kvpass.validation import integer
 
 
@@ -79,6 +80,8 @@ def export_onnx(
         raise TypeError("give method= or a plan, not both: the plan (given, or the one the model was optimized "
                         "with) already names its method")
     get_method(method)
+    if plan is not None:
+        refuse_ragged(plan, "kvpass's ONNX graphs (every site keeps one [B, Hkv, T, D] present K/V per layer)")
     with _unoptimized(model):
         proto = _export_step(model, opset, _kv_heads(model, plan))
     if plan is not None:

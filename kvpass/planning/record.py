@@ -23,12 +23,17 @@ import sympy
 
 from kvpass.cost import BATCH, SEQ, SiteCost, Symbols, site_cost, smin
 from kvpass.methods import Method, Stat, get_method
-from kvpass.planning.schedule import SiteSchedule, WindowShare, check_schedule_options, state_bytes_per_token
+from kvpass.errors import UnsupportedModelError
+from kvpass.planning.head_schedule import HeadSchedule
+from kvpass.planning.schedule import (STAT_BYTES, SiteSchedule, WindowShare, check_schedule_options,
+                                      state_bytes_per_token)
 from kvpass.site import AttentionSite
 from kvpass.validation import integer, real
 
-FORMAT_VERSION = 2
-"""Version 1 (no `format` key) had no head pruning and no transforms list; it still loads."""
+FORMAT_VERSION = 3
+"""Version 1 (no `format` key) had no head pruning and no transforms list; version 2 called the
+method option `shared_keep_set` `per_head` (its inverse) and had no per-head budgets or streaming
+heads. Both still load."""
 ALLOCATIONS = ("uniform", "pyramid", "adaptive")
 
 
@@ -80,6 +85,14 @@ class Plan:
     """Site name -> the score that ranked each original KV head for removal (higher: kept first)."""
     transforms: list[dict[str, Any]] = field(default_factory=list)
     """The transforms that made the plan, as `{"name": ..., "options": {...}}`, in the order given."""
+    per_head_budgets: bool = False
+    """Each KV head of a site keeps its own number of tokens: the site's budget goes to the best-scored
+    tokens of any of its heads in one joint top-k (AdaKV), each head keeping `head_floor` of an equal share."""
+    head_floor: float = 0.2
+    streaming_heads: dict[str, list[int]] = field(default_factory=dict)
+    """Site name -> original KV heads that keep only `streaming_sinks` + `streaming_recent` tokens (DuoAttention)."""
+    streaming_sinks: int = 4
+    streaming_recent: int = 64
 
     # ----------------------------------------------------------------- geometry and schedules
 
@@ -112,6 +125,32 @@ class Plan:
             shared=self._window_share(dtype_bytes),
         )
 
+    def head_schedule(self, site: AttentionSite, dtype_bytes: int) -> HeadSchedule | None:
+        """The arithmetic of `site`'s ragged cache, or None when every KV head keeps as many tokens."""
+        schedule = self.schedule(site, dtype_bytes)
+        removed = set(self.pruned_heads.get(site.name, ()))
+        kept = [head for head in range(site.num_kv_heads) if head not in removed]
+        streaming = tuple(kept.index(head) for head in self.streaming_heads.get(site.name, ()))
+        if not streaming and not (self.per_head_budgets and schedule.prunes):
+            return None
+        unsupported = ([f"logit ops {site.logit_ops}"] if site.logit_ops else []) + (
+            ["a sliding window or chunks"] if site.window is not None else []) + (
+            ["a budget shared with windowed sites"] if schedule.shared is not None else [])
+        if unsupported:
+            asked = "per-head budgets (Evict(per_head=True))" if self.per_head_budgets else "streaming heads"
+            raise UnsupportedModelError(
+                f"{asked} are not supported at {site.name}, whose attention has {' and '.join(unsupported)}: the "
+                "ragged cache applies causal + padding masks only; use Evict without per_head or StreamingHeads")
+        pruned = self.geometry(site)
+        stat = STAT_BYTES if schedule.stat_bytes_per_token else 0
+        return HeadSchedule(schedule, pruned.num_kv_heads, pruned.kv_bytes_per_token(dtype_bytes) // pruned.num_kv_heads,
+                            stat, streaming, self.streaming_sinks, self.streaming_recent, self.per_head_budgets,
+                            self.head_floor)
+
+    def cache_schedule(self, site: AttentionSite, dtype_bytes: int) -> SiteSchedule | HeadSchedule:
+        """What bounds `site`'s cache: its ragged arithmetic when its heads differ, else the uniform one."""
+        return self.head_schedule(site, dtype_bytes) or self.schedule(site, dtype_bytes)
+
     def _window_share(self, dtype_bytes: int) -> WindowShare | None:
         """How a hybrid model's full-attention sites pay for keeping its windowed sites whole
         (`kvpass.planning.schedule.WindowShare`); None unless both kinds of site evict."""
@@ -143,7 +182,8 @@ class Plan:
             47185920
         """
         seq_len, batch = _lengths(seq_len, batch)
-        return int(sum(self.schedule(site, self.dtype_bytes).held_bytes(seq_len, batch) for site in self._geometry()))
+        return int(sum(self.cache_schedule(site, self.dtype_bytes).held_bytes(seq_len, batch)
+                       for site in self._geometry()))
 
     def full_kv_bytes(self, seq_len: int, batch: int = 1) -> int:
         """Bytes the unmodified model's cache holds after `seq_len` tokens per sequence."""
@@ -169,7 +209,7 @@ class Plan:
         scored = {Stat.NONE: 0, Stat.LAST_QUERY: 1, Stat.WINDOW: smin(window, symbols.seq),
                   Stat.COLUMN_SUM: symbols.seq}[stat]
         return {
-            site.name: site_cost(self.geometry(site), self.dtype_bytes, symbols, self.schedule(site, self.dtype_bytes),
+            site.name: site_cost(self.geometry(site), self.dtype_bytes, symbols, self.cache_schedule(site, self.dtype_bytes),
                                  scored)
             for site in self._geometry()
         }
@@ -204,7 +244,7 @@ class Plan:
                 f"{self.budgets[site.name]:.3f}" + (f" / {cap} tok" if cap is not None else ""),
                 f"{retained:.3f}" if retained is not None else "-",
                 f"{error:.3f}" if error is not None else "-",
-                f"{self.schedule(site, self.dtype_bytes).held_bytes(seq_len) / 1024:.1f}",
+                f"{self.cache_schedule(site, self.dtype_bytes).held_bytes(seq_len) / 1024:.1f}",
             ]
             rows.append("| " + " | ".join(cells) + " |")
         full, pruned = self.full_kv_bytes(seq_len), self.kv_bytes(seq_len)
@@ -260,6 +300,25 @@ class Plan:
                      f"got {heads!r}")
             if len(heads) >= site.num_kv_heads:
                 fail(f"pruned_heads[{name!r}] removes all {site.num_kv_heads} KV heads; every site keeps one")
+        for name, heads in self.streaming_heads.items():
+            site = sites.get(name)
+            if site is None:
+                fail(f"streaming_heads names {name!r}, which is not a site of the plan")
+            removed = set(self.pruned_heads.get(name, ()))
+            if not isinstance(heads, list) or len(set(heads)) != len(heads) or any(
+                    isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < site.num_kv_heads or h in removed
+                    for h in heads):
+                fail(f"streaming_heads[{name!r}] must list distinct KV head indices in [0, {site.num_kv_heads}) "
+                     f"that pruned_heads does not remove, got {heads!r}")
+        if not isinstance(self.per_head_budgets, bool):
+            fail(f"per_head_budgets must be true or false, got {self.per_head_budgets!r}")
+        if isinstance(self.head_floor, bool) or not isinstance(self.head_floor, (int, float)) \
+                or not 0.0 <= self.head_floor <= 1.0:
+            fail(f"head_floor must be a fraction in [0, 1], got {self.head_floor!r}")
+        try:
+            check_schedule_options(self.streaming_sinks, self.streaming_recent, 1)
+        except ValueError as error:
+            fail(f"streaming {error}")
 
     def check_model(self, sites: list[AttentionSite], dtype_bytes: int) -> None:
         """Raise ValueError unless this plan was made for a model with exactly these `sites` (names
@@ -307,9 +366,11 @@ class Plan:
             raise ValueError(f"{where}: a plan is a JSON object, got {type(data).__name__}")
         data = dict(data)
         version = data.pop("format", 1)
-        if version not in (1, FORMAT_VERSION):
-            raise ValueError(f"{where}: plan format {version!r} is not supported (this kvpass reads 1 and "
+        if version not in (1, 2, FORMAT_VERSION):
+            raise ValueError(f"{where}: plan format {version!r} is not supported (this kvpass reads 1 to "
                              f"{FORMAT_VERSION})")
+        if version < 3:
+            data = _renamed_method_option(data)
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{where}: unknown plan fields {sorted(unknown)}")
@@ -341,6 +402,22 @@ class Plan:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{where}: not a JSON plan file ({error})") from error
         return cls.from_dict(data, where)
+
+
+def _renamed_method_option(data: dict[str, Any]) -> dict[str, Any]:
+    """A version 1-2 plan with the method option `per_head` spelled as today's `shared_keep_set`."""
+    def method(record: Any) -> Any:
+        if isinstance(record, dict) and isinstance(record.get("options"), dict) and "per_head" in record["options"]:
+            options = dict(record["options"])
+            options["shared_keep_set"] = not options.pop("per_head")
+            return {**record, "options": options}
+        return record
+
+    transforms = [
+        {**t, "options": {**t["options"], "method": method(t["options"].get("method"))}}
+        if isinstance(t, dict) and isinstance(t.get("options"), dict) and "method" in t["options"] else t
+        for t in data.get("transforms", [])]
+    return {**data, "method": method(data.get("method")), "transforms": transforms}
 
 
 def _lengths(seq_len: Any, batch: Any) -> tuple[int, int]:

@@ -65,16 +65,22 @@ class AttentionRows(TorchFunctionMode):
         return out
 
     def _record(self, q: torch.Tensor, k: torch.Tensor, visible: Callable[[int, int], torch.Tensor | None],
-                bias: Callable[[int, int], torch.Tensor | None], scale: float) -> None:
+                bias: Callable[[int, int], torch.Tensor | None], scale: float, softcap: float = 0.0,
+                sinks: torch.Tensor | None = None) -> None:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) if k.shape[-3] != q.shape[-3] else k
 
         def probabilities(start: int, stop: int) -> torch.Tensor:
             logits = (q[..., start:stop, :].float() @ k.float().transpose(-1, -2)) * scale
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
             if (added := bias(start, stop)) is not None:
                 logits = logits + added
             if (allowed := visible(start, stop)) is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))
-            return torch.softmax(logits, dim=-1)
+            if sinks is None:
+                return torch.softmax(logits, dim=-1)
+            sink = sinks.float().view(-1, 1, 1).expand(*logits.shape[:-1], 1)  # a virtual key's logit per head
+            return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
 
         self.rows.append(self._average(probabilities, q.shape[-2]))
         if self.with_keys:
@@ -120,15 +126,29 @@ def _sdpa_operands(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     return query, key, visible, bias, scale
 
 
-def _kvpass_operands(q, k, v, q_slots, k_slots, scale, causal, stat, window):
-    """The same for `torch.ops.kvpass.attention`: visibility comes from the slots."""
+def _kvpass_operands(q, k, v, q_slots, k_slots, scale, causal, stat, window, mask=None, softcap=0.0, sinks=None):
+    """The same for `torch.ops.kvpass.attention`: visibility comes from the slots (and the model's
+    own mask where it gave one: bool rows restrict, float rows add)."""
     group = q.shape[1] // k.shape[1]
 
     def visible(start: int, stop: int) -> torch.Tensor:
-        mask = slot_mask(q_slots[:, start:stop], k_slots, causal)
-        return mask.repeat_interleave(group, dim=1) if group > 1 else mask
+        allowed = slot_mask(q_slots[:, start:stop], k_slots, causal)
+        allowed = allowed.repeat_interleave(group, dim=1) if group > 1 else allowed
+        if mask is not None and mask.dtype == torch.bool:
+            allowed = allowed & _per_query_head(mask[..., start:stop, :], q.shape[1])
+        return allowed
 
-    return q, k, visible, lambda start, stop: None, scale
+    def bias(start: int, stop: int) -> torch.Tensor | None:
+        if mask is None or mask.dtype == torch.bool:
+            return None
+        return _per_query_head(mask[..., start:stop, :], q.shape[1]).float()
+
+    return q, k, visible, bias, scale, softcap, sinks
+
+
+def _per_query_head(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """A [B, 1 | Hkv | Hq, ...] mask as one row block per query head."""
+    return mask if mask.shape[1] in (1, heads) else mask.repeat_interleave(heads // mask.shape[1], dim=1)
 
 
 def record_during(module: torch.nn.Module, start: Callable[[], AttentionRows | None],

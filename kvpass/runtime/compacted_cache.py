@@ -95,6 +95,24 @@ class CompactedKV:
     def stat_mode(self) -> Stat:
         return self.method.stat if self.schedule.prunes and self.method is not None else Stat.NONE
 
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[0]
+
+    def head_lengths(self) -> torch.Tensor:
+        """[B, Hkv] tokens each KV head holds (all alike)."""
+        return torch.full(self.keys.shape[:2], self.keys.shape[-2], dtype=torch.long, device=self.keys.device)
+
+    def empty(self) -> "CompactedKV":
+        """A new, empty cache like this one."""
+        return CompactedKV(self.schedule, self.method, self.group_size, self.reallocator, self.index)
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
+        """Take over a filled uniform cache [B, Hkv, T, D] holding the last T of `seen` tokens
+        (contiguous slots; a sliding layer holds its window only)."""
+        self.keys, self.values, self.seen = keys, values, seen
+        self.first = seen - keys.shape[-2]
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds, for byte accounting."""
         return [t for t in (self.keys, self.values, self.slots, self.stat) if t is not None]

@@ -33,7 +33,9 @@ from kvpass import hf_attention
 from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method
 from kvpass.planning import SiteSchedule
+from kvpass.planning.head_schedule import HeadSchedule
 from kvpass.runtime.compacted_cache import CompactedKV, TokenPositions
+from kvpass.runtime.ragged_cache import new_site_cache
 from kvpass.runtime.reallocation import ReallocationPolicy, Reallocator
 from kvpass.site import AttentionSite
 
@@ -57,7 +59,8 @@ class KVPassCacheLayer(CacheLayerMixin):
 
     @property
     def keys(self) -> torch.Tensor | None:
-        return self.site_cache.keys
+        """The uniform cache's keys [B, Hkv, T, D]; None for a ragged one (its heads differ in length)."""
+        return getattr(self.site_cache, "keys", None)
 
     @keys.setter
     def keys(self, value) -> None:  # CacheLayerMixin.__init__ assigns None
@@ -65,7 +68,7 @@ class KVPassCacheLayer(CacheLayerMixin):
 
     @property
     def values(self) -> torch.Tensor | None:
-        return self.site_cache.values
+        return getattr(self.site_cache, "values", None)
 
     @values.setter
     def values(self, value) -> None:
@@ -91,8 +94,7 @@ class KVPassCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        cache = self.site_cache
-        self.site_cache = CompactedKV(cache.schedule, cache.method, cache.group_size, cache.reallocator, cache.index)
+        self.site_cache = self.site_cache.empty()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.site_cache.select_batch(beam_idx)
@@ -101,8 +103,7 @@ class KVPassCacheLayer(CacheLayerMixin):
         self.site_cache.select_batch(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        batch = self.site_cache.keys.shape[0] if self.site_cache.keys is not None else 0
-        self.site_cache.select_batch(torch.arange(batch).repeat_interleave(repeats))
+        self.site_cache.select_batch(torch.arange(self.site_cache.batch_size).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise UnsupportedModelError(
@@ -123,6 +124,8 @@ class SiteBinding:
     reallocation: ReallocationPolicy | None = None
     """Set when the plan moves budget between sites while decoding; `index` is this site's place."""
     index: int = 0
+    heads: HeadSchedule | None = None
+    """The ragged arithmetic when the site's KV heads keep different numbers of tokens."""
     model_mask: bool = False
     """Apply the model's own attention mask at the kept slots (sliding windows, chunks, custom masks),
     rather than reading only padding off it and masking causally by slot (the fast path)."""
@@ -265,12 +268,10 @@ def _convert_layer(layer: CacheLayerMixin, binding: SiteBinding, reallocator: Re
             f"{type(layer).__name__} at {binding.site.name} is not supported: kvpass compacts dynamic caches only "
             "(static, quantized and offloaded caches are refused)"
         )
-    cache = CompactedKV(binding.schedule, binding.method, binding.site.group_size, reallocator, binding.index)
+    cache = new_site_cache(binding.schedule, binding.heads, binding.method, binding.site.group_size, reallocator,
+                           binding.index)
     if layer.is_initialized and layer.keys is not None and layer.keys.numel():
-        held = layer.keys.shape[-2]
-        cache.keys, cache.values = layer.keys, layer.values
-        cache.seen = getattr(layer, "cumulative_length", held)
-        cache.first = cache.seen - held  # a sliding layer holds the last tokens only
+        cache.adopt(layer.keys, layer.values, getattr(layer, "cumulative_length", layer.keys.shape[-2]))
     return KVPassCacheLayer(cache, binding.site)
 
 

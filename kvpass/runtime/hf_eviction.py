@@ -37,7 +37,8 @@ def bind_plan(model: torch.nn.Module, sites: SiteReport, plan: Plan) -> Callable
               if plan.reallocate else None)
     bindings = {
         site.name: hf.SiteBinding(site=site, method=plan.method, schedule=plan.schedule(site, dtype_bytes),
-                                  reallocation=policy, index=index, model_mask=site.window is not None)
+                                  reallocation=policy, index=index, model_mask=site.window is not None,
+                                  heads=plan.head_schedule(site, dtype_bytes))
         for index, site in enumerate(sites)
     }
     previous_bindings = getattr(model, "kvpass_bindings", None)
@@ -71,6 +72,11 @@ def bind_plan(model: torch.nn.Module, sites: SiteReport, plan: Plan) -> Callable
         hf.bind(model, modules, bindings)
         point([hf.IMPLEMENTATION] * len(configs))
         _check_probe(model, modules, bindings, reference)
+        masked = [name for name, binding in bindings.items() if binding.heads is not None and binding.model_mask]
+        if masked:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} gives {masked} an attention mask that says more than causal + padding; "
+                "a ragged cache (per-head budgets, streaming heads) applies causal + padding only")
     except Exception:
         undo()
         raise
@@ -208,12 +214,12 @@ def _check_probe(model: torch.nn.Module, modules: dict, bindings: dict[str, hf.S
 def _kvpass_probe(model: torch.nn.Module, modules: dict, bindings: dict[str, hf.SiteBinding]) -> dict[str, list]:
     """The probe through kvpass with nothing evicted (so the decode step must equal the model's too),
     counting each site's calls and adopted caches and recording the masks it is given."""
-    kept = {name: (binding.schedule, binding.reallocation) for name, binding in bindings.items()}
+    kept = {name: (binding.schedule, binding.reallocation, binding.heads) for name, binding in bindings.items()}
     for binding in bindings.values():
         binding.calls = binding.adopted = 0
         binding.masks, binding.recording = [], True
         binding.schedule = replace(binding.schedule, fraction=1.0, max_tokens=None, shared=None)
-        binding.reallocation = None
+        binding.reallocation = binding.heads = None
     try:
         return _run_probe(model, modules, bindings)
     except KVPassError:
@@ -225,5 +231,5 @@ def _kvpass_probe(model: torch.nn.Module, modules: dict, bindings: dict[str, hf.
         ) from error
     finally:
         for name, binding in bindings.items():
-            binding.schedule, binding.reallocation = kept[name]
+            binding.schedule, binding.reallocation, binding.heads = kept[name]
             binding.recording = False

@@ -76,6 +76,9 @@ class PlanningContext:
     recent: int = 32
     pruned_heads: dict[str, list[int]] = field(default_factory=dict)
     head_importance: dict[str, list[float]] = field(default_factory=dict)
+    streaming_heads: dict[str, list[int]] = field(default_factory=dict)
+    """Site name -> original KV heads that keep only `streaming_window` (sinks, recent) tokens."""
+    streaming_window: tuple[int, int] = (4, 64)
     plan: "Plan | None" = None
     _calibration: "Calibration | None" = None
 

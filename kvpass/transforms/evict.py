@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method, get_method
 from kvpass.planning import ALLOCATIONS, build_plan, check_schedule_options
 from kvpass.transforms.base import Backend, Phase, PlanningContext, RewriteTarget, Transform, register
-from kvpass.validation import integer, real
+from kvpass.validation import boolean, integer, real
 
 
 @dataclass(frozen=True, init=False)
@@ -28,10 +29,18 @@ class Evict(Transform):
     or 'adaptive' from calibration, each within `floor`..`ceiling`); `reallocate=N` re-spreads
     it every N decoded tokens. Other keywords are the method's options (`span=2`, `window=16`).
 
+    `per_head=True` gives each KV head its own number of tokens (AdaKV): a site's budget goes to
+    the best-scored tokens of any of its heads in one joint top-k (GQA query groups' attention
+    averaged first; methods with a `shared_keep_set` rank per head here), each head first keeping
+    its carve-outs and `head_floor` of an equal share. The cache is ragged: heads are stored
+    packed, each costing the rows it holds (`kvpass.runtime.ragged_cache`).
+
     Example:
         >>> import kvpass
         >>> kvpass.Evict("snapkv", window=16).method.window
         16
+        >>> kvpass.Evict("tova", per_head=True).per_head
+        True
         >>> model = kvpass.optimize(model, budget=0.5, transforms=[kvpass.Evict("tova", span=2)])  # doctest: +SKIP
     """
 
@@ -45,10 +54,12 @@ class Evict(Transform):
     floor: float | None
     ceiling: float
     reallocate: int
+    per_head: bool
+    head_floor: float
 
     def __init__(self, method: str | Method | None = None, *, sinks: int = 4, recent: int = 32, evict_every: int = 1,
                  allocation: str = "uniform", floor: float | None = None, ceiling: float = 1.0, reallocate: int = 0,
-                 **method_options: Any) -> None:
+                 per_head: bool = False, head_floor: float = 0.2, **method_options: Any) -> None:
         sinks, recent, evict_every = check_schedule_options(sinks, recent, evict_every)
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
@@ -58,9 +69,15 @@ class Evict(Transform):
                        meaning="most fraction of its cache a site keeps")
         reallocate = integer(reallocate, "Evict: reallocate", minimum=0,
                              meaning="decoded tokens between re-allocations; 0: off")
+        per_head = boolean(per_head, "Evict: per_head")
+        head_floor = real(head_floor, "Evict: head_floor", 0.0, 1.0,
+                          meaning="fraction of an equal share every head keeps before the joint top-k")
+        if per_head and reallocate:
+            raise ValueError("per_head=True cannot be combined with reallocate: re-allocation moves budget between "
+                             "sites of uniform caches")
         values = {"method": get_method(method, **method_options), "sinks": sinks, "recent": recent,
                   "evict_every": evict_every, "allocation": allocation, "floor": floor, "ceiling": ceiling,
-                  "reallocate": reallocate}
+                  "reallocate": reallocate, "per_head": per_head, "head_floor": float(head_floor)}
         for key, value in values.items():
             object.__setattr__(self, key, value)
 
@@ -87,6 +104,7 @@ class Evict(Transform):
             sinks=self.sinks, recent=self.recent, evict_every=self.evict_every, reallocate=self.reallocate,
             pruned_heads=context.pruned_heads,
         )
+        context.plan.per_head_budgets, context.plan.head_floor = self.per_head, self.head_floor
 
     def stats(self, plan, cache) -> dict[str, Any]:
         layers = [layer.site_cache for layer in getattr(cache, "layers", []) if hasattr(layer, "site_cache")]
@@ -104,6 +122,7 @@ def _evict_hf(transform: Evict, target: RewriteTarget) -> None:
 def _evict_explicit_cache(transform: Evict, target: RewriteTarget) -> None:
     from kvpass.runtime.explicit_cache import rewrite_explicit_cache
 
+    refuse_ragged(target.plan, "a model that carries its own cache tensors ([B, Hkv, T, D] per layer)")
     target.model = rewrite_explicit_cache(target.model, target.sites, target.plan, target.example_args)
 
 
@@ -111,4 +130,17 @@ def _evict_explicit_cache(transform: Evict, target: RewriteTarget) -> None:
 def _evict_onnx(transform: Evict, target: RewriteTarget) -> None:
     from kvpass.rewrites.onnx import rewrite_sites
 
+    refuse_ragged(target.plan, "an ONNX graph")
     rewrite_sites(target.model, target.sites, target.plan, target.plan.dtype_bytes)
+
+
+def refuse_ragged(plan, where: str) -> None:
+    """Raise, naming what is asked, when `plan` gives a site's KV heads different numbers of tokens and
+    `where` can only hold uniform per-head caches."""
+    ragged = [site.name for site in plan.sites if plan.head_schedule(site, plan.dtype_bytes) is not None]
+    if ragged:
+        asked = "per-head budgets (Evict(per_head=True))" if plan.per_head_budgets else "streaming heads"
+        raise UnsupportedModelError(
+            f"{asked} need a ragged cache (KV heads of different lengths, packed), which {where} cannot hold "
+            f"(sites {ragged[:3]}{'...' if len(ragged) > 3 else ''}): run the Hugging Face model, whose cache "
+            "object kvpass replaces")

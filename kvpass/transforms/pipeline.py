@@ -76,6 +76,8 @@ def solve(model: Any, sites: SiteReport, budget: Budget, transforms: list[Transf
         plan = build_plan(list(sites), budget, None, dtype_bytes=dtype_bytes, seq_len=seq_len,
                           pruned_heads=context.pruned_heads)
     plan.head_importance = context.head_importance
+    plan.streaming_heads = context.streaming_heads
+    plan.streaming_sinks, plan.streaming_recent = context.streaming_window
     plan.transforms = records + [t.record() for t in transforms]
     return plan
 

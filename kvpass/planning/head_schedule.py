@@ -1,0 +1,148 @@
+"""The eviction arithmetic of a site whose KV heads hold different numbers of tokens (a ragged cache).
+
+Two decisions make heads differ: per-head budgets (`kvpass.Evict(per_head=True)`, AdaKV: the
+layer's budget goes to whichever heads' tokens score best, in one joint top-k) and streaming
+heads (`kvpass.StreamingHeads`, DuoAttention: some heads keep only sinks and a recent window).
+The cache then stores every (sequence, KV head) segment packed one after the other, so a head
+costs exactly the rows it holds: K, V, an int32 slot and the method's statistic per row, plus
+one int32 length per head. Tokens appended since the last eviction wait in a tail that every
+head shares (K, V and statistic per head, one slot per token), and are merged in at the next.
+
+The byte cap is the one a uniform cache at the same budget has, `SiteSchedule.cap(seen)` tokens
+per head at `kv + state` bytes each, counted over the layer instead of per head: an eviction at
+`seen` keeps at most `rows(seen)` rows, few enough that the cap still holds after the next
+`evict_every - 1` appends. Like `SiteSchedule`, every method takes an int `seen` (the runtime)
+or a sympy expression (the cost model), so both are one piece of code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from kvpass.cost import smax, smin, where
+from kvpass.planning.schedule import SLOT_BYTES, SiteSchedule
+
+LENGTH_BYTES = 4
+"""Each (sequence, KV head) segment of a ragged cache stores its length as one int32."""
+
+
+@dataclass(frozen=True)
+class HeadSchedule:
+    """How many rows a ragged cache of one site keeps, and how they are split between its KV heads.
+
+    Example:
+        >>> base = SiteSchedule(fraction=0.5, kv_bytes_per_token=1536, state_bytes_per_token=24)
+        >>> heads = HeadSchedule(base, kv_heads=3, head_bytes=512, stat_bytes=4, joint=True)
+        >>> heads.rows(1000), 3 * base.target(1000)   # the heads' lengths take one row's bytes
+        (1475, 1476)
+        >>> HeadSchedule(base, 3, 512, 4, streaming=(1,)).held_bytes(1000) <= 0.5 * 1000 * 1536
+        True
+    """
+
+    base: SiteSchedule
+    """The per-head arithmetic of a uniform cache at the same budget: byte cap, carve-outs, pages, cadence."""
+    kv_heads: int
+    head_bytes: int
+    """K and V bytes of one token in one head."""
+    stat_bytes: int
+    """Bytes of the method's statistic per row (0: the method keeps none, or nothing is evicted by score)."""
+    streaming: tuple[int, ...] = ()
+    """Positions (among the cache's KV heads) of the heads that keep only sinks and a recent window."""
+    streaming_sinks: int = 4
+    streaming_recent: int = 64
+    joint: bool = False
+    """The other heads share their rows by one joint top-k over the layer (AdaKV) instead of equally."""
+    head_floor: float = 0.2
+    """With `joint`: each head first keeps its best `head_floor` share of an equal split (past its carve-outs)."""
+
+    @property
+    def prunes(self) -> bool:
+        """A ragged cache always evicts something (the cost model's question)."""
+        return True
+
+    @property
+    def budgeted(self) -> int:
+        """Heads that keep budgeted tokens (not streaming)."""
+        return self.kv_heads - len(self.streaming)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one packed row: K, V, slot, statistic."""
+        return self.head_bytes + SLOT_BYTES + self.stat_bytes
+
+    @property
+    def append_bytes(self) -> int:
+        """Bytes one appended token adds to the tail of one sequence: every head's K, V and statistic, one slot."""
+        return self.kv_heads * (self.head_bytes + self.stat_bytes) + SLOT_BYTES
+
+    @property
+    def bookkeeping_bytes(self) -> int:
+        """Bytes per sequence besides the rows: the heads' lengths."""
+        return self.kv_heads * LENGTH_BYTES
+
+    def byte_cap(self, seen):
+        """Most bytes one sequence's cache may hold once `seen` tokens have been seen."""
+        return self.base.cap(seen) * (self.base.kv_bytes_per_token + self.base.state_bytes_per_token)
+
+    def rows(self, seen):
+        """Most rows an eviction at `seen` keeps, so the cap holds until `evict_every - 1` more appends."""
+        spare = [(self.byte_cap(seen + j) - self.bookkeeping_bytes - j * self.append_bytes) // self.row_bytes
+                 for j in range(self.base.evict_every)]
+        return smax(0, smin(*spare))
+
+    def streaming_window(self, rows) -> tuple:
+        """(sinks, recent) each streaming head keeps when the layer keeps `rows`: its window, but
+        never more than an equal share of the rows (sinks first, as every carve-out)."""
+        window = smin(self.streaming_sinks + self.streaming_recent, rows // self.kv_heads)
+        sinks = smin(self.streaming_sinks, window)
+        return sinks, window - sinks
+
+    def equal_quota(self, spare):
+        """Uniform split: tokens each budgeted head keeps out of `spare` rows, whole pages past its carve-outs."""
+        keep = spare // self.budgeted
+        return self._pages(keep, sum(self.base.carve_out(keep)))
+
+    def joint_split(self, spare) -> tuple:
+        """Joint split of `spare` rows: (tokens every budgeted head keeps first, rows the joint top-k
+        hands out on top). First come the carve-outs of an equal share and `head_floor` of what is
+        left of it; the rest, in whole pages, goes to the best-scored tokens of any head."""
+        share = spare // self.budgeted
+        carved = sum(self.base.carve_out(share))
+        first = carved + self._pages(Fraction(self.head_floor) * (share - carved) // 1, 0)
+        return first, self._pages(spare - self.budgeted * first, 0)
+
+    def _pages(self, keep, carved):
+        """`keep` rounded down to whole pages past `carved`."""
+        page = self.base.page_size
+        return keep if page == 1 else carved + (keep - carved) // page * page
+
+    def held_rows(self, seen):
+        """Rows one sequence (no padding) keeps after an eviction at `seen`."""
+        rows = self.rows(seen)
+        streaming = len(self.streaming) * smin(seen, sum(self.streaming_window(rows)))
+        spare = rows - streaming
+        if self.budgeted == 0:
+            return streaming
+        if self.joint:
+            first, extra = self.joint_split(spare)
+            budgeted = smin(self.budgeted * seen, self.budgeted * smin(seen, first) + extra)
+        else:
+            budgeted = self.budgeted * smin(seen, self.equal_quota(spare))
+        return streaming + budgeted
+
+    def wanted_rows(self, seen):
+        """Rows one sequence keeps when nothing caps it: budgeted heads everything, streaming heads their window."""
+        return self.budgeted * seen + len(self.streaming) * smin(seen, self.streaming_sinks + self.streaming_recent)
+
+    def held_bytes(self, seen, batch=1):
+        """Bytes the cache holds right after a prefill of `seen` tokens (no padding), `batch` sequences.
+
+        Before its first eviction the cache is the tail alone (K, V and statistic, slots implied);
+        a prefill evicts when it is over the cap, or when it is at least `evict_every` tokens and
+        packing it keeps every row the heads want (streaming heads at a budget of 1)."""
+        whole = seen * self.kv_heads * (self.head_bytes + self.stat_bytes)
+        packed = self.held_rows(seen) * self.row_bytes + self.bookkeeping_bytes
+        over = whole > self.byte_cap(seen)
+        trims = (seen >= self.base.evict_every) & (self.rows(seen) >= self.wanted_rows(seen))
+        return batch * where(over | trims, packed, whole)
