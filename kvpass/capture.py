@@ -48,13 +48,19 @@ def default_example_inputs(model: torch.nn.Module) -> tuple[tuple, dict[str, Any
     return (input_ids,), {"use_cache": False}
 
 
-def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None) -> CapturedGraph:
-    """Capture `model(*args, **kwargs)` in eval mode without gradients, export first, dynamo second."""
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None,
+            dynamic: bool = False) -> CapturedGraph:
+    """Capture `model(*args, **kwargs)` in eval mode without gradients, export first, dynamo second.
+
+    `dynamic`: export with every dimension of size >= 2 in `args` left free (`Dim.AUTO`), so the
+    graph module runs at other sizes (a cache that grows and shrinks); sizes 0 and 1 stay fixed,
+    as torch.export specializes them."""
     if not kwargs and _is_transformers_model(model):
         kwargs = {"use_cache": False}
+    shapes = _free_dimensions(tuple(args)) if dynamic else None
     with _eval_no_grad(model):
         try:
-            exported = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
+            exported = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False, dynamic_shapes=shapes)
             return CapturedGraph(exported.module(), "torch.export")
         except Exception as export_error:  # noqa: BLE001 - any export failure means: try dynamo
             note = f"torch.export failed ({type(export_error).__name__}: {_first_line(export_error)})"
@@ -99,6 +105,16 @@ def _dynamo_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any])
     for index, piece in enumerate(pieces):
         holder.add_module(f"piece_{index}", piece)
     return holder
+
+
+def _free_dimensions(args: tuple) -> tuple:
+    """`dynamic_shapes` for `args`: Dim.AUTO for every tensor dimension of size >= 2."""
+    def dims(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {axis: torch.export.Dim.AUTO for axis, size in enumerate(value.shape) if size >= 2}
+        return None
+
+    return torch.utils._pytree.tree_map(dims, args, is_leaf=lambda value: isinstance(value, torch.Tensor))
 
 
 def _is_transformers_model(model: torch.nn.Module) -> bool:
