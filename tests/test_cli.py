@@ -44,6 +44,8 @@ def save_tiny_llama(folder: Path, **config) -> Path:
                             trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{
         "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
@@ -94,6 +96,17 @@ def test_export_then_serve_onnx(tiny, tmp_path) -> None:
     assert len(served["tokens"]) == 6 and served["kv_bytes"] <= 0.5 * served["full_kv_bytes"]
 
 
+def test_eval(tiny, tmp_path) -> None:
+    evaluated = run_json("eval", str(tiny), "--tasks", "niah", "passkey", "--methods", "default", "knorm:span=1",
+                         "--budgets", "0.5", "--samples", "1", "--length", "300", "--out", str(tmp_path / "run"))
+    assert evaluated["settings"] == ["full", "default@0.5", "knorm:span=1@0.5"]
+    assert len(evaluated["rows"]) == 2 * 3 * 2  # tasks x settings x modes (the full cache scored once per sample)
+    assert {(r["task"], r["mode"]) for r in evaluated["mean_scores"]} == {
+        (task, mode) for task in ("niah", "passkey") for mode in ("query-aware", "context-only")}
+    assert evaluated["files"] == [str(tmp_path / "run.jsonl"), str(tmp_path / "run_accuracy.png")]
+    assert all(Path(path).stat().st_size > 0 for path in evaluated["files"])
+
+
 def test_tables_for_people(tiny, capsys) -> None:
     assert main(["find", str(tiny)]) == 0
     out = capsys.readouterr().out
@@ -125,6 +138,9 @@ def test_bad_argument_exits_2_with_one_line(tiny) -> None:
     (["optimize", "{tiny}", "--plan", "{tiny}/config.json", "--prompt", "hi"], 1, "config.json: unknown plan fields"),
     (["optimize", "{tiny}", "--plan", "p.json", "--budget", "0.5", "--prompt", "hi"], 2, "--plan already records"),
     (["serve-onnx", "{tiny}", "--prompt", "hi"], 1, "is not an .onnx file"),
+    (["eval", "{tiny}", "--methods", "tova:span=two"], 2, "option 'span=two' must be key=number"),
+    (["eval", "{tiny}", "--budgets", "1.5"], 2, "argument --budgets: expected a fraction of the full cache"),
+    (["eval", "{sliding}"], 1, "eval needs a tokenizer with a chat template"),
     (["export", "{sliding}", "out.onnx"], 1, "sliding"),
 ])
 def test_failures_exit_non_zero_with_one_line(tiny, tmp_path_factory, capsys, args, status, reason) -> None:

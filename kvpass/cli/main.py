@@ -17,12 +17,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
 from typing import NoReturn
 
-from kvpass.cli import export, find, optimize, plan, serve_onnx
+from kvpass.cli import evaluate, export, find, optimize, plan, serve_onnx
 from kvpass.cli.errors import UsageError
 from kvpass.cli.prompts import positive_int
 from kvpass.cli.ui import UI
 
-SUBCOMMANDS = {module.NAME: module for module in (find, plan, optimize, export, serve_onnx)}
+SUBCOMMANDS = {module.NAME: module for module in (find, plan, optimize, export, serve_onnx, evaluate)}
 EXPECTED_FAILURES = (OSError, ValueError, TypeError, NotImplementedError, ImportError, RuntimeError)
 """What a bad model, file or setting raises (kvpass's own errors are ValueError/NotImplementedError)."""
 
