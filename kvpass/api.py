@@ -14,15 +14,16 @@ import torch
 
 from kvpass.budget import parse_budget
 from kvpass.calibration import Calibration
-from kvpass.capture import capture, default_example_inputs
+from kvpass.capture import capture, default_example_inputs, is_transformers_model
 from kvpass.methods import Method
 from kvpass.planning import Plan
 from kvpass.rewrites.fx import find_sites
 from kvpass.site import SiteReport
 from kvpass.stats import remember_calls
-from kvpass.transforms import Backend, Evict, RewriteTarget, Transform
+from kvpass.transforms import Backend, RewriteTarget, Transform
 from kvpass.transforms.base import module_backend
-from kvpass.transforms.pipeline import apply, check_transforms, plan_transforms, solve
+from kvpass.transforms.pipeline import apply, check_transforms, plan_transforms, shorthand_transforms, solve
+from kvpass.validation import integer
 
 
 def find_attention(model: torch.nn.Module, *example_args: Any, **example_kwargs: Any) -> SiteReport:
@@ -46,11 +47,11 @@ def find_attention(model: torch.nn.Module, *example_args: Any, **example_kwargs:
     captured = capture(model, args, kwargs)
     report = find_sites(captured.graph_module)
     report.capture, report.capture_note = captured.how, captured.note
+    if is_transformers_model(model):
+        from kvpass.hf_attention import annotate_windows
+
+        annotate_windows(model, report)
     return report
-
-
-EVICT_OPTIONS = {"sinks": 4, "recent": 32, "evict_every": 1, "allocation": "uniform"}
-"""`optimize`'s shorthand for `transforms=[kvpass.Evict(method, **these)]`, with their defaults."""
 
 
 def optimize(
@@ -96,19 +97,11 @@ def optimize(
     """
     budget = parse_budget(budget)
     shorthand = {"sinks": sinks, "recent": recent, "evict_every": evict_every, "allocation": allocation}
-    if transforms is not None or plan is not None:
-        given = sorted([k for k, v in shorthand.items() if v != EVICT_OPTIONS[k]] + list(method_options)
-                       + (["method"] if method is not None else []))
-        if given:
-            raise TypeError(f"{given} are options of kvpass.Evict: with transforms= or plan=, set them on the "
-                            "Evict transform (kvpass.Evict(method, ...)) instead")
-    if transforms is not None and plan is not None:
-        raise TypeError("give transforms= or plan=, not both: a plan already records its transforms")
-    if transforms is None and plan is None:
-        transforms = [Evict(method, **shorthand, **method_options)]
+    transforms = shorthand_transforms(transforms, plan, method, method_options, shorthand)
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         raise TypeError(f"example_inputs must be a tuple of positional arguments, got {type(example_inputs).__name__}")
 
+    _refuse_before_capture(model)
     # An optimized model is re-planned from the sites found the first time (its graph now holds kvpass ops).
     report = getattr(model, "kvpass_sites", None) or find_attention(model, *(example_inputs or ()))
     what = type(model).__name__
@@ -186,11 +179,12 @@ def plan(
         >>> model = kvpass.optimize(model, plan=plan)                      # doctest: +SKIP
     """
     budget = parse_budget(budget)
-    if transforms is None:
-        transforms = [Evict(method, allocation=allocation, floor=floor, ceiling=ceiling, sinks=sinks, recent=recent,
-                            evict_every=evict_every, reallocate=reallocate, **method_options)]
-    elif method is not None or method_options:
-        raise TypeError("method options belong on the Evict transform when transforms= is given")
+    if seq_len is not None:
+        seq_len = integer(seq_len, "seq_len", minimum=1)
+    shorthand = {"allocation": allocation, "floor": floor, "ceiling": ceiling, "sinks": sinks, "recent": recent,
+                 "evict_every": evict_every, "reallocate": reallocate}
+    transforms = shorthand_transforms(transforms, None, method, method_options, shorthand, {"allocation": "adaptive"})
+    _refuse_before_capture(model)
     report = getattr(model, "kvpass_sites", None) or find_attention(model, *(example_inputs or ()))
     what = type(model).__name__
     report.require_rewritable(what)
@@ -198,6 +192,15 @@ def plan(
     return solve(model, report, budget, transforms, dtype_bytes=next(model.parameters()).element_size(),
                  seq_len=seq_len if seq_len is not None else _context_length(model), calibration=calibration,
                  tokenizer=tokenizer)
+
+
+def _refuse_before_capture(model: torch.nn.Module) -> None:
+    """Transformers models whose config already says kvpass cannot compact their cache (encoder-decoders,
+    latent attention, state-space layers) are refused by name, before a capture that might fail first."""
+    if is_transformers_model(model) and hasattr(model, "generate"):
+        from kvpass.runtime.hf_eviction import refuse_config
+
+        refuse_config(model)
 
 
 def _context_length(model: torch.nn.Module) -> int | None:

@@ -14,6 +14,7 @@ Token and byte budgets are per sequence (one batch row).
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,6 +36,8 @@ class Budget:
         Budget(kind='bytes', value=1610612736, text='1.5GiB')
         >>> parse_budget(1).value
         1.0
+        >>> import numpy as np; parse_budget(np.float32(0.5))
+        Budget(kind='fraction', value=0.5, text='0.5')
     """
 
     kind: Literal["fraction", "tokens", "bytes"]
@@ -61,7 +64,7 @@ def parse_budget(budget: Any) -> Budget:
         return budget
     if isinstance(budget, str):
         return _parse_text(budget)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):  # numpy scalars are numbers too
         raise TypeError(f"budget must be {_EXPECTED}, got {budget!r}")
     value = float(budget)
     if math.isnan(value) or not 0.0 < value <= 1.0:
@@ -69,7 +72,7 @@ def parse_budget(budget: Any) -> Budget:
             f"budget must be in (0, 1] (the fraction of KV-cache bytes kept), got {budget!r}; "
             "write an absolute budget with its unit, e.g. '2048 tokens' or '512MB'"
         )
-    return Budget("fraction", value, repr(budget))
+    return Budget("fraction", value, str(budget))
 
 
 def _parse_text(text: str) -> Budget:

@@ -206,7 +206,13 @@ def _token_ids(model: torch.nn.Module, prompts: Any, tokenizer: Any | None) -> l
         prompts = default_prompts(tokenizer, getattr(model.config, "vocab_size", None))
     elif isinstance(prompts, (str, torch.Tensor)):
         prompts = [prompts]
+    elif not isinstance(prompts, Sequence):
+        raise ValueError(f"calibration must be a Calibration, a prompt (text or a token-id tensor), a list of "
+                         f"prompts, or None; got {type(prompts).__name__}")
+    if tokenizer is not None and not callable(tokenizer):
+        raise ValueError(f"tokenizer must be a callable tokenizer (a transformers tokenizer), got {tokenizer!r:.80}")
     limit = getattr(model.config, "max_position_embeddings", None)
+    vocab = getattr(model.config, "vocab_size", None)
     ids = []
     for index, prompt in enumerate(prompts):
         if isinstance(prompt, str):
@@ -220,6 +226,10 @@ def _token_ids(model: torch.nn.Module, prompts: Any, tokenizer: Any | None) -> l
                 or prompt.dim() not in (1, 2) or (prompt.dim() == 2 and prompt.shape[0] != 1) or prompt.shape[-1] < 2:
             raise ValueError(f"calibration prompt {index} must be text or an integer token tensor [L] or [1, L] "
                              f"with L >= 2, got {prompt!r:.80}")
+        if prompt.min() < 0 or (isinstance(vocab, int) and prompt.max() >= vocab):
+            vocabulary = f"[0, {vocab})" if isinstance(vocab, int) else ">= 0"
+            raise ValueError(f"calibration prompt {index} has token ids from {int(prompt.min())} to "
+                             f"{int(prompt.max())}; token ids are {vocabulary}")
         if isinstance(limit, int) and prompt.shape[-1] > limit:
             raise ValueError(f"calibration prompt {index} has {prompt.shape[-1]} tokens, more than the model's "
                              f"context (max_position_embeddings={limit})")

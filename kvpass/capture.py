@@ -10,6 +10,7 @@ nodes holding real tensors, so passes can read constant masks by value.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -38,11 +39,13 @@ def default_example_inputs(model: torch.nn.Module) -> tuple[tuple, dict[str, Any
     Raises CaptureError for models that are not transformers text models: those need `example_inputs`.
     """
     config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):  # multimodal: the language model's config
+        config = config.get_text_config(decoder=True)
     vocab = getattr(config, "vocab_size", None) if config is not None else None
     if not isinstance(vocab, int) or vocab < 2:
         raise CaptureError(
             f"{type(model).__name__} needs example_inputs: kvpass can only make up inputs for "
-            "transformers text models (a config with vocab_size)"
+            "transformers text models (a config, or text config, with vocab_size)"
         )
     input_ids = (torch.arange(DEFAULT_SEQ_LEN) % (vocab - 1) + 1).unsqueeze(0)
     return (input_ids,), {"use_cache": False}
@@ -52,11 +55,15 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | N
             dynamic: bool = False) -> CapturedGraph:
     """Capture `model(*args, **kwargs)` in eval mode without gradients, export first, dynamo second.
 
+    A transformers model runs with `use_cache=False` unless the caller says otherwise, whether its
+    inputs come positionally or by keyword: the graph is what attention computes, and a cache
+    object among the outputs is something neither exporter can return.
+
     `dynamic`: export with every dimension of size >= 2 in `args` left free (`Dim.AUTO`), so the
     graph module runs at other sizes (a cache that grows and shrinks); sizes 0 and 1 stay fixed,
     as torch.export specializes them."""
-    if not kwargs and _is_transformers_model(model):
-        kwargs = {"use_cache": False}
+    if is_transformers_model(model) and _accepts(model.forward, "use_cache"):
+        kwargs = {"use_cache": False, **(kwargs or {})}
     shapes = _free_dimensions(tuple(args)) if dynamic else None
     with _eval_no_grad(model):
         try:
@@ -117,7 +124,13 @@ def _free_dimensions(args: tuple) -> tuple:
     return torch.utils._pytree.tree_map(dims, args, is_leaf=lambda value: isinstance(value, torch.Tensor))
 
 
-def _is_transformers_model(model: torch.nn.Module) -> bool:
+def _accepts(function, keyword: str) -> bool:
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def is_transformers_model(model: torch.nn.Module) -> bool:
+    """Whether `model` is a transformers `PreTrainedModel` (False when transformers is not installed)."""
     try:
         from transformers import PreTrainedModel
     except ImportError:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 
@@ -47,3 +48,28 @@ def attention_implementation(model: torch.nn.Module, name: str, function: Callab
         yield
     finally:
         set_attn_implementation(model, previous)
+
+
+def cache_windows(model: torch.nn.Module) -> dict[int, int]:
+    """Layer index -> past tokens the model's own cache keeps, for its sliding-window and chunked
+    layers (read the way transformers builds the cache: `get_layer_types_and_kwargs`).
+
+    A config with a `sliding_window` value whose layers are all full attention has none.
+    """
+    text = model.config.get_text_config(decoder=True)
+    try:
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+    except Exception:  # noqa: BLE001 - configs the cache cannot be built from have no windows to read
+        return {}
+    return {index: kwargs["sliding_window"] - 1 for index, kwargs in enumerate(layer_kwargs)
+            if isinstance(kwargs.get("sliding_window"), int) and kwargs["sliding_window"] > 0}
+
+
+def annotate_windows(model: torch.nn.Module, sites: list) -> None:
+    """Set each site's `window` from the cache layer of its module's `layer_idx`."""
+    windows = cache_windows(model)
+    if not windows:
+        return
+    modules = dict(model.named_modules())
+    for site in sites:
+        site.window = windows.get(getattr(modules.get(site.name), "layer_idx", None))

@@ -37,10 +37,14 @@ def _tensors(obj: Any):
     elif isinstance(obj, dict):
         for item in obj.values():
             yield from _tensors(item)
-    elif hasattr(obj, "layers"):  # transformers Cache
+    elif hasattr(obj, "self_attention_cache"):  # transformers EncoderDecoderCache
+        yield from _tensors(obj.self_attention_cache)
+        yield from _tensors(obj.cross_attention_cache)
+    elif hasattr(obj, "layers"):  # transformers Cache: every tensor its layers hold (K/V, recurrent states, ...)
         for layer in obj.layers:
             site_cache = getattr(layer, "site_cache", None)
-            yield from _tensors(site_cache.tensors() if site_cache is not None else [layer.keys, layer.values])
+            yield from _tensors(site_cache.tensors() if site_cache is not None else
+                                [value for value in vars(layer).values() if isinstance(value, torch.Tensor)])
     elif obj is not None:
         raise TypeError(
             f"past_key_values must be a transformers Cache or nested tuples/lists of tensors, got {type(obj).__name__}"

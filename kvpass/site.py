@@ -42,9 +42,16 @@ class AttentionSite:
     """True when the site's keys/values are concatenated onto a past cache read from the graph inputs."""
     pattern: str = ""
     """Name of the pattern that matched (e.g. 'sdpa', 'eager_softmax_chain')."""
+    logit_ops: list[str] = field(default_factory=list)
+    """Ops on the logits besides scale and mask, by name: 'softcap' (cap·tanh(x/cap)), 'sinks' (learned
+    sink logits in the softmax's denominator), 'tensor_factor' (logits multiplied by a tensor: a
+    multiplicative mask or a per-head scale), 'clamp' (bounded from below)."""
     dtype: str = "float32"
     nodes: list[str] = field(default_factory=list)
     """Names of the graph nodes the site spans, in graph order."""
+    window: int | None = None
+    """Most past tokens the unmodified model keeps for this site: a sliding-window or chunked layer's
+    bound (None: every token stays). Eviction budgets are relative to what the site keeps."""
     projections: Projections | None = None
     """Anchor: the Q/K/V/O projection weights (None when the graph does not show them)."""
     match: Any = field(default=None, compare=False, repr=False)
@@ -115,12 +122,20 @@ class SiteReport(list):
             raise UnsupportedModelError(f"attention kvpass cannot rewrite, so the model is left unchanged: {listed}")
         if not self:
             raise UnsupportedModelError(f"no attention found in {what}: nothing to prune")
+        names = [site.name for site in self]
+        shared = sorted({name for name in names if names.count(name) > 1})
+        if shared:
+            raise UnsupportedModelError(
+                f"attention modules {shared} of {what} each compute several attentions per forward (a module shared "
+                "by several layers, or two attentions per layer as in differential attention): kvpass keeps one "
+                "cache and one budget per attention module")
 
     def __repr__(self) -> str:
         rows = [f"SiteReport({len(self)} sites via {self.capture or '?'}"]
         rows += [
             f"  {s.name}: layer={s.layer} heads={s.num_heads}/{s.num_kv_heads} d={s.head_dim} "
             f"causal={s.causal} cross={s.cross} pattern={s.pattern}"
+            + (f" logit_ops={s.logit_ops}" if s.logit_ops else "") + (f" window={s.window}" if s.window else "")
             for s in self
         ]
         rows += [f"  unsupported {u.name}: {u.reason}" for u in self.unsupported]

@@ -336,11 +336,14 @@ def test_cached_decoder_sites() -> None:
 
 
 def test_positions_derived_from_cache_are_unsupported() -> None:
-    report = find(CachedDecoder(positions_from_cache=True), *decode_step_inputs())
-    assert len(report) == 0
-    assert [(u.name, u.reason) for u in report.unsupported] == [
-        (f"layers.{i}", "positions must be an explicit input") for i in range(2)
-    ]
+    import kvpass
+    from kvpass.errors import UnsupportedModelError
+
+    model, inputs = CachedDecoder(positions_from_cache=True), decode_step_inputs()
+    report = find(model, *inputs)
+    assert [s.match.cache.q_positions for s in report] == ["", ""]  # the RoPE reads no input
+    with pytest.raises(UnsupportedModelError, match="positions must be an explicit input"):
+        kvpass.optimize(model, budget=0.5, example_inputs=inputs)
 
 
 def test_rewrite_cached_sites_prunes_present_cache() -> None:

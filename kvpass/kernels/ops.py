@@ -24,16 +24,20 @@ def attention(
     causal: bool,
     stat: str,
     window: int,
+    mask: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over a compacted cache that also returns a per-key eviction statistic.
 
-    See `kvpass.kernels.reference.attention` for shapes and the slot convention.
+    See `kvpass.kernels.reference.attention` for shapes, the slot convention and the optional
+    model mask, logit soft-capping and sink logits.
     """
-    return reference.attention(q, k, v, q_slots, k_slots, scale, causal, stat, window)
+    return reference.attention(q, k, v, q_slots, k_slots, scale, causal, stat, window, mask, softcap, sinks)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, q_slots, k_slots, scale, causal, stat, window):
+def _attention_fake(q, k, v, q_slots, k_slots, scale, causal, stat, window, mask=None, softcap=0.0, sinks=None):
     stats = q.new_empty((k.shape[0], k.shape[1], k.shape[2]), dtype=torch.float32)
     return torch.empty_like(q), stats
 

@@ -38,12 +38,21 @@ def attention(
     causal: bool,
     stat: str,
     window: int,
+    mask: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over a (possibly compacted) cache, plus the eviction statistic it asks for.
 
     q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D]; q_slots [B, Lq]; k_slots [B, Hkv, Lk].
     Returns out [B, Hq, Lq, D] and stat [B, Hkv, Lk] (float32, summed over the query group;
     zeros when `stat` is 'none').
+
+    The model's own attention, where it is more than causal + padding: `mask` [B, 1 or Hkv or Hq, Lq, Lk]
+    over the cached keys (bool: True attends; float: added to the logits) is applied on top of the
+    slot mask (sliding windows, chunks, custom masks); `softcap` > 0 caps the logits at
+    `softcap·tanh(x/softcap)` (Gemma 2); `sinks` [Hq] are learned logits of a virtual key that
+    joins every softmax's denominator and contributes no value (GPT-OSS).
     """
     mode = Stat(stat)
     batch, hq, lq, _ = q.shape
@@ -51,21 +60,39 @@ def attention(
     group = hq // hkv
     out = torch.empty_like(q)
     stats = torch.zeros(batch, hkv, lk, dtype=torch.float32, device=q.device)
-    first_scored = first_scored_query(mode, lq, window)
+    first_scored = first_scored_query(mode, lq, window) if not (softcap or sinks is not None) else 0
     k_rep = k.repeat_interleave(group, dim=1) if group > 1 else k
     v_rep = v.repeat_interleave(group, dim=1) if group > 1 else v
     for start in range(0, lq, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, lq)
-        mask = slot_mask(q_slots[:, start:stop], k_slots, causal)
-        mask = mask.repeat_interleave(group, dim=1) if group > 1 else mask
+        visible = slot_mask(q_slots[:, start:stop], k_slots, causal)
+        visible = visible.repeat_interleave(group, dim=1) if group > 1 else visible
+        bias = None
+        if mask is not None:
+            rows = mask[:, :, start:stop]
+            rows = rows.repeat_interleave(group, dim=1) if rows.shape[1] == hkv != hq else rows
+            if rows.dtype == torch.bool:
+                visible = visible & rows
+            else:
+                bias = rows.float().expand_as(visible)
         q_chunk = q[:, :, start:stop]
         if stop <= first_scored:
+            attn_mask = visible if bias is None else bias.masked_fill(~visible, float("-inf")).to(q.dtype)
             out[:, :, start:stop] = torch.nn.functional.scaled_dot_product_attention(
-                q_chunk, k_rep, v_rep, attn_mask=mask, scale=scale
+                q_chunk, k_rep, v_rep, attn_mask=attn_mask, scale=scale
             )
             continue
         logits = (q_chunk.float() @ k_rep.float().transpose(-1, -2)) * scale
-        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        if bias is not None:
+            logits = logits + bias
+        logits = logits.masked_fill(~visible, float("-inf"))
+        if sinks is not None:
+            sink = sinks.float().reshape(1, hq, 1, 1).expand(batch, hq, stop - start, 1)
+            probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(logits, dim=-1)
         out[:, :, start:stop] = (probs @ v_rep.float()).to(q.dtype)
         scored = probs[:, :, max(first_scored - start, 0):]
         stats += scored.sum(dim=2).view(batch, hkv, group, lk).sum(dim=2)

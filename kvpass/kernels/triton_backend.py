@@ -1,8 +1,9 @@
 """Plugs the Triton kernels in as the CUDA implementations of the `torch.ops.kvpass` custom ops.
 
 CPU keeps the torch reference. Registration happens at import, only when Triton imports and
-CUDA is available; attention inputs the kernels do not cover (float64, head_dim > 256)
-fall back to the reference on CUDA too, so the ops never refuse an input the reference accepts.
+CUDA is available; attention inputs the kernels do not cover (float64, head_dim > 256, a model's
+own mask, soft-capping, sink logits) fall back to the reference on CUDA too, so the ops never
+refuse an input the reference accepts.
 
 The plain functions `triton_attention`, `triton_select_and_compact` and `triton_kv_similarity`
 call the Triton path directly; with TRITON_INTERPRET=1 set before triton is imported they run
@@ -32,9 +33,11 @@ def _covered(x: torch.Tensor) -> bool:
     return x.dtype in _KERNEL_DTYPES and x.shape[-1] <= 256
 
 
-def _attention_cuda(q, k, v, q_slots, k_slots, scale, causal, stat, window):
-    if not _covered(q) or q.shape[-1] != v.shape[-1]:
-        return reference.attention(q, k, v, q_slots, k_slots, scale, causal, stat, window)
+def _attention_cuda(q, k, v, q_slots, k_slots, scale, causal, stat, window, mask=None, softcap=0.0, sinks=None):
+    if not _covered(q) or q.shape[-1] != v.shape[-1] or mask is not None or softcap or sinks is not None:
+        # a model's own mask, soft-capping and sink logits run on the reference (sliding windows,
+        # custom masks, Gemma 2, GPT-OSS); the Triton kernels cover causal + padding attention
+        return reference.attention(q, k, v, q_slots, k_slots, scale, causal, stat, window, mask, softcap, sinks)
     return triton_attention(q, k, v, q_slots, k_slots, scale, causal, stat, window)
 
 

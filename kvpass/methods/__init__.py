@@ -37,9 +37,7 @@ def get_method(method: str | Method | None = None, **options) -> Method:
         if options:
             raise TypeError(f"method options {sorted(options)} given with a Method instance; set them on the instance")
         return method
-    if method is None:
-        return METHODS[DEFAULT_METHOD](**{**DEFAULT_OPTIONS, **options})
-    name = method
+    name, defaults = (DEFAULT_METHOD, DEFAULT_OPTIONS) if method is None else (method, {})
     if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"method={method!r} is not a known method; expected one of {sorted(METHODS)} or a Method instance")
     cls = METHODS[name]
@@ -47,7 +45,7 @@ def get_method(method: str | Method | None = None, **options) -> Method:
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"method {name!r} takes options {sorted(allowed)}, not {sorted(unknown)}")
-    return cls(**options)
+    return cls(**{**defaults, **options})
 
 
 __all__ = ["Method", "Observation", "Stat", "METHODS", "DEFAULT_METHOD", "DEFAULT_OPTIONS", "get_method", *[c.__name__ for c in METHODS.values()]]

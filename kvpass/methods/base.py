@@ -14,6 +14,8 @@ from typing import ClassVar
 
 import torch
 
+from kvpass.validation import boolean, integer
+
 
 class Stat(str, Enum):
     """The attention statistic a method needs, accumulated per KV head and cached token.
@@ -73,6 +75,17 @@ class Method:
     span: int = 0
     """Max-pool scores over `span` tokens either side, so a kept token keeps its neighbours:
     numbers, names and keys are split over several tokens and are useless when half kept."""
+
+    def __post_init__(self) -> None:
+        """Check every option when the method is made, naming it (`span='2'` fails here, not in a kernel)."""
+        owner = type(self).__name__
+        self.per_head = boolean(self.per_head, f"{owner}: per_head")
+        needs_window = self.stat is Stat.WINDOW
+        self.window = integer(self.window, f"{owner}: window", minimum=1 if needs_window else 0,
+                              meaning="queries observed at the end of the prompt")
+        self.page_size = integer(self.page_size, f"{owner}: page_size", minimum=1, meaning="tokens per evicted page")
+        self.span = integer(self.span, f"{owner}: span", minimum=0,
+                            meaning="neighbours kept either side of a kept token")
 
     def score(self, obs: Observation) -> torch.Tensor:
         """Importance of each cached token, [B, Hkv, T]; higher is kept first."""

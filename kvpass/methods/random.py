@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpass.methods.base import Method, Observation
+from kvpass.validation import integer
 
 
 @dataclass
@@ -13,6 +14,10 @@ class Random(Method):
 
     name = "random"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.seed = integer(self.seed, "Random: seed")
 
     def score(self, obs: Observation) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(self.seed + obs.seen)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpass.methods.base import Method, Observation, Stat
+from kvpass.validation import integer
 
 
 @dataclass
@@ -17,6 +18,13 @@ class SnapKV(Method):
     stat = Stat.WINDOW
     window: int = 32
     kernel: int = 7
+    """Pooling width in tokens, odd: a window centred on each token."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.kernel = integer(self.kernel, "SnapKV: kernel", minimum=1, meaning="pooling width in tokens")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"SnapKV: kernel must be odd (a pooling window centred on each token), got {self.kernel}")
 
     def score(self, obs: Observation) -> torch.Tensor:
         batch, heads, tokens = obs.stat.shape

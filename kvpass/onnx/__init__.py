@@ -25,8 +25,8 @@ from kvpass.methods import Method
 from kvpass.planning import Plan
 from kvpass.rewrites.onnx import find_sites
 from kvpass.site import SiteReport
-from kvpass.transforms import Backend, Evict, RewriteTarget, Transform
-from kvpass.transforms.pipeline import apply, check_transforms, plan_transforms, solve
+from kvpass.transforms import Backend, RewriteTarget, Transform
+from kvpass.transforms.pipeline import apply, check_transforms, plan_transforms, shorthand_transforms, solve
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -96,10 +96,8 @@ def optimize(
         >>> onnx.save(pruned, "model.pruned.onnx")                      # doctest: +SKIP
     """
     budget = parse_budget(budget)
-    if transforms is None and plan is None:
-        transforms = _evict_shorthand(transforms, method, sinks, recent, evict_every, method_options)
-    elif transforms is not None and (method is not None or method_options):
-        raise TypeError("method options belong on the Evict transform when transforms= is given")
+    shorthand = {"sinks": sinks, "recent": recent, "evict_every": evict_every}
+    transforms = shorthand_transforms(transforms, plan, method, method_options, shorthand)
     graph = _to_ir(load(model))
     report = _rewritable_sites(graph)
     if plan is not None:
@@ -138,16 +136,9 @@ def plan(
         >>> print(plan.table())                                          # doctest: +SKIP
     """
     budget = parse_budget(budget)
-    if transforms is not None and (method is not None or method_options):
-        raise TypeError("method options belong on the Evict transform when transforms= is given")
-    transforms = _evict_shorthand(transforms, method, sinks, recent, evict_every, method_options)
+    shorthand = {"sinks": sinks, "recent": recent, "evict_every": evict_every}
+    transforms = shorthand_transforms(transforms, None, method, method_options, shorthand)
     return _solve(_rewritable_sites(_to_ir(load(model))), budget, transforms)[0]
-
-
-def _evict_shorthand(transforms, method, sinks, recent, evict_every, method_options) -> list[Transform]:
-    if transforms is not None:
-        return transforms
-    return [Evict(method, sinks=sinks, recent=recent, evict_every=evict_every, **method_options)]
 
 
 def _rewritable_sites(graph: ir.Model) -> SiteReport:

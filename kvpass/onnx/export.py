@@ -13,15 +13,19 @@ import contextlib
 import os
 from dataclasses import replace
 
+import numpy as np
 import onnx
 import torch
 
+from kvpass.budget import parse_budget
 from kvpass.hf_attention import set_attn_implementation
 from kvpass.methods import Method, get_method
 from kvpass.onnx import find_attention, optimize
 from kvpass.planning import Plan
 from kvpass.runtime import hf
+from kvpass.rewrites.onnx import MIN_OPSET
 from kvpass.transforms import Evict
+from kvpass.validation import integer
 
 
 class _DecodeStep(torch.nn.Module):
@@ -61,11 +65,24 @@ def export_onnx(
     """
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a Hugging Face causal LM (torch.nn.Module with a config), got {type(model).__name__}")
+    # Every argument is checked before the export, which takes a while.
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
+    opset = integer(opset, "opset", minimum=MIN_OPSET, meaning="the ONNX opsets kvpass rewrites")
+    parse_budget(budget)
+    if plan is not None and not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a kvpass Plan (from kvpass.plan(...) or kvpass.Plan.load(path)), "
+                        f"got {type(plan).__name__}")
+    own_plan = plan is None and getattr(model, "kvpass_plan", None) is not None
     plan = plan if plan is not None else getattr(model, "kvpass_plan", None)
+    if plan is not None and method is not None:
+        raise TypeError("give method= or a plan, not both: the plan (given, or the one the model was optimized "
+                        "with) already names its method")
+    get_method(method)
     with _unoptimized(model):
         proto = _export_step(model, opset, _kv_heads(model, plan))
     if plan is not None:
-        plan = _rename_plan(plan, getattr(model, "kvpass_sites", None) or list(plan.budgets), proto)
+        plan = _rename_plan(plan, getattr(model, "kvpass_sites", None) or list(plan.budgets), proto, own_plan)
     pruned = optimize(proto, budget, method, plan=plan)
     onnx.save(pruned, os.fspath(path))
     return pruned
@@ -119,10 +136,14 @@ def _export_step(model: torch.nn.Module, opset: int, kv_heads: list[int]) -> onn
     return program.model_proto
 
 
-def _rename_plan(plan: Plan, torch_sites: list, proto: onnx.ModelProto) -> Plan:
+def _rename_plan(plan: Plan, torch_sites: list, proto: onnx.ModelProto, own_plan: bool) -> Plan:
     """The torch plan's eviction, for the exported graph: keyed by ONNX site names (matched by
-    layer order), with the graph's own geometry (removed heads are already gone from it)."""
+    layer order), with the graph's own geometry (removed heads are already gone from it). The
+    plan an optimized model carries also takes the graph's element size: the model may have been
+    cast since, and its byte cap follows its cache, as in the torch runtime."""
     onnx_sites = find_attention(proto)
+    if own_plan:
+        plan = replace(plan, dtype_bytes=np.dtype(onnx_sites[0].dtype).itemsize)
     names = [getattr(site, "name", site) for site in torch_sites]
     if len(names) != len(onnx_sites):
         raise ValueError(f"plan has {len(names)} sites but the exported graph has {len(onnx_sites)} attention sites")

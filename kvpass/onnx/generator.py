@@ -11,6 +11,7 @@ Everything else (scores, top-k, compaction, slots) runs inside the graph.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -18,6 +19,7 @@ import onnxruntime as ort
 from kvpass.onnx import ModelLike, load
 from kvpass.planning import SiteSchedule
 from kvpass.rewrites.onnx import EVICT_INPUT, METADATA_KEY, POSITION_INPUT
+from kvpass.validation import integer
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -69,6 +71,9 @@ class Generator:
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = _NUMPY_TYPES[types[self.sites[0]["past_key"]]]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        vocab = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"), None)
+        self.vocab_size: int | None = vocab if isinstance(vocab, int) else None
+        """Token ids must be below it (None when the graph does not fix it)."""
         self.cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self.seen = 0
 
@@ -84,7 +89,12 @@ class Generator:
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
         """Feed `input_ids` [B, L] after what was seen so far; returns logits [B, L, vocab]."""
+        input_ids = self._token_ids(input_ids)
         batch, new = input_ids.shape
+        held = {keys.shape[0] for keys, _, _ in self.cache.values()}
+        if held != {batch}:
+            raise ValueError(f"input_ids has {batch} rows but the cache holds {sorted(held) or 'none'}: "
+                             "call reset(batch) first")
         feeds = {"input_ids": input_ids,
                  POSITION_INPUT: np.broadcast_to(np.arange(self.seen, self.seen + new), (batch, new)).copy()}
         rows = []
@@ -118,9 +128,10 @@ class Generator:
 
         Sequences that hit `eos_token_id` are padded with it until all have finished.
         """
-        ids = np.asarray(input_ids.cpu() if hasattr(input_ids, "cpu") else input_ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, length>0], got shape {ids.shape}")
+        ids = self._token_ids(input_ids)
+        max_new_tokens = integer(max_new_tokens, "max_new_tokens", minimum=0)
+        if eos_token_id is not None:
+            eos_token_id = integer(eos_token_id, "eos_token_id", minimum=0)
         if attention_mask is not None and not np.all(np.asarray(
                 attention_mask.cpu() if hasattr(attention_mask, "cpu") else attention_mask)):
             raise NotImplementedError("attention_mask: padded batches are not supported by the ONNX generator yet; "
@@ -137,3 +148,17 @@ class Generator:
             if done.all():
                 break
         return np.concatenate(tokens, axis=1)
+
+    def _token_ids(self, input_ids: Any) -> np.ndarray:
+        """`input_ids` (numpy or torch) as int64 [batch, length > 0], every id in [0, vocab); a clear
+        error naming input_ids otherwise (float ids are refused, not truncated)."""
+        ids = np.asarray(input_ids.cpu() if hasattr(input_ids, "cpu") else input_ids)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+        if ids.ndim != 2 or 0 in ids.shape:
+            raise ValueError(f"input_ids must be [batch > 0, length > 0], got shape {ids.shape}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (self.vocab_size is not None and high >= self.vocab_size):
+            bound = f"[0, {self.vocab_size})" if self.vocab_size is not None else ">= 0"
+            raise ValueError(f"input_ids must be token ids {bound}, got ids from {low} to {high}")
+        return ids.astype(np.int64, copy=False)

@@ -86,6 +86,9 @@ def build_plan(
     parsed = parse_budget(budget)
     if reallocate and parsed.kind != "fraction":
         raise ValueError(f"reallocate={reallocate} needs a fraction budget; budget={parsed.text!r} is absolute")
+    if reallocate and any(site.window is not None for site in sites):
+        raise ValueError(f"reallocate={reallocate}: moving budget between sites while decoding is not supported with "
+                         "sliding-window or chunked layers yet (their share of the cap is fixed by their window)")
 
     plan = Plan(method=method, budgets={site.name: 1.0 for site in sites}, sinks=sinks, recent=recent,
                 evict_every=evict_every, allocation=allocation, sites=list(sites), dtype_bytes=dtype_bytes,
@@ -120,12 +123,20 @@ def build_plan(
         errors = [calibration.error_curve(site.name, kept[site.name]) for site in sites]
         # tokens kept per unit of budget fraction, once a pruned site's state bytes are paid
         ratios = [w / (w + state_bytes_per_token(site, method)[0]) for site, w in zip(pruned, weights)]
-    if allocation == "uniform":
-        shares = [fraction] * len(sites)
-    elif allocation == "pyramid":
-        shares = _fit([len(sites) - i for i in range(len(sites))], fraction, floor, ceiling, weights)
-    else:
-        shares = spread([[-e for e in error] for error in errors], ratios, fraction, floor, ceiling, weights)
+    # Windowed sites (sliding-window / chunked layers) keep the global fraction: with them at
+    # exactly the fraction, the full-attention sites' shares may vary and the cap still holds at
+    # every length (a windowed site's bytes stop growing; see kvpass.planning.schedule.WindowShare).
+    spread_over = [i for i, site in enumerate(sites) if site.window is None]
+    shares = [fraction] * len(sites)
+    if allocation != "uniform" and spread_over:
+        pick = lambda values: [values[i] for i in spread_over]  # noqa: E731
+        if allocation == "pyramid":
+            part = _fit([len(sites) - i for i in spread_over], fraction, floor, ceiling, pick(weights))
+        else:
+            part = spread(pick([[-e for e in error] for error in errors]), pick(ratios), fraction, floor, ceiling,
+                          pick(weights))
+        for i, share in zip(spread_over, part):
+            shares[i] = share
     shares = _within(shares, fraction, weights)
     if calibration is not None:
         plan.entropy = {site.name: calibration.entropy[site.name] for site in sites}

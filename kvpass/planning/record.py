@@ -23,8 +23,9 @@ import sympy
 
 from kvpass.cost import BATCH, SEQ, SiteCost, Symbols, site_cost, smin
 from kvpass.methods import Method, Stat, get_method
-from kvpass.planning.schedule import SiteSchedule, check_schedule_options, state_bytes_per_token
+from kvpass.planning.schedule import SiteSchedule, WindowShare, check_schedule_options, state_bytes_per_token
 from kvpass.site import AttentionSite
+from kvpass.validation import integer, real
 
 FORMAT_VERSION = 2
 """Version 1 (no `format` key) had no head pruning and no transforms list; it still loads."""
@@ -101,13 +102,30 @@ class Plan:
             fraction=fraction,
             kv_bytes_per_token=pruned.kv_bytes_per_token(dtype_bytes),
             state_bytes_per_token=state,
-            sinks=self.sinks,
+            sinks=self.sinks if site.window is None else 0,  # a window moves past the first tokens
             recent=self.recent,
             evict_every=self.evict_every,
             max_tokens=max_tokens,
             stat_bytes_per_token=stat,
             page_size=self.method.page_size if self.method is not None else 1,
+            window=site.window,
+            shared=self._window_share(dtype_bytes),
         )
+
+    def _window_share(self, dtype_bytes: int) -> WindowShare | None:
+        """How a hybrid model's full-attention sites pay for keeping its windowed sites whole
+        (`kvpass.planning.schedule.WindowShare`); None unless both kinds of site evict."""
+        windowed = [site for site in self.sites if site.window is not None and self.budgets[site.name] < 1.0]
+        full = [site for site in self.sites if site.window is None and self.budgets[site.name] < 1.0]
+        if not windowed or not full or self.max_tokens:
+            return None
+
+        def cost(site):
+            kv = self.geometry(site).kv_bytes_per_token(dtype_bytes)
+            return Fraction(self.budgets[site.name]) * kv, kv + state_bytes_per_token(self.geometry(site), self.method)[0]
+
+        return WindowShare(full_bytes=sum(cost(site)[0] for site in full),
+                           windows=tuple((site.window, cost(site)[1] - cost(site)[0]) for site in windowed))
 
     def _geometry(self) -> list[AttentionSite]:
         if not self.sites:
@@ -124,13 +142,13 @@ class Plan:
             >>> plan.kv_bytes(4096)      # doctest: +SKIP
             47185920
         """
-        _check_length(seq_len, batch)
+        seq_len, batch = _lengths(seq_len, batch)
         return int(sum(self.schedule(site, self.dtype_bytes).held_bytes(seq_len, batch) for site in self._geometry()))
 
     def full_kv_bytes(self, seq_len: int, batch: int = 1) -> int:
         """Bytes the unmodified model's cache holds after `seq_len` tokens per sequence."""
-        _check_length(seq_len, batch)
-        return batch * seq_len * sum(site.kv_bytes_per_token(self.dtype_bytes) for site in self._geometry())
+        seq_len, batch = _lengths(seq_len, batch)
+        return batch * sum(site.kv_bytes_per_token(self.dtype_bytes) * _held(site, seq_len) for site in self._geometry())
 
     @property
     def kv_bytes_expr(self) -> sympy.Expr:
@@ -140,7 +158,8 @@ class Plan:
     @property
     def full_kv_bytes_expr(self) -> sympy.Expr:
         """`full_kv_bytes` as a sympy expression in `kvpass.cost.SEQ` and `BATCH`."""
-        return sympy.expand(BATCH * SEQ * sum(site.kv_bytes_per_token(self.dtype_bytes) for site in self._geometry()))
+        return sympy.expand(BATCH * sum(site.kv_bytes_per_token(self.dtype_bytes) * _held(site, SEQ)
+                                        for site in self._geometry()))
 
     def costs(self, symbols: Symbols = Symbols()) -> dict[str, SiteCost]:
         """Site name -> its symbolic costs under this plan (KV bytes, prefill FLOPs, decode bytes),
@@ -209,14 +228,16 @@ class Plan:
             fail(f"method must be a kvpass Method or None, got {self.method!r}")
         try:
             check_schedule_options(self.sinks, self.recent, self.evict_every)
+            integer(self.reallocate, "reallocate", minimum=0)
+            floor, ceiling = real(self.floor, "floor", 0.0, 1.0), real(self.ceiling, "ceiling", 0.0, 1.0)
         except ValueError as error:
             fail(str(error))
         if self.allocation not in ALLOCATIONS:
             fail(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.dtype_bytes not in (1, 2, 4, 8):
             fail(f"dtype_bytes must be 1, 2, 4 or 8, got {self.dtype_bytes!r}")
-        if not isinstance(self.reallocate, int) or isinstance(self.reallocate, bool) or self.reallocate < 0:
-            fail(f"reallocate must be an int >= 0, got {self.reallocate!r}")
+        if floor > ceiling:
+            fail(f"floor {floor} is above ceiling {ceiling}")
         names = [site.name for site in self.sites]
         if len(set(names)) != len(names):
             fail("sites has duplicate names")
@@ -319,12 +340,18 @@ class Plan:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError as error:
             raise FileNotFoundError(f"plan file {where!r} does not exist") from error
+        except OSError as error:  # a directory, no permission, ...
+            raise ValueError(f"{where}: cannot read the plan file ({error.strerror or error})") from error
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{where}: not a JSON plan file ({error})") from error
         return cls.from_dict(data, where)
 
 
-def _check_length(seq_len: Any, batch: Any) -> None:
-    for name, value in (("seq_len", seq_len), ("batch", batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+def _lengths(seq_len: Any, batch: Any) -> tuple[int, int]:
+    """Both as plain ints (numpy ints too: exact arithmetic must not overflow int64), or a ValueError."""
+    return integer(seq_len, "seq_len", minimum=0), integer(batch, "batch", minimum=0)
+
+
+def _held(site: AttentionSite, seq_len):
+    """Tokens the unmodified site holds after `seq_len` (a windowed site: at most its window)."""
+    return seq_len if site.window is None else smin(seq_len, site.window)

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+import sympy
+
 from kvpass.cost import smax, smin, where
 from kvpass.methods import Method, Stat
 from kvpass.site import AttentionSite
+from kvpass.validation import integer
 
 SLOT_BYTES = 4
 """Each kept token remembers its logical position (int32) per KV head."""
@@ -52,25 +55,57 @@ class SiteSchedule:
     """The part of `state_bytes_per_token` held from the first token on (a statistic), not only after eviction."""
     page_size: int = 1
     """Eviction granularity: kept tokens beyond sinks and window are whole pages."""
+    window: int | None = None
+    """Most past tokens the unmodified site keeps (a sliding-window or chunked layer); None: all."""
+    shared: "WindowShare | None" = None
+    """How this site shares the budget with the model's windowed sites (hybrid models)."""
 
     @property
     def prunes(self) -> bool:
         return self.fraction < 1.0 or self.max_tokens is not None
 
+    def full(self, seen):
+        """Tokens the unmodified site holds once `seen` tokens have been seen."""
+        return seen if self.window is None else smin(seen, self.window)
+
     def cap(self, seen):
         """Most tokens the cache may physically hold once `seen` tokens have been seen."""
-        held = seen
-        if self.fraction < 1.0:  # exact rational arithmetic: the byte bound holds to the byte
-            per_token = self.kv_bytes_per_token + self.state_bytes_per_token
-            held = Fraction(self.fraction) * seen * self.kv_bytes_per_token // per_token
+        held = self.full(seen)
+        per_token = self.kv_bytes_per_token + self.state_bytes_per_token
+        if self.fraction < 1.0:
+            # Exact integer arithmetic (the byte bound holds to the byte) that also works on a
+            # torch SymInt `seen` (compiled with dynamic shapes), where Fraction(...) * seen cannot.
+            ratio = Fraction(self.fraction)
+            held = ratio.numerator * self.kv_bytes_per_token * held // (ratio.denominator * per_token)
+        if self.shared is not None:  # a hybrid model whose windowed sites keep their whole window
+            whole = self.full(seen) if self.window is not None else (
+                (Fraction(self.fraction) * self.kv_bytes_per_token * seen
+                 - self.shared.overhead(seen) * Fraction(self.fraction) * self.kv_bytes_per_token
+                 / self.shared.full_bytes) // per_token)
+            held = where(self.shared.whole(seen), whole, held)
         if self.max_tokens is not None:
             held = smin(held, self.max_tokens)
         return held
 
+    def keeps_window(self, seen) -> bool:
+        """Whether only the window bounds this site at `seen` (it evicts its oldest tokens, nothing else)."""
+        if self.window is None or self.max_tokens is not None:
+            return False
+        return self.fraction >= 1.0 or (self.shared is not None and bool(self.shared.whole(seen)))
+
     def target(self, seen):
         """Tokens to keep when evicting at `seen`, so the cap still holds after the next
-        `evict_every - 1` appended tokens without another eviction."""
-        return smax(0, smin(*(self.cap(seen + j) - j for j in range(self.evict_every))))
+        `evict_every - 1` appended tokens without another eviction: min over j < evict_every
+        of `cap(seen + j) - j`.
+
+        Without a shared window the cap grows by at most one token per token seen (fraction <= 1,
+        state >= 0), so `cap(seen + j) - j` never increases with j and the minimum is at the last
+        j: a closed form, however large `evict_every` is. A hybrid model's cap can jump when its
+        windowed sites fill up, so there every j is checked."""
+        if self.shared is not None:
+            return smax(0, smin(*(self.cap(seen + j) - j for j in range(self.evict_every))))
+        last = self.evict_every - 1
+        return smax(0, self.cap(seen + last) - last)
 
     def carve_out(self, keep) -> tuple:
         """(sinks, recent) that fit inside `keep`: sinks first, then the recent window."""
@@ -78,7 +113,10 @@ class SiteSchedule:
         return sinks, smin(self.recent, keep - sinks)
 
     def kept(self, seen):
-        """Tokens an eviction at `seen` keeps: `target`, rounded down to whole pages past the carve-outs."""
+        """Tokens an eviction at `seen` keeps: `target`, rounded down to whole pages past the carve-outs
+        (a site only its window bounds keeps exactly its window)."""
+        if not isinstance(seen, sympy.Basic) and self.keeps_window(seen):
+            return self.cap(seen)
         keep = self.target(seen)
         if self.page_size > 1:
             sinks, recent = self.carve_out(keep)
@@ -93,10 +131,42 @@ class SiteSchedule:
         (its cap is below `seen`), which keeps the symbolic form free of a needless branch.
         """
         stat = self.stat_bytes_per_token if self.prunes else 0
-        whole = seen * (self.kv_bytes_per_token + stat)
+        whole = self.full(seen) * (self.kv_bytes_per_token + stat)
         evicted = self.kept(seen) * (self.kv_bytes_per_token + self.state_bytes_per_token)
         evicts = True if self.fraction < 1.0 else seen > self.cap(seen)
         return batch * where(evicts, evicted, whole)
+
+
+@dataclass(frozen=True)
+class WindowShare:
+    """The budget of a hybrid model (full-attention sites beside sliding-window or chunked ones).
+
+    The cap is global: all sites together hold at most the budget of what the unmodified model
+    holds, its windowed sites counted at their window. The windowed sites keep their whole window
+    whenever the full-attention sites can pay for it and still keep at least `floor` of their own
+    share; the full sites then hold their share minus that `overhead`, spread in proportion to
+    their shares. Otherwise (short sequences, where a window is no smaller than the sequence)
+    every site evicts to its own fraction. Both hold the cap exactly, at every length.
+
+    Example:
+        >>> share = WindowShare(full_bytes=Fraction(64), windows=((8, Fraction(68)),))
+        >>> share.whole(8), share.whole(100)   # 8 tokens: the window costs more than the full sites' half
+        (False, True)
+    """
+
+    full_bytes: Fraction
+    """Bytes per token the budget grants all full-attention sites together (sum of fraction x KV bytes)."""
+    windows: tuple[tuple[int, Fraction], ...]
+    """(window, bytes per token above its own budget share) of each windowed site kept whole."""
+    floor: Fraction = Fraction(1, 2)
+
+    def overhead(self, seen):
+        """Bytes the windowed sites hold above their budget share when kept whole."""
+        return sum(extra * smin(seen, window) for window, extra in self.windows)
+
+    def whole(self, seen):
+        """Whether the windowed sites keep their whole window once `seen` tokens have been seen."""
+        return self.overhead(seen) <= (1 - self.floor) * self.full_bytes * seen
 
 
 def state_bytes_per_token(site: AttentionSite, method: Method) -> tuple[int, int]:
@@ -105,10 +175,7 @@ def state_bytes_per_token(site: AttentionSite, method: Method) -> tuple[int, int
     return site.num_kv_heads * SLOT_BYTES + stat, stat
 
 
-def check_schedule_options(sinks: Any, recent: Any, evict_every: Any) -> None:
-    """Validate the eviction knobs shared by every plan, naming the bad argument."""
-    for name, value in (("sinks", sinks), ("recent", recent)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if isinstance(evict_every, bool) or not isinstance(evict_every, int) or evict_every < 1:
-        raise ValueError(f"evict_every must be an int >= 1, got {evict_every!r}")
+def check_schedule_options(sinks: Any, recent: Any, evict_every: Any) -> tuple[int, int, int]:
+    """Validate the eviction knobs shared by every plan, naming the bad argument; returns them as ints."""
+    return (integer(sinks, "sinks", minimum=0), integer(recent, "recent", minimum=0),
+            integer(evict_every, "evict_every", minimum=1))

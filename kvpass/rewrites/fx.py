@@ -44,7 +44,7 @@ TRANSPARENT_OPS = frozenset({
     aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
     aten.flatten.using_ints, aten.unflatten.int, aten._to_copy.default, aten.to.dtype,
     aten.to.dtype_layout, aten.to.device, aten.type_as.default, aten.dropout.default,
-    aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
+    aten.alias.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default,
 })
 """Ops that move, relabel or cast data without mixing values: walked through in every direction."""
 
@@ -95,19 +95,52 @@ SCALE_OPS = {aten.mul.Tensor: False, aten.mul.Scalar: False, aten.div.Tensor: Tr
 
 MASK_OPS: dict[Any, tuple[str, ...]] = {
     aten.add.Tensor: ("self", "other"),
+    aten.add_.Tensor: ("self",),
     aten.sub.Tensor: ("self",),
     aten.masked_fill.Scalar: ("self",),
     aten.masked_fill.Tensor: ("self",),
+    aten.masked_fill_.Scalar: ("self",),
+    aten.masked_fill_.Tensor: ("self",),
     aten.where.self: ("self",),
     aten.where.ScalarOther: ("self",),
+    aten.mul.Tensor: ("self", "other"),
 }
-"""Ops that combine scores with a mask or bias; the names list the arguments that may carry scores."""
+"""Ops that combine scores with a mask or bias; the names list the arguments that may carry scores.
+Multiplying by a tensor (not a constant: those are scale ops) is a multiplicative mask `w·b + c·(1-b)`
+or a per-head scale; the site records it as a "tensor_factor" logit op."""
+
+TENSOR_FACTOR_OPS = frozenset({aten.mul.Tensor})
+
+LOGIT_OPS: dict[Any, str] = {
+    aten.tanh.default: "softcap",
+    aten.maximum.default: "clamp",
+    aten.max.other: "clamp",
+    aten.clamp.default: "clamp",
+    aten.clamp_min.default: "clamp",
+}
+"""Element-wise ops on the logits a site may carry: soft-capping `cap·tanh(x/cap)` and a clamp from below
+(`max(scores, finfo.min)`, an older way to mask). Each is named in `AttentionSite.logit_ops`."""
+
+SINK_OPS = frozenset({aten.cat.default})
+"""Concatenating learned sink logits as extra key columns (GPT-OSS), dropped again after the softmax."""
+
+STABILIZER_OPS = frozenset({aten.amax.default, aten.max.dim})
+"""The row maximum subtracted from the logits before a softmax (no effect on its result)."""
+
+ZEROING_OPS = frozenset({aten.masked_fill.Scalar, aten.masked_fill_.Scalar, aten.masked_fill.Tensor})
+"""Zeroing the probabilities of fully masked rows after the softmax (they attend to nothing)."""
 
 PROJECTION_OPS = {aten.linear.default: "input", aten.addmm.default: "mat1", aten.mm.default: "self"}
 """Projections from hidden states; the name is the activation argument (the other is a weight)."""
 
 CAUSAL_OPS = frozenset({aten.tril.default, aten.triu.default})
 ORDER_COMPARISONS = frozenset({aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor})
+SCALAR_ORDER_COMPARISONS = frozenset({aten.lt.Scalar, aten.le.Scalar, aten.gt.Scalar, aten.ge.Scalar})
+"""`distance >= 0` with distance = query positions - key positions (a difference of two index ranges),
+when the result selects or blocks logits (not when it is arithmetic, as in T5's relative-position buckets)."""
+MASK_CONSUMERS = frozenset({aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar,
+                            aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.logical_and.default,
+                            aten.bitwise_and.Tensor, aten.bitwise_not.default})
 CACHE_INDEX_OPS = frozenset({aten.select.int, aten.slice.Tensor, operator.getitem})
 """Ops that pick one layer's past K/V out of a stacked cache input."""
 SIZE_OPS = frozenset({aten.sym_size.int})
@@ -142,8 +175,16 @@ def _val(node: Any) -> torch.Tensor | None:
 
 
 def _shape(node: Any) -> tuple[int, ...]:
+    """Static sizes; -1 for a size only known at run time (data-dependent, e.g. tokens routed to an expert)."""
     value = _val(node)
-    return tuple(int(s) for s in value.shape) if value is not None else ()
+    return tuple(_size(s) for s in value.shape) if value is not None else ()
+
+
+def _size(size: Any) -> int:
+    try:
+        return int(size)
+    except Exception:  # noqa: BLE001 - an unbacked symbolic size has no value to give
+        return -1
 
 
 def _numel(node: Node) -> int:
@@ -267,6 +308,7 @@ class _Core:
     masks: list[Node] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)
     weights_used: bool = False
+    logit_ops: list[str] = field(default_factory=list)
 
 
 class _Miss(Exception):
@@ -305,10 +347,18 @@ class _ScorePath:
     scale: float = 1.0
     masks: list[Node] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)
+    logit_ops: list[str] = field(default_factory=list)
+    """Names of `LOGIT_OPS` found on the way (soft-capping, sink logits, ...)."""
+
+
+def _is_stabilizer(node: Node, scores: Node) -> bool:
+    """`node` is the row maximum of `scores` (subtracted before a softmax for stability)."""
+    top, _ = _walk_up(node, TRANSPARENT_OPS | {operator.getitem})
+    return _is_call(top, STABILIZER_OPS) and _walk_up(top.args[0], TRANSPARENT_OPS)[0] is scores
 
 
 def _find_scores(node: Node) -> _ScorePath | None:
-    """Walk from the softmax input up to the q·kᵀ product, collecting scale factors and masks."""
+    """Walk from the softmax input up to the q·kᵀ product, collecting scale factors, masks and logit ops."""
     path: list[Node] = []
     scale = 1.0
     while True:
@@ -323,18 +373,68 @@ def _find_scores(node: Node) -> _ScorePath | None:
             path.append(node)
             node, scale = peeled[0], scale * peeled[1]
             continue
+        if _is_call(node, LOGIT_OPS) and _logit_op_fits(node):
+            # soft-capping cap·tanh(x/cap): the factors on both sides multiply into the pre-cap scale
+            below = _find_scores(node.args[0])
+            if below is not None:
+                below.scale *= scale
+                below.nodes += path + [node]
+                below.logit_ops.append(LOGIT_OPS[node.target])
+            return below
+        if _is_call(node, SINK_OPS):
+            return _through_sink_column(node, scale, path)
         if not _is_call(node, MASK_OPS):
             return None
         args = _arguments(node)
         for name in MASK_OPS[node.target]:
             below = _find_scores(args[name]) if isinstance(args.get(name), Node) else None
             if below is not None:
-                others = [a for n, a in args.items() if n != name and isinstance(a, Node)]
+                others = [a for n, a in args.items() if n != name and isinstance(a, Node)
+                          and not _is_stabilizer(a, args[name])]
                 below.scale *= scale
                 below.masks += others
                 below.nodes += path + [node]
+                if node.target in TENSOR_FACTOR_OPS and others:
+                    below.logit_ops.append("tensor_factor")
                 return below
         return None
+
+
+def _logit_op_fits(node: Node) -> bool:
+    """A clamp must only bound from below by a constant (masking to the dtype minimum); tanh always fits."""
+    if node.target is aten.tanh.default:
+        return True
+    args = _arguments(node)
+    bound = args.get("other", args.get("min"))
+    return args.get("max") is None and _constant(bound) is not None
+
+
+def _through_sink_column(cat: Node, scale: float, path: list[Node]) -> _ScorePath | None:
+    """cat([scores, sinks], key axis): learned sink logits that take part in the softmax's denominator."""
+    tensors, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
+    rank = len(_shape(cat))
+    if len(tensors) != 2 or not rank or dim % rank != rank - 1:
+        return None
+    below = _find_scores(tensors[0]) if isinstance(tensors[0], Node) else None
+    if below is None or _find_scores(tensors[1]) is not None:
+        return None
+    below.scale *= scale
+    below.nodes += path + [cat]
+    below.logit_ops.append("sinks")
+    return below
+
+
+def _score_product_above(softmax: Node, limit: int = 48) -> Node | None:
+    """A product of two activations within `limit` producers of the softmax input (attention-like);
+    logits are computed from q and k, never through another projection."""
+    def is_score_product(node: Node) -> bool:
+        if node is softmax or not _is_call(node, SCORE_OPS) or len(_shape(node)) < 3:
+            return False
+        operands = node.args[1] if node.target is aten.einsum.default else [
+            _arguments(node)[SCORE_OPS[node.target].q], _arguments(node)[SCORE_OPS[node.target].k]]
+        return len(operands) == 2 and not any(_is_weight(o) for o in operands)
+
+    return _nearest_above(softmax, is_score_product, limit, through=lambda n: not _is_call(n, PROJECTION_OPS))
 
 
 def _einsum_roles(node: Node) -> tuple[Node, Node, int, int, int]:
@@ -355,27 +455,42 @@ def _einsum_roles(node: Node) -> tuple[Node, Node, int, int, int]:
 
 
 def _heads_of_folded(q: Node, head_dim: int) -> int:
-    """Heads when they are folded into the batch ([B·H, L, D]): from the nearest unsplit projection."""
+    """Heads when they are folded into the batch (q is [B·H, L, D]): read off the layout q was reshaped
+    from on the way up: [B, H, L, D], [B, L, H, D], or the same data unsplit, [..., H·D]. Never from a
+    wider tensor (a fused QKV projection triples the width)."""
+    folded, length = _shape(q)[0], _shape(q)[-2]
     node = q
     while isinstance(node, Node):
         shape = _shape(node)
-        if shape and shape[-1] != head_dim and shape[-1] % head_dim == 0:
+        if len(shape) == 4 and shape[-1] == head_dim:
+            if shape[0] * shape[1] == folded and shape[2] == length:
+                return shape[1]
+            if shape[0] * shape[2] == folded and shape[1] == length:
+                return shape[2]
+        if (shape and shape[-1] > head_dim and shape[-1] % head_dim == 0 and length in shape[:-1]
+                and math.prod(shape) == folded * length * head_dim):
             return shape[-1] // head_dim
-        if not (_is_call(node, TRANSPARENT_OPS | SCALE_OPS.keys() | CACHE_INDEX_OPS) and node.args):
+        if not (_is_call(node, TRANSPARENT_OPS | SCALE_OPS.keys() | CACHE_INDEX_OPS | {aten.unbind.int})
+                and node.args and isinstance(node.args[0], Node)):
             break
         node = node.args[0]
-    raise _Miss("heads are folded into the batch dimension and no projection shows the head count")
+    raise _Miss(f"heads are folded into the batch dimension ({folded}) and no [batch, heads, seq, head_dim] "
+                "layout above the query shows the head count")
 
 
-def _probs_times_v(softmax: Node) -> tuple[Node, Node, list[Node], bool]:
-    """Find `probs @ v` below the softmax: (product, v, path, whether probs are also used elsewhere)."""
+def _probs_times_v(softmax: Node, sinks: bool) -> tuple[Node, Node, list[Node], bool]:
+    """Find `probs @ v` below the softmax: (product, v, path, whether probs are also used elsewhere).
+    With `sinks`, the sink columns are sliced off the key axis on the way."""
     frontier, path, products, elsewhere = [softmax], [], [], False
+    rank = len(_shape(softmax))
     while frontier:
         node = frontier.pop()
         for user in node.users:
             if user.target is aten._assert_tensor_metadata.default:
                 continue
-            if _is_call(user, TRANSPARENT_OPS) and user.args[0] is node:
+            key_slice = sinks and _is_call(user, {aten.slice.Tensor}) and _arguments(user)["dim"] % rank == rank - 1
+            zeroing = _is_call(user, ZEROING_OPS) and _constant(_arguments(user).get("value")) == 0.0
+            if (_is_call(user, TRANSPARENT_OPS) or key_slice or zeroing) and user.args[0] is node:
                 path.append(user)
                 frontier.append(user)
             elif _is_call(user, SCORE_OPS) and _first_operand(user) is node:
@@ -383,11 +498,31 @@ def _probs_times_v(softmax: Node) -> tuple[Node, Node, list[Node], bool]:
             else:
                 elsewhere = True
     if len(products) != 1:
+        if not products and _combined_softmaxes(softmax):
+            raise _Miss("differential attention: this softmax is combined with another one before the values "
+                        "are multiplied (two attentions per layer)")
         raise _Miss("softmax output is not multiplied by values with a matmul" if not products
                     else "softmax output feeds several value products")
     product = products[0]
     v = product.args[1][1] if product.target is aten.einsum.default else _arguments(product)[SCORE_OPS[product.target].k]
     return product, v, path, elsewhere
+
+
+def _combined_softmaxes(softmax: Node, limit: int = 24) -> bool:
+    """The softmax's output meets another softmax's in element-wise ops before a value product."""
+    seen, queue = {softmax}, deque([softmax])
+    while queue and len(seen) < limit:
+        node = queue.popleft()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if _is_call(user, SCORE_OPS):
+                others = _ancestors(_first_operand(user), limit=64) if isinstance(_first_operand(user), Node) else set()
+                return any(_is_call(n, SOFTMAX_OPS) and n is not softmax for n in others)
+            if user.op == "call_function":
+                queue.append(user)
+    return False
 
 
 def _first_operand(node: Node) -> Any:
@@ -400,7 +535,19 @@ def _match_softmax_chain(softmax: Node) -> _Core | None:
     """Returns None when the softmax is not attention-like (no product of two activations above it)."""
     scores = _find_scores(softmax.args[0])
     if scores is None:
-        return None
+        product = _score_product_above(softmax)
+        if product is None:
+            return None
+        above = _ancestors(softmax.args[0])
+        between, frontier = set(), [product]
+        while frontier:
+            for user in frontier.pop().users:
+                if user in above and user not in between:
+                    between.add(user)
+                    frontier.append(user)
+        names = sorted({getattr(n.target, "_opname", getattr(n.target, "__name__", str(n.target))) for n in between
+                        if n.target not in TRANSPARENT_OPS})
+        raise _Miss(f"softmax over q·kᵀ through ops kvpass does not model: {', '.join(names)}")
     producer = scores.producer
     if producer.target is aten.einsum.default:
         if len(producer.args[1]) != 2 or any(_is_weight(t) for t in producer.args[1]):
@@ -423,21 +570,31 @@ def _match_softmax_chain(softmax: Node) -> _Core | None:
     dim = softmax.args[1] if len(softmax.args) > 1 else -1
     if dim % len(_shape(softmax)) != len(_shape(softmax)) - 1:
         raise _Miss(f"softmax over dim {dim}, not over the key axis")
-    product, v, down, elsewhere = _probs_times_v(softmax)
+    product, v, down, elsewhere = _probs_times_v(softmax, sinks="sinks" in scores.logit_ops)
     return _Core(
         pattern="eager_softmax_chain", anchor=softmax, q=q, k=k, v=v, out=product, num_heads=num_heads,
         head_dim=head_dim, heads_of_k=heads_of_k, scale=scores.scale, masks=scores.masks,
         nodes=[producer, *scores.nodes, softmax, *down, product], weights_used=elsewhere,
+        logit_ops=sorted(set(scores.logit_ops)),
     )
 
 
 def _projection(node: Node, limit: int = 64) -> Node | None:
     """The nearest projection (linear/addmm/mm with a weight) at or above `node`, breadth first."""
+    return _nearest_above(node, lambda n: _is_call(n, PROJECTION_OPS), limit)
+
+
+def _nearest_above(node: Node, wanted: Callable[[Node], bool], limit: int,
+                   through: Callable[[Node], bool] = lambda n: True) -> Node | None:
+    """The first of `node` and its producers (breadth first, at most `limit`) that `wanted` accepts,
+    walking past only the nodes `through` accepts."""
     seen, queue = {node}, deque([node])
     while queue and len(seen) < limit:
         current = queue.popleft()
-        if _is_call(current, PROJECTION_OPS):
+        if wanted(current):
             return current
+        if not through(current):
+            continue
         for arg in current.all_input_nodes:
             if arg not in seen and arg.op == "call_function":
                 seen.add(arg)
@@ -450,8 +607,20 @@ def _projection_source(projection: Node) -> Node:
     return _walk_up(activation, TRANSPARENT_OPS)[0]
 
 
+def _sources(projection: Node, hops: int = 2) -> list[Node]:
+    """The activation a projection reads, then the one read by the projection feeding it (through a
+    norm or a split), up to `hops`: a low-rank path (latent K/V, a LoRA-style query) passes through
+    two projections on its way from the hidden states."""
+    chain: list[Node] = []
+    while projection is not None and len(chain) < hops:
+        chain.append(_projection_source(projection))
+        projection = _projection(chain[-1], limit=16)
+    return chain
+
+
 def _mask_is_causal(masks: list[Node]) -> bool:
-    """True if a mask's producers contain tril/triu, a tensor-tensor order comparison or a triangular buffer."""
+    """True if a mask's producers contain tril/triu, an order comparison of two tensors (or of a difference
+    of two index ranges with a number), or a triangular buffer."""
     seen, queue = set(masks), deque(masks)
     while queue and len(seen) < MASK_CONE_LIMIT:
         node = queue.popleft()
@@ -459,12 +628,28 @@ def _mask_is_causal(masks: list[Node]) -> bool:
             return True
         if _is_call(node, ORDER_COMPARISONS) and all(isinstance(a, Node) for a in node.args[:2]):
             return True
+        if (_is_call(node, SCALAR_ORDER_COMPARISONS) and _is_call(_walk_up(node.args[0], TRANSPARENT_OPS)[0],
+                                                                    {aten.sub.Tensor})
+                and _selects_logits(node)):
+            return True
         if node.op == "get_attr" and _is_triangular(_attribute(node)):
             return True
         for arg in node.all_input_nodes:
             if arg not in seen:
                 seen.add(arg)
                 queue.append(arg)
+    return False
+
+
+def _selects_logits(node: Node) -> bool:
+    """Whether a boolean `node` reaches, through layout ops only, something that selects or blocks logits."""
+    frontier = [node]
+    while frontier:
+        for user in frontier.pop().users:
+            if _is_call(user, MASK_CONSUMERS | SDPA_OPS.keys()):
+                return True
+            if _is_call(user, TRANSPARENT_OPS | REPEAT_OPS):
+                frontier.append(user)
     return False
 
 
@@ -500,15 +685,17 @@ def _cache_read(top: Node) -> _CacheRead | None:
     return _CacheRead(top, tensors[0], tensors[1], source)
 
 
-def _position_input(q: Node) -> Node | None:
-    """The integer graph input that feeds q's position encoding (RoPE), found without crossing projections."""
+def _integer_inputs(q: Node, cross_projections: bool) -> list[str]:
+    """Names of the integer graph inputs q depends on: without crossing projections, those that feed
+    its position encoding (RoPE); crossing them, also those that enter the hidden states (absolute
+    position embeddings, and the token ids)."""
     seen, queue, found = {q}, deque([q]), set()
     while queue:
         node = queue.popleft()
         value = _val(node)
         if node.op == "placeholder" and value is not None and not value.dtype.is_floating_point:
-            found.add(node)
-        if _is_call(node, PROJECTION_OPS):
+            found.add(node.name)
+        if _is_call(node, PROJECTION_OPS) and not cross_projections:
             continue
         for arg in node.all_input_nodes:
             if _is_call(arg, SIZE_OPS):  # a sequence length read off input_ids (free sizes) is not a position
@@ -516,11 +703,11 @@ def _position_input(q: Node) -> Node | None:
             if arg not in seen:
                 seen.add(arg)
                 queue.append(arg)
-    return found.pop() if len(found) == 1 else None
+    return sorted(found)
 
 
-def _placeholder_index(gm: GraphModule, node: Node) -> int:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"].index(node)
+def _placeholder_index(gm: GraphModule, node: Node | str) -> int:
+    return [n.name if isinstance(node, str) else n for n in gm.graph.nodes if n.op == "placeholder"].index(node)
 
 
 def _output_positions(gm: GraphModule, node: Node) -> list[int]:
@@ -535,7 +722,13 @@ class FxCacheRead:
     """Nodes of a site whose K/V are `cat(past graph input, new)` (an explicit-cache model)."""
 
     q_positions: str
-    """The integer graph input that positions the new queries (RoPE)."""
+    """The integer graph input that positions the new queries (their RoPE reads it); "" when q reads
+    none directly, and the rewrite picks from `position_candidates` by their example values."""
+    position_candidates: list[tuple[str, int]]
+    """(name, placeholder index) of the integer graph inputs that reach q through its projections
+    (absolute position embeddings, token ids)."""
+    new_tokens: int
+    """Queries of the captured step."""
     k_cat: str
     v_cat: str
     past_k: str
@@ -589,7 +782,11 @@ def _describe(core: _Core, gm: GraphModule, graph_name: str, layer: int) -> Atte
     v_source = v_cache.new if reads_cache else v_top
     q_proj, k_proj = _projection(q_inner), _projection(k_source)
     if q_proj is not None and k_proj is not None:
-        cross = _projection_source(q_proj) is not _projection_source(k_proj)
+        q_sources, k_sources = _sources(q_proj), _sources(k_proj)
+        if k_sources[0] not in q_sources and set(k_sources[1:]) & set(q_sources):
+            raise _Miss("latent attention (MLA): keys and values are decompressed from a low-rank latent of the "
+                        "hidden states; kvpass compacts caches of keys and values")
+        cross = k_sources[0] not in q_sources  # a low-rank or routed query path still reads the same stream
     else:
         cross = not reads_cache and _shape(core.q)[-2] != _shape(k_top)[-2]
 
@@ -600,11 +797,14 @@ def _describe(core: _Core, gm: GraphModule, graph_name: str, layer: int) -> Atte
     anchor_group = [core.anchor] + ([q_proj] if q_proj is not None else [])
     cache = None
     if reads_cache:
-        positions = _position_input(q_unscaled)
-        if positions is None:
-            raise _Miss("positions must be an explicit input")
+        positions = _integer_inputs(q_unscaled, cross_projections=False)
+        if len(positions) > 1:
+            raise _Miss(f"the query's position encoding reads several integer inputs ({sorted(positions)})")
         cache = FxCacheRead(
-            q_positions=positions.name, k_cat=k_cache.cat.name, v_cat=v_cache.cat.name, past_k=k_cache.past.name,
+            q_positions=positions[0] if positions else "",
+            position_candidates=[] if positions else [
+                (name, _placeholder_index(gm, name)) for name in _integer_inputs(q_unscaled, cross_projections=True)],
+            new_tokens=_shape(q_unscaled)[-2], k_cat=k_cache.cat.name, v_cat=v_cache.cat.name, past_k=k_cache.past.name,
             past_v=v_cache.past.name, past_k_input=k_cache.placeholder.name, past_v_input=v_cache.placeholder.name,
             past_k_index=_placeholder_index(gm, k_cache.placeholder), past_v_index=_placeholder_index(gm, v_cache.placeholder),
             k_new=k_cache.new.name, v_new=v_cache.new.name, present_k_outputs=_output_positions(gm, k_cache.cat),
@@ -623,7 +823,7 @@ def _describe(core: _Core, gm: GraphModule, graph_name: str, layer: int) -> Atte
         name=_owning_module(anchor_group), layer=layer, num_heads=core.num_heads, num_kv_heads=num_kv_heads,
         head_dim=core.head_dim, scale=core.scale * q_factor * k_factor,
         causal=core.causal_flag or _mask_is_causal(core.masks), cross=cross, masked=bool(core.masks),
-        reads_cache=reads_cache, pattern=core.pattern,
+        reads_cache=reads_cache, pattern=core.pattern, logit_ops=list(core.logit_ops),
         dtype=str(value.dtype).removeprefix("torch.") if value is not None else "float32",
         nodes=[n.name for n in sorted(set(nodes), key=order.__getitem__)], projections=projections, match=match,
     )
@@ -791,7 +991,19 @@ def find_sites(gm: GraphModule) -> SiteReport:
                 report.unsupported.append(UnsupportedAttention(
                     name=_owning_module([node]), pattern="sdpa" if node.target in SDPA_OPS else "eager_softmax_chain",
                     reason=str(miss), nodes=[node.name]))
+    _name_inline_layers(report)
     return report
+
+
+def _name_inline_layers(report: SiteReport) -> None:
+    """Sites written inline in one module (a decoder looping over its layers' weights) share that module's
+    path: name each by the module of its own Q projection instead. Sites that share their projections too
+    (one module run twice, two attentions per layer) keep the shared name, which says so."""
+    names = [site.name for site in report]
+    owners = [site.projections.q.module if site.projections is not None else None for site in report]
+    for site, owner in zip(report, owners):
+        if names.count(site.name) > 1 and owner is not None and owners.count(owner) == 1:
+            site.name = owner
 
 
 # --- rewrite ----------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ tensors (the old ones are released; nothing is masked to pretend).
 
 Each kept token remembers its logical slot (position in the sequence), so causality for
 appended tokens and padding stay right after eviction. Slots are only stored once they
-stop being `0..T-1` (after the first eviction, or when padding is present), so an
-unpruned cache costs exactly the bytes of its K and V.
+stop being `first..first+T-1` (after the first eviction), so an unpruned cache costs
+exactly the bytes of its K and V.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvpass.errors import UnsupportedModelError
 from kvpass.kernels import ops
 from kvpass.methods import Method, Observation, Stat
-from kvpass.methods.selection import ranking_scores
+from kvpass.methods.selection import EVICT_FIRST, ranking_scores
 from kvpass.planning import SiteSchedule
 from kvpass.runtime.reallocation import measure
 
@@ -42,7 +43,9 @@ class CompactedKV:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.slots: torch.Tensor | None = None
-        """int32 [B, Hkv, T] logical positions, or None while they are simply 0..T-1."""
+        """int32 [B, Hkv, T] logical positions, or None while they are simply first..first+T-1."""
+        self.first = 0
+        """The slot of the first cached token while `slots` is None (a sliding window moves it on)."""
         self.stat: torch.Tensor | None = None
         """float32 [B, Hkv, T] running attention statistic, for methods that use one."""
         self.seen = 0
@@ -62,8 +65,9 @@ class CompactedKV:
         """
         cache = cls(schedule, method, group_size, reallocator, index)
         cache.keys, cache.values, cache.seen = keys, values, keys.shape[-2]
+        cache._fit_schedule()
         cache.stat = stat if cache.stat_mode is not Stat.NONE else None
-        if cache.seen > schedule.cap(cache.seen):
+        if cache.seen > cache.schedule.cap(cache.seen):
             batch, hkv = keys.shape[:2]
             cache._evict(cache._past_slots(batch, hkv, cache.seen, keys.device))
         return cache
@@ -89,28 +93,40 @@ class CompactedKV:
         return self.keys, self.values
 
     def attend(
-        self, q: torch.Tensor, scale: float, causal: bool = True, key_padding: torch.Tensor | None = None
+        self, q: torch.Tensor, scale: float, causal: bool = True, key_padding: torch.Tensor | None = None,
+        model_mask: torch.Tensor | None = None, softcap: float = 0.0, sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of `q` [B, Hq, L, D] over the cache, then eviction if over the cap.
 
-        `key_padding` [B, L] marks which of the just-appended tokens are padding.
+        `key_padding` [B, seen + L] marks which tokens of the sequence so far are padding (the
+        model's mask). Until its first eviction the cache holds its tokens in sequence order and
+        stores no slots, so the mask labels all of them at every call (an unpruned cache costs
+        exactly its K and V, padding or not); once evicted, kept tokens carry their padding in
+        their slots and only the appended ones are read. `model_mask` [B, 1 or Hkv, L, seen + L]
+        is the model's own mask over logical positions (bool, or float added to the logits),
+        applied at the slots the cache holds; `softcap` and `sinks` are the model's logit
+        soft-capping and sink logits (`kvpass.kernels.reference.attention`).
         """
         batch, hkv, total, _ = self.keys.shape
         start, new = self.seen, self.pending
+        self._fit_schedule()
         if self.reallocator is not None:
             self.schedule = replace(self.schedule, fraction=self.reallocator.fraction(self.index, start + new))
-        q_slots = torch.arange(start, start + new, device=q.device, dtype=torch.int32).expand(batch, new)
-        new_slots = q_slots[:, None, :].expand(batch, hkv, new)
-        if key_padding is not None and (self.slots is not None or bool(key_padding.any())):
-            # Once slots are stored no data-dependent branch is taken, so a decode step exports.
-            new_slots = torch.where(key_padding[:, None, :], -1 - new_slots, new_slots)
-            self.slots = self._past_slots(batch, hkv, total - new, q.device)
-        if self.slots is not None:
-            self.slots = torch.cat([self.slots, new_slots.contiguous()], dim=-1)
-        k_slots = self.slots if self.slots is not None else self._past_slots(batch, hkv, total, q.device)
+        appended = torch.arange(start, start + new, device=q.device, dtype=torch.int32)
+        stored = self.slots is not None
+        labelled = (appended if stored else torch.arange(self.first, self.first + total, device=q.device,
+                                                         dtype=torch.int32)).expand(batch, hkv, -1)
+        if key_padding is not None:
+            padding = key_padding[:, -labelled.shape[-1]:]
+            labelled = torch.where(padding[:, None, :], -1 - labelled, labelled)
+        k_slots = torch.cat([self.slots, labelled], dim=-1) if stored else labelled.contiguous()
+        if stored:
+            self.slots = k_slots
+        if model_mask is not None:
+            model_mask = self._mask_at_slots(model_mask, k_slots)
         out, stat = ops.attention(
-            q, self.keys, self.values, q_slots.contiguous(), k_slots, scale, causal,
-            self.stat_mode.value, self.method.window,
+            q, self.keys, self.values, appended.expand(batch, new).contiguous(), k_slots, scale, causal,
+            self.stat_mode.value, self.method.window, model_mask, softcap, sinks,
         )
         self.seen += new
         self.pending = 0
@@ -122,11 +138,36 @@ class CompactedKV:
             self._evict(k_slots)
         return out
 
+    def _fit_schedule(self) -> None:
+        """Size the byte cap by the bytes a token of *this* cache takes: a model cast to another
+        dtype after it was optimized (`.to(torch.float16)`) stores narrower K/V than the plan
+        assumed, while slots and statistics keep their width, so fewer tokens fit the same fraction."""
+        per_token = self.keys.shape[1] * (self.keys.shape[-1] * self.keys.element_size()
+                                          + self.values.shape[-1] * self.values.element_size())
+        if per_token != self.schedule.kv_bytes_per_token:
+            self.schedule = replace(self.schedule, kv_bytes_per_token=per_token)
+
     def _past_slots(self, batch: int, hkv: int, length: int, device: torch.device) -> torch.Tensor:
-        """The stored slots, or 0..length-1 when none were stored yet."""
+        """The stored slots, or first..first+length-1 when none were stored yet."""
         if self.slots is not None:
             return self.slots
-        return torch.arange(length, device=device, dtype=torch.int32).expand(batch, hkv, length).contiguous()
+        slots = torch.arange(self.first, self.first + length, device=device, dtype=torch.int32)
+        return slots.expand(batch, hkv, length).contiguous()
+
+    def _mask_at_slots(self, mask: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
+        """The model's mask over logical positions [B, 1 | Hkv | Hq, L, positions], read at each cached key's slot."""
+        if mask.shape[-1] == k_slots.shape[-1]:
+            return mask  # over the cached keys already (or nothing evicted yet: cache order is position order)
+        if mask.shape[-1] != self.seen + self.pending:
+            raise UnsupportedModelError(
+                f"the model's attention mask covers {mask.shape[-1]} keys, neither the {k_slots.shape[-1]} cached "
+                f"nor the {self.seen + self.pending} positions seen: kvpass cannot tell which key each column means")
+        positions = torch.where(k_slots < 0, -1 - k_slots, k_slots).long()
+        if mask.shape[1] not in (1, positions.shape[1]):  # per query head: each reads its KV head's slots
+            positions = positions.repeat_interleave(mask.shape[1] // positions.shape[1], dim=1)
+        batch, heads, tokens = positions.shape
+        index = positions[:, :, None, :].expand(batch, heads, mask.shape[2], tokens)
+        return torch.gather(mask.expand(batch, heads, *mask.shape[2:]), -1, index)
 
     def _accumulate(self, stat: torch.Tensor, new: int) -> None:
         if self.stat is None or self.stat_mode is Stat.LAST_QUERY:
@@ -136,13 +177,25 @@ class CompactedKV:
         self.stat = self.stat_mode.combine(grown, stat)
 
     def _ranking(self, k_slots: torch.Tensor) -> torch.Tensor:
-        """Every cached token's score as the next eviction will rank it."""
+        """Every cached token's score as the next eviction will rank it; a windowed site's tokens
+        that left its window go first."""
         sinks, recent = self.schedule.carve_out(self.schedule.kept(self.seen))
         obs = Observation(self.keys, self.values, k_slots, self.stat, self.seen, self.group_size)
-        return ranking_scores(self.method, obs, sinks, recent)
+        scores = ranking_scores(self.method, obs, sinks, recent)
+        if self.schedule.window is not None:
+            scores = torch.where(k_slots < self.seen - self.schedule.window, EVICT_FIRST, scores)
+        return scores
 
     def _evict(self, k_slots: torch.Tensor) -> None:
         keep = self.schedule.kept(self.seen)
+        if self.slots is None and self.schedule.keeps_window(self.seen):
+            # only the window bounds the site now: drop the oldest tokens, slots stay implicit
+            drop = self.keys.shape[-2] - keep
+            self.keys, self.values = self.keys[:, :, drop:].clone(), self.values[:, :, drop:].clone()
+            self.stat = self.stat[..., drop:].clone() if self.stat is not None else None
+            self.first += drop
+            self.evictions += 1
+            return
         scores = self._ranking(k_slots)
         self.keys, self.values, self.slots, index = ops.select_and_compact(
             self.keys, self.values, k_slots, scores, keep

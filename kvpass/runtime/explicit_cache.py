@@ -16,6 +16,8 @@ stay fixed). The cache tensors are all the state there is, so:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from kvpass.capture import capture
@@ -53,8 +55,51 @@ def rewrite_explicit_cache(
         reasons = "; ".join(f"{u.name} ({u.reason})" for u in sites.unsupported)
         raise UnsupportedModelError(f"sites {missed} were not found again when the model was captured with free "
                                     f"sizes{': ' + reasons if reasons else ''}")
-    return rewrite_cached_sites(captured.graph_module, sites,
-                                lambda site: _evicting_attention(site, planned[site.name], plan))
+    sites = [_with_positions(site, example_inputs) for site in sites]
+    rewritten = rewrite_cached_sites(captured.graph_module, sites,
+                                     lambda site: _evicting_attention(site, planned[site.name], plan))
+    _check_step(model, rewritten, example_inputs, sites)
+    return rewritten
+
+
+def _with_positions(site: AttentionSite, example_inputs: tuple) -> AttentionSite:
+    """The site with the graph input that positions its new queries: the one its RoPE reads, or else
+    (absolute position embeddings) the integer input holding past length + 0..T-1 in the example."""
+    cache = site.match.cache
+    if cache.q_positions:
+        return site
+    inputs = torch.utils._pytree.tree_leaves(example_inputs)
+    past, new = inputs[cache.past_k_index].shape[-2], cache.new_tokens
+    expected = torch.arange(past, past + new)
+    found = [name for name, index in cache.position_candidates
+             if inputs[index].numel() % new == 0 and torch.equal(inputs[index].reshape(-1, new)[0].cpu(), expected)]
+    if len(found) != 1:
+        raise UnsupportedModelError(
+            f"{site.name}: positions must be an explicit input: no integer input of the example holds the new "
+            f"tokens' positions ({past}..{past + new - 1}, after {past} cached tokens); kvpass needs them to keep "
+            "positions right once the cache is compacted")
+    return replace(site, match=replace(site.match, cache=replace(cache, q_positions=found[0])))
+
+
+def _check_step(model: torch.nn.Module, rewritten: torch.nn.Module, example_inputs: tuple, sites) -> None:
+    """The rewritten model's outputs on the example step, besides the present K/V it compacts, must be the
+    model's own (eviction comes after the step's attention): anything the rewrite does not reproduce
+    (a bias or mask beyond causal, logit ops) is refused here, never left silently different."""
+    with torch.no_grad():
+        want = torch.utils._pytree.tree_leaves(model(*example_inputs))
+        got = torch.utils._pytree.tree_leaves(rewritten(*example_inputs))
+    caches = {index for site in sites for index in site.match.cache.present_k_outputs
+              + site.match.cache.present_v_outputs}
+    for index, (a, b) in enumerate(zip(got, want)):
+        if index in caches or not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            continue
+        tolerance = 1e-4 if b.dtype == torch.float32 else 2e-2
+        if not torch.allclose(a.float(), b.float(), rtol=tolerance, atol=tolerance):
+            raise UnsupportedModelError(
+                f"the rewritten {type(model).__name__} does not reproduce output {index} of the example step "
+                f"(differs by {(a.float() - b.float()).abs().max().item():.2e}): its attention does more than "
+                f"causal softmax attention over the cache (logit ops: "
+                f"{sorted({op for site in sites for op in site.logit_ops}) or 'none'}, or a mask or bias)")
 
 
 def _evicting_attention(site: AttentionSite, planned: AttentionSite, plan: Plan):

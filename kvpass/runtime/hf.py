@@ -22,10 +22,12 @@ The cache reports the *logical* sequence length (tokens seen), so position ids, 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvpass import hf_attention
 from kvpass.errors import UnsupportedModelError
@@ -51,6 +53,7 @@ class KVPassCacheLayer(CacheLayerMixin):
         self.site = site
         """The site in the unmodified model (its full cache is what byte figures compare against)."""
         self.is_initialized = True
+        self.is_sliding = site.window is not None
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -72,6 +75,10 @@ class KVPassCacheLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.site_cache.pending:
+            raise UnsupportedModelError(
+                f"{self.site.name} updated its cache again before kvpass's attention ran: the module computes "
+                "attention itself rather than through transformers' attention interface")
         return self.site_cache.extend(key_states, value_states)
 
     def get_seq_length(self) -> int:
@@ -112,12 +119,20 @@ class SiteBinding:
     """The site in the unmodified model."""
     method: Method
     schedule: SiteSchedule
-    calls: int = 0
-    """Attention calls that ran through kvpass (the rewrite's probe counts them)."""
     hooks: list = field(default_factory=list)
     reallocation: ReallocationPolicy | None = None
     """Set when the plan moves budget between sites while decoding; `index` is this site's place."""
     index: int = 0
+    model_mask: bool = False
+    """Apply the model's own attention mask at the kept slots (sliding windows, chunks, custom masks),
+    rather than reading only padding off it and masking causally by slot (the fast path)."""
+    calls: int = 0
+    """Calls while the probe ran."""
+    adopted: int = 0
+    """Calls that found the model's cache and ran on a kvpass cache layer (the probe counts them)."""
+    masks: list = field(default_factory=list)
+    """The masks this site's attention was given while the probe ran (None otherwise)."""
+    recording: bool = False
 
 
 REALLOCATOR_ATTRIBUTE = "_kvpass_reallocator"
@@ -135,51 +150,77 @@ LAYER_KEYWORD = "kvpass_layer"
 
 
 def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                     kvpass_layer: KVPassCacheLayer | None = None, **kwargs):
-    """The "kvpass" attention implementation: custom-op attention over the compacted cache."""
+                     kvpass_layer: KVPassCacheLayer | None = None, softcap=None, s_aux=None, **kwargs):
+    """The "kvpass" attention implementation: custom-op attention over the compacted cache.
+
+    Besides scale and mask it honours what transformers passes to eager attention for Gemma 2's
+    logit soft-capping (`softcap`) and GPT-OSS's sink logits (`s_aux`)."""
     binding = getattr(module, BINDING_ATTRIBUTE, None)
     if binding is None:
         raise UnsupportedModelError(
             f"attention module {type(module).__name__} routes to kvpass but was not rewritten by kvpass.optimize"
         )
-    binding.calls += 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    declared_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if kvpass_layer is None:  # use_cache=False: attention over this call's tokens, nothing is kept
-        layer_cache = CompactedKV(replace(binding.schedule, fraction=1.0), binding.method, binding.site.group_size)
+        layer_cache = CompactedKV(replace(binding.schedule, fraction=1.0, window=None, shared=None), binding.method,
+                                  binding.site.group_size)
         layer_cache.extend(key, value)
     else:
         layer_cache = kvpass_layer.site_cache
-    padding = _new_key_padding(attention_mask, layer_cache.pending)
-    out = layer_cache.attend(query, scale, causal, padding)
+    if binding.recording:  # only the probe counts: a call never mutates the binding (torch.compile guards on it)
+        binding.calls += 1
+        binding.adopted += kvpass_layer is not None
+        binding.masks.append(attention_mask)
+    options = {"softcap": float(softcap or 0.0), "sinks": s_aux}
+    if binding.model_mask:
+        causal = declared_causal if attention_mask is None else False  # a given mask carries causality itself
+        out = layer_cache.attend(query, scale, causal, model_mask=attention_mask, **options)
+    else:
+        # the probe checked this model's mask is causal + padding, whatever the module declares
+        causal = declared_causal if attention_mask is None else True
+        out = layer_cache.attend(query, scale, causal, _key_padding(attention_mask), **options)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _new_key_padding(attention_mask: torch.Tensor | None, new: int) -> torch.Tensor | None:
-    """[B, new] True where an appended token is padding, read off the model's own mask.
+def _key_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, seen + new] True where a token of the sequence so far is padding, read off the model's own mask.
 
-    The last query row of a causal mask sees every real token, so a column hidden from it
-    is padding. Only the appended columns are read: older slots carry their own flag.
+    The last query row of a causal mask sees every real token, so a column hidden from it is padding.
     """
     if attention_mask is None or attention_mask.dim() != 4:
         return None
-    last_row = attention_mask[:, 0, -1, -new:]
+    last_row = attention_mask[:, 0, -1, :]
     visible = last_row if last_row.dtype == torch.bool else last_row == 0
     return ~visible
+
+
+def find_cache(args: tuple, kwargs: dict) -> Any:
+    """The cache an attention module was called with: a transformers `Cache` under any name or
+    position (`past_key_values=`, `layer_past=`, ...), else whatever a cache keyword holds (the
+    self-attention part of an encoder-decoder cache)."""
+    found = next((value for value in (*kwargs.values(), *args) if isinstance(value, Cache)), None)
+    if found is None:
+        found = next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
+    return getattr(found, "self_attention_cache", found)  # an EncoderDecoderCache: its decoder self-attention part
+
+
+CACHE_KEYWORDS = ("past_key_values", "past_key_value", "layer_past", "cache")
+"""Keywords transformers attention modules take their cache under (checked when no `Cache` object is passed)."""
 
 
 def _adopt_cache_layer(module, args, kwargs):
     """Forward pre-hook: make sure this layer of the model's cache is a kvpass layer, and hand it
     to this call's attention function."""
     binding = getattr(module, BINDING_ATTRIBUTE)
-    cache = kwargs.get("past_key_values")
+    cache = find_cache(args, kwargs)
     if cache is None:
         return None
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise UnsupportedModelError(
-            f"{type(cache).__name__} is not supported by kvpass at {binding.site.name}: pass a DynamicCache "
-            "(the default of generate) or none"
+            f"{type(cache).__name__} is not supported by kvpass at {binding.site.name}: a transformers Cache with "
+            "layers (DynamicCache, the default of generate) or none; legacy tuple caches cannot be compacted in place"
         )
     index = module.layer_idx
     while len(layers) <= index:
@@ -198,16 +239,20 @@ def _adopt_cache_layer(module, args, kwargs):
 
 
 def _convert_layer(layer: CacheLayerMixin, binding: SiteBinding, reallocator: Reallocator | None) -> KVPassCacheLayer:
-    """A fresh or filled DynamicLayer becomes a kvpass layer; static/sliding layers are refused."""
-    if type(layer) is not DynamicLayer:
+    """A fresh or filled dynamic layer becomes a kvpass layer (a sliding-window one for a windowed
+    site: the window stays in force, as the site's own bound); static and quantized layers are refused."""
+    if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or (
+            type(layer) is DynamicSlidingWindowLayer and binding.site.window is None):
         raise UnsupportedModelError(
             f"{type(layer).__name__} at {binding.site.name} is not supported: kvpass compacts dynamic caches only "
-            "(static, sliding-window, quantized and offloaded caches are refused)"
+            "(static, quantized and offloaded caches are refused)"
         )
     cache = CompactedKV(binding.schedule, binding.method, binding.site.group_size, reallocator, binding.index)
     if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+        held = layer.keys.shape[-2]
         cache.keys, cache.values = layer.keys, layer.values
-        cache.seen = layer.keys.shape[-2]
+        cache.seen = getattr(layer, "cumulative_length", held)
+        cache.first = cache.seen - held  # a sliding layer holds the last tokens only
     return KVPassCacheLayer(cache, binding.site)
 
 
@@ -218,6 +263,10 @@ def bind(model: torch.nn.Module, modules: dict[str, torch.nn.Module], bindings: 
         module = modules[name]
         if not hasattr(module, "layer_idx"):
             raise UnsupportedModelError(f"attention module {name} has no layer_idx: it cannot own a cache layer")
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values()):
+            raise UnsupportedModelError(
+                f"attention module {name} ({type(module).__name__}) takes no extra keywords, so it cannot hand its "
+                "call's cache layer to transformers' attention interface (it computes attention itself)")
         setattr(module, BINDING_ATTRIBUTE, binding)
         binding.hooks.append(module.register_forward_pre_hook(_adopt_cache_layer, with_kwargs=True))
 

@@ -14,6 +14,7 @@ from typing import Any
 from kvpass.methods import Method, get_method
 from kvpass.planning import ALLOCATIONS, build_plan, check_schedule_options
 from kvpass.transforms.base import Backend, Phase, PlanningContext, RewriteTarget, Transform, register
+from kvpass.validation import integer, real
 
 
 @dataclass(frozen=True, init=False)
@@ -48,9 +49,15 @@ class Evict(Transform):
     def __init__(self, method: str | Method | None = None, *, sinks: int = 4, recent: int = 32, evict_every: int = 1,
                  allocation: str = "uniform", floor: float | None = None, ceiling: float = 1.0, reallocate: int = 0,
                  **method_options: Any) -> None:
-        check_schedule_options(sinks, recent, evict_every)
+        sinks, recent, evict_every = check_schedule_options(sinks, recent, evict_every)
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
+        if floor is not None:
+            floor = real(floor, "Evict: floor", 0.0, 1.0, meaning="least fraction of its cache a site keeps")
+        ceiling = real(ceiling, "Evict: ceiling", 0.0, 1.0, low_open=True,
+                       meaning="most fraction of its cache a site keeps")
+        reallocate = integer(reallocate, "Evict: reallocate", minimum=0,
+                             meaning="decoded tokens between re-allocations; 0: off")
         values = {"method": get_method(method, **method_options), "sinks": sinks, "recent": recent,
                   "evict_every": evict_every, "allocation": allocation, "floor": floor, "ceiling": ceiling,
                   "reallocate": reallocate}

@@ -8,6 +8,7 @@ if any step fails, every earlier step is undone and the model is left as it was.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,6 +78,33 @@ def solve(model: Any, sites: SiteReport, budget: Budget, transforms: list[Transf
     plan.head_importance = context.head_importance
     plan.transforms = records + [t.record() for t in transforms]
     return plan
+
+
+EVICT_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(Evict).parameters.items()
+                  if parameter.kind is parameter.KEYWORD_ONLY}
+"""`kvpass.Evict`'s keyword options and their defaults (`sinks`, `recent`, `evict_every`, ...)."""
+
+
+def shorthand_transforms(transforms: Any, plan: Any, method: Any, method_options: dict[str, Any],
+                         shorthand: dict[str, Any], defaults: dict[str, Any] | None = None) -> Any:
+    """The transforms a verb runs: `transforms` as given, or `[Evict(method, **shorthand,
+    **method_options)]` when neither `transforms` nor `plan` is. Eviction keywords given beside
+    `transforms=` or `plan=` (any value but the verb's default: Evict's, or `defaults`) would be
+    silently ignored: an error names them instead. Returns None when a plan says what to run."""
+    if transforms is None and plan is None:
+        return [Evict(method, **shorthand, **method_options)]
+    defaults = {**EVICT_DEFAULTS, **(defaults or {})}
+    given = sorted([key for key, value in shorthand.items() if value != defaults[key]] + list(method_options)
+                   + (["method"] if method is not None else []))
+    if given:
+        raise TypeError(f"{given} are options of kvpass.Evict: with transforms= or plan=, set them on the "
+                        "Evict transform (kvpass.Evict(method, ...)) instead")
+    if transforms is not None and plan is not None:
+        raise TypeError("give transforms= or plan=, not both: a plan already records its transforms")
+    if plan is not None and not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a kvpass Plan (from kvpass.plan(...) or kvpass.Plan.load(path)), "
+                        f"got {type(plan).__name__}")
+    return transforms
 
 
 def plan_transforms(plan: Plan) -> list[Transform]:

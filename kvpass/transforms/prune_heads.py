@@ -23,6 +23,7 @@ import torch
 from kvpass.errors import UnsupportedModelError
 from kvpass.runtime.head_surgery import exactness_check, remove_kv_heads, zero_output_columns
 from kvpass.transforms.base import Backend, Phase, PlanningContext, RewriteTarget, Transform, register
+from kvpass.validation import integer, real
 
 IMPORTANCE = ("output_error", "entropy", "retrieval", "random")
 
@@ -53,17 +54,18 @@ class PruneHeads(Transform):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
-                or not 0.0 <= self.fraction < 1.0:
-            raise ValueError(f"PruneHeads: fraction must be a number in [0, 1) (the share of all KV heads removed), "
-                             f"got {self.fraction!r}")
+        normalized = {
+            "fraction": real(self.fraction, "PruneHeads: fraction", 0.0, 1.0, high_open=True,
+                             meaning="the share of all KV heads removed"),
+            "max_per_layer": None if self.max_per_layer is None else real(
+                self.max_per_layer, "PruneHeads: max_per_layer", 0.0, 1.0, low_open=True, high_open=True,
+                meaning="None, or the largest share of one layer's KV heads removed"),
+            "seed": integer(self.seed, "PruneHeads: seed"),
+        }
         if self.importance not in IMPORTANCE:
             raise ValueError(f"PruneHeads: importance must be one of {IMPORTANCE}, got {self.importance!r}")
-        if self.max_per_layer is not None and (isinstance(self.max_per_layer, bool) or not isinstance(
-                self.max_per_layer, (int, float)) or not 0.0 < self.max_per_layer < 1.0):
-            raise ValueError(f"PruneHeads: max_per_layer must be None or a fraction in (0, 1), got {self.max_per_layer!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"PruneHeads: seed must be an int, got {self.seed!r}")
+        for key, value in normalized.items():  # numpy numbers become plain ones (plans are JSON)
+            object.__setattr__(self, key, value)
 
     def decide(self, context: PlanningContext) -> None:
         sites = list(context.sites)
