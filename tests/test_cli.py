@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kvpass
 from kvpass.cli import main
 from kvpass.planning import Plan
 
@@ -87,13 +88,23 @@ def test_plan_then_optimize_with_the_plan(tiny, tmp_path) -> None:
     assert 0 <= optimized["matching_tokens"] <= 8
 
 
+def test_optimize_with_transforms(tiny) -> None:
+    optimized = run_json("optimize", str(tiny), "--budget", "0.5", "--transform", "PruneHeads(0.25)",
+                         "--transform", "Evict('knorm', sinks=2)", "--prompt", PROMPT, "--max-new-tokens", "4")
+    assert [t["name"] for t in optimized["transforms"]] == ["PruneHeads", "Evict"]
+    assert optimized["stats"]["PruneHeads"]["kv_heads_removed"] == 1
+    assert optimized["pruned"]["kv_bytes"] <= 0.5 * optimized["full"]["kv_bytes"]
+
+
 def test_export_then_serve_onnx(tiny, tmp_path) -> None:
     out = tmp_path / "tiny.onnx"
-    exported = run_json("export", str(tiny), str(out), "--budget", "0.5", "--method", "knorm")
+    exported = run_json("export", str(tiny), str(out), "--budget", "0.5", "--transform", "PruneHeads(0.25)",
+                        "--transform", "Evict('knorm')")
     assert out.is_file() and Path(exported["tokenizer"]).is_dir()
-    assert [site["schedule"]["fraction"] for site in exported["kvpass"]["sites"]] == [0.5, 0.5]
+    assert sorted(site["kv_heads"] for site in exported["kvpass"]["sites"]) == [1, 2]  # one KV head exported away
     served = run_json("serve-onnx", str(out), "--prompt", PROMPT, "--max-new-tokens", "6")
-    assert len(served["tokens"]) == 6 and served["kv_bytes"] <= 0.5 * served["full_kv_bytes"]
+    # the budget caps bytes against the unmodified model (4 KV heads); the exported graph's full cache has 3
+    assert len(served["tokens"]) == 6 and served["kv_bytes"] <= 0.5 * served["full_kv_bytes"] * 4 / 3
 
 
 def test_eval(tiny, tmp_path) -> None:
@@ -114,6 +125,19 @@ def test_tables_for_people(tiny, capsys) -> None:
     assert main(["plan", str(tiny), "--budget", "0.5", "--allocation", "uniform"]) == 0
     out = capsys.readouterr().out
     assert "budget per attention site" in out and "uniform, tova, budget 0.5" in out and "predicted KV cache" in out
+
+
+@pytest.mark.parametrize("command", ["plan", "optimize", "export"])
+def test_transform_calls_are_parsed_not_evaluated(tiny, command, tmp_path, capsys) -> None:
+    from kvpass.cli.main import build_parser
+
+    positional = [str(tiny), *{"export": [str(tmp_path / "out.onnx")], "optimize": ["--prompt", "hi"]}.get(command, [])]
+    args = build_parser().parse_args([command, *positional, "--transform", "PruneHeads(0.1)",
+                                      "--transform", "Evict('tova', span=2)"])
+    assert args.transform == [kvpass.PruneHeads(0.1), kvpass.Evict("tova", span=2)]
+    marker = tmp_path / "evaluated"
+    assert main([command, *positional, "--transform", f"__import__('pathlib').Path({str(marker)!r}).touch()"]) == 2
+    assert not marker.exists() and "must be a transform name or a call" in capsys.readouterr().err
 
 
 def test_bad_argument_exits_2_with_one_line(tiny) -> None:

@@ -46,13 +46,13 @@ def run(args: argparse.Namespace, ui: UI) -> dict[str, Any]:
         raise ValueError(f"OUT: {str(args.out)!r} should end in .onnx")
     if not args.out.parent.is_dir():
         raise FileNotFoundError(f"OUT: no such directory {str(args.out.parent)!r}")
+    options = {"plan": plan} if plan is not None else {
+        "budget": budget, "transforms": transforms_from(args, default_allocation="uniform")}
     if args.model.kind == "onnx":
         import onnx
 
         from kvpass.onnx import optimize as optimize_onnx
 
-        options = {"plan": plan} if plan is not None else {
-            "budget": budget, "transforms": transforms_from(args, default_allocation="uniform")}
         with ui.stage(f"rewriting {args.model.path.name}"):
             onnx.save(optimize_onnx(args.model.path, **options), args.out)
         source_tokenizer = tokenizer_dir(args.model.path)
@@ -63,8 +63,6 @@ def run(args: argparse.Namespace, ui: UI) -> dict[str, Any]:
         with ui.stage(f"loading {args.model.text}"):
             model, tokenizer = load_torch(args.model, args.dtype, args.device)
         with ui.stage("optimizing in torch"):
-            options = {"plan": plan} if plan is not None else {
-                "budget": budget, "transforms": transforms_from(args, default_allocation="uniform")}
             model = kvpass.optimize(copy.deepcopy(model), tokenizer=tokenizer, **options)
         with ui.stage("exporting to ONNX and rewriting the graph"):
             kvpass.export_onnx(model, args.out, opset=args.opset)

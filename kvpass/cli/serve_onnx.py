@@ -65,7 +65,7 @@ def _exported_tokenizer(onnx_path: Path) -> ModelSource:
 
 
 def render(console: Console, result: dict[str, Any]) -> None:
-    rows = [["KV cache after generation", f"{size(result['kv_bytes'])} of {size(result['full_kv_bytes'])} unpruned "
+    rows = [["KV cache after generation", f"{size(result['kv_bytes'])} of {size(result['full_kv_bytes'])} without eviction "
                                           f"(x{result['kv_ratio']:.3f})"],
             ["new tokens", len(result["tokens"])], ["tokens/s", f"{result['tokens_per_second']:.1f}"],
             ["providers", ", ".join(result["providers"])], ["text", result["text"]]]
