@@ -65,8 +65,8 @@ def _exported_tokenizer(onnx_path: Path) -> ModelSource:
 
 
 def render(console: Console, result: dict[str, Any]) -> None:
-    rows = [["KV cache after generation", f"{size(result['kv_bytes'])} of {size(result['full_kv_bytes'])} without eviction "
-                                          f"(x{result['kv_ratio']:.3f})"],
+    held = f"{size(result['kv_bytes'])} of {size(result['full_kv_bytes'])} without eviction (x{result['kv_ratio']:.3f})"
+    rows = [["KV cache after generation", held],
             ["new tokens", len(result["tokens"])], ["tokens/s", f"{result['tokens_per_second']:.1f}"],
             ["providers", ", ".join(result["providers"])], ["text", result["text"]]]
     console.print(table(f"{result['model']} on onnxruntime, {result['prompt_tokens']}-token prompt", ["", ""], rows,
