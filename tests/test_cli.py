@@ -202,3 +202,13 @@ def test_smollm2_by_short_name() -> None:
     sites = planned["plan"]["sites"]
     assert len(sites) == 30 and {(s["num_heads"], s["num_kv_heads"], s["head_dim"]) for s in sites} == {(9, 3, 64)}
     assert all(row["ratio"] <= 0.25 for row in planned["lengths"])
+
+
+@pytest.mark.slow
+def test_smollm2_eval() -> None:
+    """`kvpass eval` on the real model by its short name (its chat template, one short sample): the full cache
+    finds the passkey. (`find` and `optimize` load it the same way; one model load keeps CI short.)"""
+    evaluated = run_json("eval", "smollm2", "--tasks", "passkey", "--samples", "1", "--length", "300",
+                         "--budgets", "0.5", "--modes", "context-only")
+    assert evaluated["settings"] == ["full", "default@0.5"] and len(evaluated["rows"]) == 2
+    assert {row["setting"]: row["score"] for row in evaluated["rows"]}["full"] == 1.0
