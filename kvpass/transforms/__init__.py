@@ -11,6 +11,7 @@ from kvpass.transforms.base import (HANDLERS, TRANSFORMS, Backend, Phase, Planni
                                     from_record, register)
 from kvpass.transforms.evict import Evict
 from kvpass.transforms.prune_heads import PruneHeads, remove_planned_heads
+from kvpass.transforms.prune_patches import PrunePatches
 
-__all__ = ["Transform", "Evict", "PruneHeads", "Backend", "Phase", "PlanningContext", "RewriteTarget", "register",
+__all__ = ["Transform", "Evict", "PruneHeads", "PrunePatches", "Backend", "Phase", "PlanningContext", "RewriteTarget", "register",
            "from_record", "remove_planned_heads", "HANDLERS", "TRANSFORMS"]
