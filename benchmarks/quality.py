@@ -26,6 +26,7 @@ from kvpass.eval.models import load_smollm2
 from kvpass.eval.perplexity import perplexities, windows
 from kvpass.eval.report import FULL, accuracy_table, label, save_jsonl
 from kvpass.eval.runner import MODES, evaluate
+from kvpass.eval.settings import make_plans
 from kvpass.eval.tasks import COUNTED_TASKS, TASKS, make_sample, seeds, token_counter
 
 PROFILES = {
@@ -34,27 +35,6 @@ PROFILES = {
     "full": dict(samples=24, methods=["default", *kvpass.METHODS], budgets=[0.75, 0.5, 0.25],
                  perplexity_windows=5, niah_depths=[0.1, 0.3, 0.5, 0.7, 0.9], niah_lengths=[500, 1000, 1500, 2000]),
 }
-
-
-def parse_method(spec: str):
-    """'tova' or 'tova:span=2,page_size=8' -> (method, options) for `kvpass.plan`; 'default' -> (None, {})."""
-    name, _, opts = spec.partition(":")
-    options = {}
-    for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
-        options[key] = float(value) if "." in value else int(value)
-    return (None if name == "default" else name), options
-
-
-def make_plans(model, methods: list[str], budgets: list[float]) -> dict:
-    """label -> Plan (uniform allocation), with the full cache under "full"."""
-    plans = {FULL: kvpass.plan(model, budget=1.0, allocation="uniform")}
-    for spec in methods:
-        method, options = parse_method(spec)
-        for budget in budgets:
-            plans[label(spec, budget)] = kvpass.plan(model, budget=budget, method=method, allocation="uniform",
-                                                     **options)
-    return plans
 
 
 def main() -> None:

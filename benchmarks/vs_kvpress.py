@@ -31,10 +31,8 @@ from kvpass.eval import plots
 from kvpass.eval.models import load_smollm2, smollm2_gguf_path
 from kvpass.eval.report import FULL, accuracy_table, label, load_jsonl, mean_scores, retention, save_jsonl
 from kvpass.eval.runner import MODES, Result, evaluate
+from kvpass.eval.settings import make_plans
 from kvpass.eval.tasks import COUNTED_TASKS, encode, make_sample, score, seeds, token_counter
-
-sys.path.insert(0, str(Path(__file__).parent))
-from quality import make_plans  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-kvpress"
@@ -88,7 +86,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(COUNTED_TASKS))
     parser.add_argument("--length", type=int, default=1500)
     parser.add_argument("--methods", nargs="+", default=["default", "paged", "tova"],
-                        help="kvpass method specs (see benchmarks/quality.py)")
+                        help="kvpass method specs (kvpass.eval.settings)")
     parser.add_argument("--presses", nargs="+", default=["TOVA", "SnapKV", "Knorm", "ExpectedAttention"],
                         choices=PRESSES)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])

@@ -52,21 +52,26 @@ def default_example_inputs(model: torch.nn.Module) -> tuple[tuple, dict[str, Any
     return (input_ids,), {"use_cache": False}
 
 
-def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None, *,
-            runnable: bool = True) -> CapturedGraph:
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None,
+            dynamic: bool = False, *, runnable: bool = True) -> CapturedGraph:
     """Capture `model(*args, **kwargs)` in eval mode without gradients, export first, dynamo second.
 
     A transformers model runs with `use_cache=False` unless the caller says otherwise, whether its
     inputs come positionally or by keyword: the graph is what attention computes, and a cache
     object among the outputs is something neither exporter can return. `runnable=False`: the
     graph is only read, so a concrete trace is tried before dynamo (and instead of an exported
-    graph whose shapes depend on data, which cannot be read off)."""
+    graph whose shapes depend on data, which cannot be read off).
+
+    `dynamic`: export with every dimension of size >= 2 in `args` left free (`Dim.AUTO`), so the
+    graph module runs at other sizes (a cache that grows and shrinks); sizes 0 and 1 stay fixed,
+    as torch.export specializes them."""
     kwargs = dict(kwargs or {})
     if is_transformers_model(model) and _accepts(model.forward, "use_cache"):
         kwargs = {"use_cache": False, **kwargs}
+    shapes = _free_dimensions(tuple(args)) if dynamic else None
     with _eval_no_grad(model):
         try:
-            exported = torch.export.export(model, tuple(args), kwargs, strict=False).module()
+            exported = torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=shapes).module()
             if runnable or not _data_dependent_shapes(exported):
                 return CapturedGraph(exported, "torch.export")
             note = "torch.export's graph has data-dependent shapes"
@@ -157,6 +162,16 @@ def _dynamo_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any])
     for index, piece in enumerate(pieces):
         holder.add_module(f"piece_{index}", piece)
     return holder
+
+
+def _free_dimensions(args: tuple) -> tuple:
+    """`dynamic_shapes` for `args`: Dim.AUTO for every tensor dimension of size >= 2."""
+    def dims(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {axis: torch.export.Dim.AUTO for axis, size in enumerate(value.shape) if size >= 2}
+        return None
+
+    return torch.utils._pytree.tree_map(dims, args, is_leaf=lambda value: isinstance(value, torch.Tensor))
 
 
 def _accepts(function, keyword: str) -> bool:

@@ -28,12 +28,17 @@ def smollm2_gguf_path() -> Path:
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for SmolLM2-135M-Instruct, loaded offline, in eval mode."""
+    return load_gguf(smollm2_gguf_path(), dtype)
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """(causal LM, tokenizer) from a local GGUF file, de-quantized to `dtype`, in eval mode."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    path = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True)
     return model.eval(), tokenizer

@@ -93,13 +93,21 @@ def accuracy_table(rows: Iterable, modes: Iterable[str], tasks: Iterable[str] | 
                 value = means.get((task, setting, mode))
                 cells.append("" if value is None else f"{100 * value[0]:.0f}")
             if counted:
-                cells.append("100" if setting == FULL else f"{100 * retention(rows, setting, mode, counted):.1f}")
+                cells.append("100" if setting == FULL else _retention_cell(rows, setting, mode, counted))
             shown_mode = "both" if setting == FULL else mode
             lines.append(f"| {setting} | {shown_mode} | " + " | ".join(cells) + " |")
     note = f"scores in % ({samples} samples per cell at most)"
     if counted:
         note += "; * counted tasks (full cache >= 60% on dev); retention = mean over them of score / full cache"
     return "\n".join(lines) + "\n" + note
+
+
+def _retention_cell(rows: list[dict], setting: str, mode: str, counted: list[str]) -> str:
+    """Retention in %, or "-" where the full cache scored nothing on the counted tasks (nothing to retain)."""
+    try:
+        return f"{100 * retention(rows, setting, mode, counted):.1f}"
+    except ValueError:
+        return "-"
 
 
 def save_jsonl(rows: Iterable, path: str | Path) -> None:

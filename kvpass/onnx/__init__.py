@@ -99,23 +99,60 @@ def optimize(
     shorthand = {"sinks": sinks, "recent": recent, "evict_every": evict_every}
     transforms = shorthand_transforms(transforms, plan, method, method_options, shorthand)
     graph = _to_ir(load(model))
-    report = find_sites(graph)
-    report.require_rewritable("the ONNX graph")
-    dtype_bytes = np.dtype(report[0].dtype).itemsize
+    report = _rewritable_sites(graph)
     if plan is not None:
-        plan.check_model(list(report), dtype_bytes)
+        plan.check_model(list(report), np.dtype(report[0].dtype).itemsize)
         if plan.reallocate:
             raise ValueError(f"plan.reallocate={plan.reallocate}: re-allocation while decoding runs in the torch "
                              "runtime only; an ONNX graph keeps each site's budget fixed (make the plan with "
                              "reallocate=0)")
-        transforms = plan_transforms(plan)
-    transforms = check_transforms(transforms, report, Backend.ONNX, "the ONNX graph")
-    if plan is None:
-        plan = solve(None, report, budget, transforms, dtype_bytes=dtype_bytes)
+        transforms = check_transforms(plan_transforms(plan), report, Backend.ONNX, "the ONNX graph")
+    else:
+        plan, transforms = _solve(report, budget, transforms)
     apply(RewriteTarget(graph, report, plan, Backend.ONNX), transforms, "the ONNX graph")
     proto = ir.to_proto(graph)
     onnx.checker.check_model(proto)
     return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+
+
+def plan(
+    model: ModelLike,
+    budget: float | str = 0.5,
+    method: str | Method | None = None,
+    *,
+    transforms: list[Transform] | None = None,
+    sinks: int = 4,
+    recent: int = 32,
+    evict_every: int = 1,
+    **method_options: Any,
+) -> Plan:
+    """The plan `optimize` would apply to `model` (same arguments); `optimize(model, plan=...)` applies it.
+
+    An ONNX graph cannot be calibrated, so its budget is spread uniformly (or as the Evict
+    transform's `allocation='pyramid'` says); plan the torch model for an adaptive allocation.
+
+    Example:
+        >>> plan = kvpass.onnx.plan("model.onnx", budget=0.25)         # doctest: +SKIP
+        >>> print(plan.table())                                          # doctest: +SKIP
+    """
+    budget = parse_budget(budget)
+    shorthand = {"sinks": sinks, "recent": recent, "evict_every": evict_every}
+    transforms = shorthand_transforms(transforms, None, method, method_options, shorthand)
+    return _solve(_rewritable_sites(_to_ir(load(model))), budget, transforms)[0]
+
+
+def _rewritable_sites(graph: ir.Model) -> SiteReport:
+    report = find_sites(graph)
+    report.require_rewritable("the ONNX graph")
+    return report
+
+
+def _solve(report: SiteReport, budget, transforms: list[Transform]) -> tuple[Plan, list[Transform]]:
+    transforms = check_transforms(transforms, report, Backend.ONNX, "the ONNX graph")
+    if any(getattr(t, "allocation", "uniform") == "adaptive" for t in transforms):
+        raise ValueError("allocation='adaptive' calibrates the torch model; an ONNX graph is planned 'uniform' or "
+                         "'pyramid' (or plan the torch model and export it)")
+    return solve(None, report, budget, transforms, dtype_bytes=np.dtype(report[0].dtype).itemsize), transforms
 
 
 def _to_ir(proto: onnx.ModelProto) -> ir.Model:
@@ -125,4 +162,4 @@ def _to_ir(proto: onnx.ModelProto) -> ir.Model:
 
 from kvpass.onnx.generator import Generator  # noqa: E402  (the generator uses `load` above)
 
-__all__ = ["find_attention", "optimize", "load", "Generator"]
+__all__ = ["find_attention", "plan", "optimize", "load", "Generator"]

@@ -113,6 +113,16 @@ class Generator:
             self.cache[site["layer"]] = (out[site["present_key"]], out[site["present_value"]], slots)
         return out["logits"]
 
+    def cache_bytes(self) -> int:
+        """Bytes the cache holds now: keys, values and slots of every layer."""
+        return sum(array.nbytes for layer in self.cache.values() for array in layer if array is not None)
+
+    def full_cache_bytes(self) -> int:
+        """Bytes the graph's unpruned cache would hold after the tokens seen so far (same batch, geometry, dtype)."""
+        batch = next(iter(self.cache.values()))[0].shape[0] if self.cache else 0
+        elements = sum(2 * site["kv_heads"] * site["head_dim"] for site in self.sites)
+        return batch * self.seen * elements * np.dtype(self.kv_dtype).itemsize
+
     def generate(self, input_ids, max_new_tokens: int, attention_mask=None, eos_token_id: int | None = None) -> np.ndarray:
         """Greedy decoding: the prompt [B, L] (numpy or torch ids) plus up to `max_new_tokens` tokens.
 

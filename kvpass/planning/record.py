@@ -232,26 +232,30 @@ class Plan:
         Example:
             >>> print(plan.table(4096))   # doctest: +SKIP
         """
-        rows = [f"| layer | site | KV heads | entropy | budget | retained | output error | KiB @ {seq_len} |",
-                "|---|---|---|---|---|---|---|---|"]
+        header, *rows = self.table_rows(seq_len)
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+    def table_rows(self, seq_len: int = 4096) -> list[list[str]]:
+        """`table`'s cells: the header, a row per site, and the total row (for other renderings)."""
+        rows = [["layer", "site", "KV heads", "entropy", "budget", "retained", "output error", f"KiB @ {seq_len}"]]
         for site in self._geometry():
             entropy = self.entropy.get(site.name)
             cap = self.max_tokens.get(site.name)
             retained, error = self.retention.get(site.name), self.output_error.get(site.name)
-            cells = [
+            rows.append([
                 str(site.layer), site.name, f"{self.geometry(site).num_kv_heads}/{site.num_kv_heads}",
                 f"{sum(entropy) / len(entropy):.3f}" if entropy else "-",
                 f"{self.budgets[site.name]:.3f}" + (f" / {cap} tok" if cap is not None else ""),
                 f"{retained:.3f}" if retained is not None else "-",
                 f"{error:.3f}" if error is not None else "-",
                 f"{self.cache_schedule(site, self.dtype_bytes).held_bytes(seq_len) / 1024:.1f}",
-            ]
-            rows.append("| " + " | ".join(cells) + " |")
+            ])
         full, pruned = self.full_kv_bytes(seq_len), self.kv_bytes(seq_len)
         method = self.method.name if self.method is not None else "no eviction"
-        rows.append(f"| all | {self.allocation}, {method}, budget {self.requested or '?'} | | | "
-                    f"{pruned / full:.3f} | | | {pruned / 1024:.1f} of {full / 1024:.1f} |")
-        return "\n".join(rows)
+        rows.append(["all", f"{self.allocation}, {method}, budget {self.requested or '?'}", "", "", f"{pruned / full:.3f}",
+                     "", "", f"{pruned / 1024:.1f} of {full / 1024:.1f}"])
+        return rows
 
     # ----------------------------------------------------------------- validation
 

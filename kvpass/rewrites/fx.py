@@ -143,6 +143,8 @@ MASK_CONSUMERS = frozenset({aten.where.self, aten.where.ScalarOther, aten.where.
                             aten.bitwise_and.Tensor, aten.bitwise_not.default})
 CACHE_INDEX_OPS = frozenset({aten.select.int, aten.slice.Tensor, operator.getitem})
 """Ops that pick one layer's past K/V out of a stacked cache input."""
+SIZE_OPS = frozenset({aten.sym_size.int})
+"""Reading a tensor's (free) size: the size is data, the tensor's values are not."""
 
 MASK_CONE_LIMIT = 400
 """How many producer nodes of a mask are inspected to decide causality."""
@@ -265,14 +267,15 @@ def _module_path(raw: str) -> str:
     return path.strip(".")
 
 
-def _module_stack(node: Node) -> list[str]:
+def module_stack(node: Node) -> list[str]:
+    """The `named_modules()` paths of the modules that were running when `node` was traced, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
     return [_module_path(entry[0]) for entry in stack.values()]
 
 
 def _owning_module(nodes: list[Node]) -> str:
     """The deepest module whose stack contains all `nodes` (e.g. q projection and attention op)."""
-    stacks = [_module_stack(n) for n in nodes if n.meta.get("nn_module_stack")]
+    stacks = [module_stack(n) for n in nodes if n.meta.get("nn_module_stack")]
     if not stacks:
         return ""
     common = ""
@@ -695,6 +698,8 @@ def _integer_inputs(q: Node, cross_projections: bool) -> list[str]:
         if _is_call(node, PROJECTION_OPS) and not cross_projections:
             continue
         for arg in node.all_input_nodes:
+            if _is_call(arg, SIZE_OPS):  # a sequence length read off input_ids (free sizes) is not a position
+                continue
             if arg not in seen:
                 seen.add(arg)
                 queue.append(arg)
@@ -1043,6 +1048,8 @@ def rewrite_cached_sites(
         with graph.inserting_before(node[match.out]):
             call = graph.call_function(make_replacement(site), tuple(inputs))
             out, present_k, present_v = (graph.call_function(operator.getitem, (call, i)) for i in range(3))
+        for inserted in (call, out, present_k, present_v):  # they belong to the site's module, as what they replace did
+            inserted.meta["nn_module_stack"] = dict(node[match.out].meta.get("nn_module_stack", {}))
         node[match.out].replace_all_uses_with(out)
         cats = (node[cache.k_cat], node[cache.v_cat])
         for cat, present in zip(cats, (present_k, present_v)):

@@ -30,7 +30,7 @@ from torch.fx import GraphModule, Node
 
 from kvpass.anchors import VisionBoundary
 from kvpass.rewrites.fx import (PROJECTION_OPS, TRANSPARENT_OPS, _arguments, _attribute, _constant, _is_call,
-                                _module_stack, _reachable, _shape, _val, _walk_up)
+                                _reachable, _shape, _val, _walk_up, module_stack)
 from kvpass.site import SiteReport
 
 aten = torch.ops.aten
@@ -107,7 +107,7 @@ def _describe(write: Node, graph_name: str, report: SiteReport) -> VisionBoundar
     if not any(n.op == "placeholder" and _is_floating(n) for n in upstream):
         raise _Miss("the written rows do not depend on a floating-point input (the pixels)")
     producer = _rows_producer(rows)
-    if producer is None or not _module_stack(producer):
+    if producer is None or not module_stack(producer):
         raise _Miss("the written rows are not the output of a projection module")
 
     in_graph = [site for site in report if (site.match.graph if site.match is not None else None) == graph_name]
@@ -120,16 +120,16 @@ def _describe(write: Node, graph_name: str, report: SiteReport) -> VisionBoundar
     if not language:
         raise _Miss("the merged embeddings reach no causal attention (a language model)")
 
-    owner_stack = _module_stack(write)
-    language_stack = _module_stack(nodes[language[0].match.anchor])
-    encoder_stack = _module_stack(nodes[encoder[0].match.anchor])
+    owner_stack = module_stack(write)
+    language_stack = module_stack(nodes[language[0].match.anchor])
+    encoder_stack = module_stack(nodes[encoder[0].match.anchor])
     language_model, vision_encoder = _first_below(language_stack, owner_stack), _first_below(encoder_stack, owner_stack)
-    embedding = _module_stack(lookup)
+    embedding = module_stack(lookup)
     if language_model is None or vision_encoder is None or not embedding:
         raise _Miss("the vision encoder, the language model and the embedding are not submodules of the module "
                     "that writes the rows")
     above_layers = language_stack[:language_stack.index(language_model) + 1]
-    layers = tuple(_first_below(_module_stack(nodes[site.match.anchor]), above_layers) for site in language)
+    layers = tuple(_first_below(module_stack(nodes[site.match.anchor]), above_layers) for site in language)
     if None in layers or len(set(layers)) != len(layers):
         raise _Miss("the language model's attention sites are not in one decoder layer each")
     # the vision side: what computes the features, and the rest of the encoder (layers whose output is unused)
@@ -137,7 +137,7 @@ def _describe(write: Node, graph_name: str, report: SiteReport) -> VisionBoundar
     return VisionBoundary(
         owner=owner_stack[-1] if owner_stack else "", language_model=language_model, language_layers=layers,
         embedding=embedding[-1], vision_encoder=vision_encoder, pixel_site=encoder[0].name,
-        scoring_site=encoder[-1].name, feature_module=_module_stack(producer)[-1],
+        scoring_site=encoder[-1].name, feature_module=module_stack(producer)[-1],
         class_tokens=_class_tokens(nodes[encoder[0].match.anchor]), token_input=token_input.name,
         image_token_ids=image_token_ids, op=str(write.target).split(".")[-2].rstrip("_").removeprefix("_unsafe_"),
         encoder_sites=tuple(site.name for site in report if site.name in vision_side),

@@ -3,7 +3,9 @@
 For `forward(input_ids, position_ids, past_keys, past_values) -> (logits, keys, values)`
 the model is exported, each site's `cat(past, new)` + attention becomes one call that
 attends over the cache and returns *compacted* present K/V, and the rewritten graph keeps
-the model's signature. The cache tensors are all the state there is, so:
+the model's signature. It is exported with free sizes, so it decodes step after step while
+its cache grows and shrinks (sizes that are 1 in the example inputs, such as a batch of one,
+stay fixed). The cache tensors are all the state there is, so:
 
 * positions must be explicit inputs (the logical position of the new tokens);
 * past tokens are taken to sit just before the first new position (true for the recent
@@ -37,7 +39,7 @@ def rewrite_explicit_cache(
             "example_inputs is required for a model that carries its own cache tensors: "
             "pass the tuple of positional arguments of one decode step"
         )
-    captured = capture(model, example_inputs, {})
+    captured = capture(model, example_inputs, {}, dynamic=True)
     sites = find_sites(captured.graph_module)
     not_cached = [site.name for site in sites if not site.reads_cache]
     if not_cached:
@@ -48,6 +50,11 @@ def rewrite_explicit_cache(
     unplanned = [site.name for site in sites if site.name not in planned]
     if unplanned:
         raise UnsupportedModelError(f"sites {unplanned} of the captured model are not in the plan")
+    missed = [site.name for site in report if site.name not in {found.name for found in sites}]
+    if missed:  # never return a model that silently leaves a planned site unpruned
+        reasons = "; ".join(f"{u.name} ({u.reason})" for u in sites.unsupported)
+        raise UnsupportedModelError(f"sites {missed} were not found again when the model was captured with free "
+                                    f"sizes{': ' + reasons if reasons else ''}")
     sites = [_with_positions(site, example_inputs) for site in sites]
     rewritten = rewrite_cached_sites(captured.graph_module, sites,
                                      lambda site: _evicting_attention(site, planned[site.name], plan))
@@ -104,8 +111,9 @@ def _evicting_attention(site: AttentionSite, planned: AttentionSite, plan: Plan)
         cache = CompactedKV(plan.schedule(planned, k_new.element_size()), plan.method, site.group_size)
         first = int(q_positions.reshape(-1)[0])
         batch, heads, past, _ = past_k.shape
-        if past:
-            cache.keys, cache.values, cache.seen = past_k, past_v, first
+        cache.seen = first  # every earlier token was seen, whether or not the cache still holds it
+        if past or first:
+            cache.keys, cache.values = past_k, past_v
             cache.slots = torch.arange(first - past, first, dtype=torch.int32, device=past_k.device).expand(
                 batch, heads, past).contiguous()
         cache.extend(k_new, v_new)
