@@ -8,8 +8,8 @@ ranking (`importance="output_error"`) with random choices (median of `--seeds` s
   the whole prompt then greedy answers: head pruning changes the prefill itself);
 * parameters and KV bytes removed, CPU prefill and decode tokens/s against the unpruned model.
 
-Calibration runs once on kvpass's built-in prompts (disjoint from the perplexity text) and is
-shared by every fraction. Run:
+Calibration (with the per-head removal errors) runs once on kvpass's built-in prompts (disjoint from
+the perplexity text) and is shared by every fraction. Run:
 
     python benchmarks/heads.py                          # 10/25/33%, 5 random seeds, 24 samples
     python benchmarks/heads.py --fractions 0.1 --seeds 2 --samples 6 --ppl-windows 1   # quick look
@@ -30,7 +30,14 @@ from kvpass.calibration import calibrate
 from kvpass.eval.models import load_smollm2
 from kvpass.eval.perplexity import negative_log_likelihood, windows
 from kvpass.eval.runner import generate
-from kvpass.eval.tasks import COUNTED_TASKS, encode, make_sample, score, seeds, token_counter
+from kvpass.eval.tasks import (
+    COUNTED_TASKS,
+    encode,
+    make_sample,
+    score,
+    seeds,
+    token_counter,
+)
 
 
 def prune(base, fraction: float, importance: str, seed: int, calibration):
@@ -93,7 +100,7 @@ def main() -> None:
 
     base, tokenizer = load_smollm2()
     started = time.perf_counter()
-    calibration = calibrate(base, tokenizer=tokenizer, sites=kvpass.find_attention(base))
+    calibration = calibrate(base, tokenizer=tokenizer, sites=kvpass.find_attention(base), heads=True)
     print(f"calibration: {time.perf_counter() - started:.1f} s on prompts of {calibration.prompt_tokens} tokens")
     counter = token_counter(tokenizer)
     tasks = list(COUNTED_TASKS)

@@ -4,6 +4,8 @@ Example:
     >>> import kvpass
     >>> model = kvpass.optimize(model, budget=0.5)   # doctest: +SKIP
     >>> model = kvpass.optimize(model, budget=0.5, transforms=[kvpass.PruneHeads(0.25), kvpass.Evict()])  # doctest: +SKIP
+    >>> model = kvpass.optimize(vlm, budget=0.3, transforms=[kvpass.PrunePatches(0.25), kvpass.Evict()],
+    ...                         example_inputs=processor(images=image, text=prompt, return_tensors="pt"))  # doctest: +SKIP
     >>> kvpass.stats(model)["kv_bytes"]               # doctest: +SKIP
 """
 
@@ -14,7 +16,7 @@ from kvpass.methods import DEFAULT_METHOD, METHODS, Method, get_method
 from kvpass.planning import Plan, uniform_plan
 from kvpass.site import AttentionSite, SiteReport, UnsupportedAttention
 from kvpass.stats import stats
-from kvpass.transforms import Evict, PruneHeads, StreamingHeads, Transform
+from kvpass.transforms import Evict, PruneHeads, PrunePatches, StreamingHeads, Transform
 
 
 def __getattr__(name: str):
@@ -27,8 +29,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "optimize", "plan", "export_onnx", "find_attention", "cache_bytes", "stats", "Evict", "PruneHeads", "StreamingHeads",
-    "Transform",
+    "optimize", "plan", "export_onnx", "find_attention", "cache_bytes", "stats", "Evict", "PruneHeads", "PrunePatches",
+    "StreamingHeads", "Transform",
     "AttentionSite", "SiteReport", "UnsupportedAttention", "Plan", "uniform_plan", "Method", "get_method", "METHODS",
     "DEFAULT_METHOD",
 ]

@@ -9,6 +9,7 @@ never graph nodes, so they survive `Plan.save`/`load` and mean the same in any c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,22 @@ class Projection:
         """The weight (or the parameter `name`, e.g. the bias) on `model`."""
         return getattr(model.get_submodule(self.module), name or self.weight)
 
+    def zero(self, model: torch.nn.Module, features: Sequence[int]) -> Callable[[], None]:
+        """Zero `features` (offsets into this role's range) of the weight along `axis`, in place;
+        returns the restore. Zeroing an O projection's input columns removes those heads' output
+        exactly: the oracle of head removal, and how calibration measures what a head is worth."""
+        weight = self.parameter(model)
+        index = torch.tensor([self.start + feature for feature in features], device=weight.device)
+        saved = weight.detach().index_select(self.axis, index).clone()
+        with torch.no_grad():
+            weight.index_fill_(self.axis, index, 0.0)
+
+        def restore() -> None:
+            with torch.no_grad():
+                weight.index_copy_(self.axis, index, saved)
+
+        return restore
+
     def to_dict(self) -> dict[str, Any]:
         return {"module": self.module, "weight": self.weight, "bias": self.bias, "axis": self.axis,
                 "start": self.start, "stop": self.stop}
@@ -76,3 +93,50 @@ class Projections:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Projections":
         return cls(**{role: Projection(**data[role]) for role in ("q", "k", "v", "o")})
+
+
+@dataclass(frozen=True)
+class VisionBoundary:
+    """Where a vision-language model's image features become language-model inputs: the op
+    that writes the projected features into the token embeddings at the image tokens' positions.
+
+    Patch pruning acts here: it drops image tokens from the sequence the language model
+    receives (or, for FastV, from the sequence that reaches `language_layers[K]`), ranking them
+    with the vision encoder's attention at `scoring_site`. Found by
+    `kvpass.rewrites.vision_boundary`; every field is a module path, an input name or a number.
+
+    Example:
+        >>> b = VisionBoundary("model", "model.language_model", ("model.language_model.layers.0",),
+        ...                    "model.language_model.embed_tokens", "model.vision_tower",
+        ...                    "model.vision_tower.layers.0.attn", "model.vision_tower.layers.1.attn",
+        ...                    "model.projector.linear_2", 1, "input_ids", (32000,), "masked_scatter")
+        >>> b.image_token_ids
+        (32000,)
+    """
+
+    owner: str
+    """The module whose forward writes the features into the embeddings (it receives the token ids)."""
+    language_model: str
+    """The module that receives the merged embeddings (`inputs_embeds`)."""
+    language_layers: tuple[str, ...]
+    """The language model's decoder layers, one per attention site, in order."""
+    embedding: str
+    """The token embedding the features overwrite (rows still equal to it received no features)."""
+    vision_encoder: str
+    pixel_site: str
+    """The vision encoder's first attention on the way to the features (its input rows are the patches)."""
+    scoring_site: str
+    """The vision encoder's last attention before the features: its attention ranks the patches, and
+    nothing after it mixes tokens."""
+    feature_module: str
+    """The module whose output rows are the features written, one per image token, in order."""
+    class_tokens: int
+    """Learned tokens the vision encoder puts before each image's patches (a [CLS]); 0 if none."""
+    token_input: str
+    """The owner's input holding the token ids."""
+    image_token_ids: tuple[int, ...]
+    """Token ids whose positions receive the features."""
+    op: str
+    """The writing op: 'masked_scatter' or 'index_put'."""
+    encoder_sites: tuple[str, ...] = ()
+    """The vision encoder's attention sites (no KV cache: never planned, never evicted)."""

@@ -8,6 +8,7 @@ The data path, top to bottom: capture the model (`kvpass.capture`), find its att
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import torch
@@ -18,6 +19,7 @@ from kvpass.capture import capture, default_example_inputs, is_transformers_mode
 from kvpass.methods import Method
 from kvpass.planning import Plan
 from kvpass.rewrites.fx import find_sites
+from kvpass.rewrites.vision_boundary import find_vision_boundary
 from kvpass.site import SiteReport
 from kvpass.stats import remember_calls
 from kvpass.transforms import Backend, RewriteTarget, Transform
@@ -29,10 +31,15 @@ from kvpass.validation import integer
 def find_attention(model: torch.nn.Module, *example_args: Any, **example_kwargs: Any) -> SiteReport:
     """Every attention computation in `model`'s graph, as a list of `AttentionSite`.
 
-    The model is captured with `torch.export` (dynamo FX as a fallback; `report.capture_note`
-    says why) and matched against kvpass's attention patterns. Attention-like subgraphs that
-    no pattern supports are listed in `report.unsupported`, never dropped. Hugging Face
-    models need no example inputs: a short `input_ids` is made up.
+    The model is captured with `torch.export` (a concrete trace of the example call, then dynamo
+    FX, as fallbacks; `report.capture_note` says why) and matched against kvpass's attention
+    patterns. Attention-like subgraphs that no pattern supports are listed in `report.unsupported`,
+    never dropped. Hugging Face models need no example inputs: a short `input_ids` is made up.
+
+    Vision-language models captured with an image in the example inputs (e.g. a processor's
+    output, as keywords) also get `report.vision`: where the image features enter the language
+    model (`kvpass.anchors.VisionBoundary`); the report's sites are then the language model's, and
+    the vision encoder's are listed in the anchor.
 
     Example:
         >>> import torch, kvpass
@@ -44,13 +51,14 @@ def find_attention(model: torch.nn.Module, *example_args: Any, **example_kwargs:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = (example_args, example_kwargs) if (example_args or example_kwargs) else default_example_inputs(model)
-    captured = capture(model, args, kwargs)
+    captured = capture(model, args, kwargs, runnable=False)
     report = find_sites(captured.graph_module)
     report.capture, report.capture_note = captured.how, captured.note
     if is_transformers_model(model):
         from kvpass.hf_attention import annotate_windows
 
         annotate_windows(model, report)
+    find_vision_boundary(captured.graph_module, report)
     return report
 
 
@@ -58,7 +66,7 @@ def optimize(
     model: torch.nn.Module,
     budget: float | str = 0.5,
     method: str | Method | None = None,
-    example_inputs: tuple | None = None,
+    example_inputs: tuple | Mapping[str, Any] | None = None,
     *,
     transforms: Sequence[Transform] | None = None,
     plan: Plan | None = None,
@@ -88,6 +96,9 @@ def optimize(
     models whose forward carries its own cache tensors keep their signature and return
     compacted caches (pass `example_inputs`); models with no KV cache (encoders) take
     structural transforms only, at `budget=1.0`. `kvpass.stats(model)` reports the last call.
+    `example_inputs` is a tuple of positional arguments or a mapping of keyword arguments
+    (a processor's output: `kvpass.PrunePatches` needs a vision-language model captured with
+    an image, to find where image features enter its language model).
 
     Example:
         >>> import kvpass
@@ -98,12 +109,10 @@ def optimize(
     budget = parse_budget(budget)
     shorthand = {"sinks": sinks, "recent": recent, "evict_every": evict_every, "allocation": allocation}
     transforms = shorthand_transforms(transforms, plan, method, method_options, shorthand)
-    if example_inputs is not None and not isinstance(example_inputs, tuple):
-        raise TypeError(f"example_inputs must be a tuple of positional arguments, got {type(example_inputs).__name__}")
-
     _refuse_before_capture(model)
     # An optimized model is re-planned from the sites found the first time (its graph now holds kvpass ops).
-    report = getattr(model, "kvpass_sites", None) or find_attention(model, *(example_inputs or ()))
+    args, kwargs = _example_call(model, example_inputs)
+    report = getattr(model, "kvpass_sites", None) or find_attention(model, *args, **kwargs)
     what = type(model).__name__
     report.require_rewritable(what)
     backend = module_backend(model, report)
@@ -119,7 +128,6 @@ def optimize(
         plan = solve(model, report, budget, transforms, dtype_bytes=dtype_bytes, seq_len=_context_length(model),
                      calibration=calibration, tokenizer=tokenizer, previous=getattr(model, "kvpass_plan", None)
                      if getattr(model, "kvpass_heads_removed", 0) else None)
-    args, kwargs = (example_inputs, {}) if example_inputs is not None else default_example_inputs(model)
     target = RewriteTarget(model, report, plan, backend, args, kwargs)
     rewritten = apply(target, transforms, what)
     rewritten.kvpass_plan, rewritten.kvpass_sites = plan, report
@@ -144,7 +152,7 @@ def plan(
     recent: int = 32,
     evict_every: int = 1,
     reallocate: int = 0,
-    example_inputs: tuple | None = None,
+    example_inputs: tuple | Mapping[str, Any] | None = None,
     **method_options: Any,
 ) -> Plan:
     """Choose every transform's decisions for `model` before any token runs; `optimize(model, plan=...)` applies them.
@@ -185,7 +193,10 @@ def plan(
                  "evict_every": evict_every, "reallocate": reallocate}
     transforms = shorthand_transforms(transforms, None, method, method_options, shorthand, {"allocation": "adaptive"})
     _refuse_before_capture(model)
-    report = getattr(model, "kvpass_sites", None) or find_attention(model, *(example_inputs or ()))
+    report = getattr(model, "kvpass_sites", None)
+    if report is None:
+        args, kwargs = _example_call(model, example_inputs)
+        report = find_attention(model, *args, **kwargs)
     what = type(model).__name__
     report.require_rewritable(what)
     transforms = check_transforms(transforms, report, module_backend(model, report), what)
@@ -201,6 +212,19 @@ def _refuse_before_capture(model: torch.nn.Module) -> None:
         from kvpass.runtime.hf_eviction import refuse_config
 
         refuse_config(model)
+
+
+def _example_call(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """(args, kwargs) of the example call: a tuple is positional, a mapping (e.g. a processor's output)
+    keyword arguments; None makes up a short text input for a transformers model."""
+    if example_inputs is None:
+        return default_example_inputs(model)
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    raise TypeError(f"example_inputs must be a tuple of positional arguments or a mapping of keyword arguments, "
+                    f"got {type(example_inputs).__name__}")
 
 
 def _context_length(model: torch.nn.Module) -> int | None:

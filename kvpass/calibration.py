@@ -11,9 +11,10 @@ pass measures it on a few prompts, one prefill each, for the method that will ev
   queries, sinks and recent window protected); the curve is the share of the last-window
   queries' attention mass that survives when the top `x` of those tokens are kept (the
   window's own tokens always survive), for `x` on a grid from 0 to 1;
-* **head removal error** (sites whose Q/K/V/O projections were found): the relative error of
-  the attention block's output when one KV head and its query group are removed, and the
-  long-range attention share of each KV head; head pruning ranks heads by them;
+* **long-range share** of each KV head's attention (past the sinks and the recent window), and,
+  when asked (`heads=True`, what head pruning ranks by), the **head removal error**: how far
+  the model's own output moves when one KV head and its query group are removed (see
+  `head_removal_errors`);
 * **output-error curve**: on the same ranking, the relative L2 error of the last-window
   queries' attention *output* when only the top `x` are kept (softmax renormalised over what
   is left). Mass alone over-rewards diffuse layers, whose evicted mass was averaging similar
@@ -36,14 +37,14 @@ from typing import Any, Sequence
 
 import torch
 
-from kvpass.anchors import Projection, Projections
+from kvpass.anchors import Projection
 from kvpass.errors import UnsupportedModelError
 from kvpass.eviction_cost import mass_kept, output_errors
+from kvpass.hf_attention import attention_implementation
 from kvpass.kernels import ops
 from kvpass.kernels.reference import first_scored_query
 from kvpass.methods import Method, Observation, Stat, get_method
 from kvpass.methods.selection import ranking_scores
-from kvpass.hf_attention import attention_implementation
 from kvpass.site import AttentionSite
 
 RECORDER = "kvpass_calibrate"
@@ -98,9 +99,9 @@ class Calibration:
     """Per KV head, the relative error of the attention output at the same kept fractions."""
     seconds: float
     head_error: dict[str, list[float]] = field(default_factory=dict)
-    """Per KV head, the relative error ||Δo|| / ||o|| of the attention block's output (after the O
-    projection, all prompt tokens) when that head and its query group are removed: what head
-    pruning ranks by. Only for sites whose projections were found."""
+    """Per KV head, how far the model's output moves when that head and its query group are
+    removed (`head_removal_errors`): what head pruning ranks by. Measured only when asked
+    (`calibrate(..., heads=True)`), for sites whose projections were found."""
     long_range: dict[str, list[float]] = field(default_factory=dict)
     """Per KV head, the share of the last-window queries' attention that goes past the sinks and
     the recent window (retrieval heads score high; a streaming head would lose exactly this)."""
@@ -145,12 +146,15 @@ def calibrate(
     sites: Sequence[AttentionSite] | None = None,
     sinks: int = 4,
     recent: int = 32,
+    heads: bool = False,
 ) -> Calibration:
     """Entropy and retention curves of every site of a Hugging Face causal LM, one prefill per prompt.
 
     `prompts`: text (needs `tokenizer`) or token-id tensors ([L] or [1, L]); None uses
     `default_prompts`. Every module that calls the attention interface is measured, under its
     module path; `sites` (e.g. `kvpass.find_attention(model)`) must all be among them.
+    `heads=True` also measures `head_error` for the sites whose projections were found: one more
+    forward per KV head and prompt, so only head pruning asks for it.
 
     Example:
         >>> cal = kvpass.calibration.calibrate(model, "tova", tokenizer=tokenizer)   # doctest: +SKIP
@@ -164,9 +168,8 @@ def calibrate(
             "use allocation='uniform' or 'pyramid'"
         )
     chosen = get_method(method)
-    ids = token_ids(model, prompts, tokenizer)
-    recorder = _Recorder({module: name for name, module in model.named_modules()}, chosen, sinks, recent,
-                         {site.name: site.projections for site in sites or () if site.projections is not None}, model)
+    ids = prompt_ids(model, prompts, tokenizer)
+    recorder = _Recorder({module: name for name, module in model.named_modules()}, chosen, sinks, recent)
     started = time.perf_counter()
     device = next(model.parameters()).device
     with attention_implementation(model, RECORDER, recorder), torch.no_grad():
@@ -185,7 +188,7 @@ def calibrate(
         retention={name: [_mean(heads) for heads in zip(*rows)] for name, rows in recorder.retention.items()},
         output_error={name: [_mean(heads) for heads in zip(*rows)] for name, rows in recorder.output_error.items()},
         seconds=time.perf_counter() - started,
-        head_error={name: _mean(rows) for name, rows in recorder.head_error.items()},
+        head_error=head_removal_errors(model, ids, sites) if heads else {},
         long_range={name: _mean(rows) for name, rows in recorder.long_range.items()},
     )
 
@@ -198,7 +201,7 @@ def _rows(rows: list[list[float]], heads: Sequence[int] | None) -> list[list[flo
     return rows if heads is None else [rows[head] for head in heads]
 
 
-def token_ids(model: torch.nn.Module, prompts: Any, tokenizer: Any | None) -> list[torch.Tensor]:
+def prompt_ids(model: torch.nn.Module, prompts: Any, tokenizer: Any | None) -> list[torch.Tensor]:
     """Every prompt as a [1, L] long tensor, checked against the model's context length (the
     built-in prompts are cut to it, keeping their end: the question)."""
     built_in = prompts is None
@@ -243,11 +246,8 @@ class _Recorder:
     """The attention implementation calibration runs: normal attention, plus entropy, and the
     mass and output error of the last queries under the method's ranking of the earlier tokens."""
 
-    def __init__(self, names: dict[torch.nn.Module, str], method: Method, sinks: int, recent: int,
-                 projections: dict[str, Projections], model: torch.nn.Module):
+    def __init__(self, names: dict[torch.nn.Module, str], method: Method, sinks: int, recent: int):
         self.names, self.method, self.sinks, self.recent = names, method, sinks, recent
-        self.projections, self.model = projections, model
-        self.head_error: dict[str, list[list[float]]] = {}
         self.long_range: dict[str, list[list[float]]] = {}
         self.entropy: dict[str, list[list[float]]] = {}
         self.retention: dict[str, list[list[list[float]]]] = {}
@@ -280,9 +280,6 @@ class _Recorder:
         self.retention.setdefault(name, []).append((local + mass_kept(scores, mass[..., :context]))[0].tolist())
         self.output_error.setdefault(name, []).append(output_errors(scores, probs, value, context)[0].tolist())
         self.long_range.setdefault(name, []).append(_long_range(probs, kv_heads, self.sinks, self.recent)[0].tolist())
-        if name in self.projections:
-            self.head_error.setdefault(name, []).append(
-                head_output_errors(out, -out, self.projections[name].o, self.model, kv_heads)[0].tolist())
         return out.transpose(1, 2).contiguous(), None
 
 
@@ -317,6 +314,49 @@ def head_output_errors(out: torch.Tensor, change: torch.Tensor, o: Projection, m
     errors = [(delta[..., g * width:(g + 1) * width] @ matrix[:, g * width:(g + 1) * width].T).norm(dim=-1) / norm
               for g in range(kv_heads)]
     return torch.stack(errors, -1).mean(dim=1)
+
+
+def head_removal_errors(model: torch.nn.Module, ids: Sequence[torch.Tensor],
+                        sites: Sequence[AttentionSite] | None) -> dict[str, list[float]]:
+    """Per KV head of every site whose projections were found: the relative change ||Δy|| / ||y||
+    of the model's output y (its logits, or its first output tensor), averaged over the prompts'
+    tokens, when that head and its query group are removed (their O-projection input columns
+    zeroed: exactly what removal does).
+
+    Measured where it matters, at the model's output, rather than at the attention block's: a
+    head whose block output is small can still carry what later layers read, and one whose
+    block output is large can be redundant with the residual stream. On SmolLM2, ranking by the
+    block's own error removed heads that raised perplexity more than random choices did.
+    """
+    measured = [site for site in sites or () if site.projections is not None]
+    if not measured:
+        return {}
+    device = next(model.parameters()).device
+    prompts = [prompt.to(device) for prompt in ids]
+    with torch.no_grad():
+        references = [_model_output(model, prompt) for prompt in prompts]
+        errors: dict[str, list[float]] = {}
+        for site in measured:
+            for head in range(site.num_kv_heads):
+                restore = site.projections.o.zero(model, site.query_group_features(head))
+                try:
+                    change = [_relative_change(reference, _model_output(model, prompt))
+                              for reference, prompt in zip(references, prompts)]
+                finally:
+                    restore()
+                errors.setdefault(site.name, []).append(sum(change) / len(change))
+    return errors
+
+
+def _model_output(model: torch.nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+    output = model(input_ids=prompt, use_cache=False)
+    logits = getattr(output, "logits", None)
+    return (logits if logits is not None else output[0]).float()
+
+
+def _relative_change(reference: torch.Tensor, changed: torch.Tensor) -> float:
+    """||Δy|| / ||y|| per token (last axis), averaged over tokens."""
+    return float(((changed - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-12)).mean())
 
 
 def _window_attention(query: torch.Tensor, key: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

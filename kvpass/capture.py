@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from kvpass.errors import CaptureError
 
@@ -29,7 +30,7 @@ class CapturedGraph:
 
     graph_module: torch.fx.GraphModule
     how: str
-    """'torch.export' or 'dynamo'."""
+    """'torch.export', 'concrete trace' or 'dynamo'."""
     note: str = ""
 
 
@@ -51,22 +52,33 @@ def default_example_inputs(model: torch.nn.Module) -> tuple[tuple, dict[str, Any
     return (input_ids,), {"use_cache": False}
 
 
-def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None) -> CapturedGraph:
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None, *,
+            runnable: bool = True) -> CapturedGraph:
     """Capture `model(*args, **kwargs)` in eval mode without gradients, export first, dynamo second.
 
     A transformers model runs with `use_cache=False` unless the caller says otherwise, whether its
     inputs come positionally or by keyword: the graph is what attention computes, and a cache
-    object among the outputs is something neither exporter can return."""
+    object among the outputs is something neither exporter can return. `runnable=False`: the
+    graph is only read, so a concrete trace is tried before dynamo (and instead of an exported
+    graph whose shapes depend on data, which cannot be read off)."""
+    kwargs = dict(kwargs or {})
     if is_transformers_model(model) and _accepts(model.forward, "use_cache"):
-        kwargs = {"use_cache": False, **(kwargs or {})}
+        kwargs = {"use_cache": False, **kwargs}
     with _eval_no_grad(model):
         try:
-            exported = torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False)
-            return CapturedGraph(exported.module(), "torch.export")
-        except Exception as export_error:  # noqa: BLE001 - any export failure means: try dynamo
+            exported = torch.export.export(model, tuple(args), kwargs, strict=False).module()
+            if runnable or not _data_dependent_shapes(exported):
+                return CapturedGraph(exported, "torch.export")
+            note = "torch.export's graph has data-dependent shapes"
+        except Exception as export_error:  # noqa: BLE001 - any export failure means: try the fallbacks
             note = f"torch.export failed ({type(export_error).__name__}: {_first_line(export_error)})"
+        if not runnable:
+            try:
+                return CapturedGraph(_concrete_trace(model, tuple(args), kwargs), "concrete trace", note)
+            except Exception as trace_error:  # noqa: BLE001
+                note += f"; the concrete trace failed ({type(trace_error).__name__}: {_first_line(trace_error)})"
         try:
-            graph_module = _dynamo_capture(model, tuple(args), dict(kwargs or {}))
+            graph_module = _dynamo_capture(model, tuple(args), kwargs)
         except Exception as dynamo_error:  # noqa: BLE001
             raise CaptureError(
                 f"could not capture {type(model).__name__} with the given example_inputs: {note}; "
@@ -74,6 +86,45 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | N
                 "Check that example_inputs run the model's forward."
             ) from dynamo_error
     return CapturedGraph(graph_module, "dynamo", note)
+
+
+def _concrete_trace(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.fx.GraphModule:
+    """Record the ATen ops of one real call (`make_fx` on real tensors), with module paths relative to
+    `model` and placeholders named after the inputs (`input_ids`, `pixel_values`, `args_0`, ...)."""
+    paths_and_leaves, spec = torch.utils._pytree.tree_flatten_with_path((args, kwargs))
+    leaves = [leaf for _, leaf in paths_and_leaves]
+    tensor_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+
+    def call(*tensors: torch.Tensor) -> list:
+        inputs = list(leaves)
+        for position, tensor in zip(tensor_positions, tensors):
+            inputs[position] = tensor
+        call_args, call_kwargs = torch.utils._pytree.tree_unflatten(inputs, spec)
+        return torch.utils._pytree.tree_leaves(model(*call_args, **call_kwargs))
+
+    call._orig_mod = model  # make_fx records nn_module_stack relative to this module
+    graph_module = make_fx(call, tracing_mode="real", record_module_stack=True,
+                           _error_on_data_dependent_ops=False)(*(leaves[i] for i in tensor_positions))
+    placeholders = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
+    for node, position in zip(placeholders, tensor_positions):
+        node.name = node.target = _input_name(paths_and_leaves[position][0])
+    graph_module.recompile()
+    return graph_module
+
+
+def _data_dependent_shapes(graph_module: torch.fx.GraphModule) -> bool:
+    """True when some node's shape is a size only known at run time (e.g. after boolean indexing)."""
+    for node in graph_module.graph.nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and any(free_unbacked_symbols(size) for size in value.shape):
+            return True
+    return False
+
+
+def _input_name(path: tuple) -> str:
+    """`input_ids` for a keyword input, `args_0` for the first positional one (nested: `args_0_1`)."""
+    keys = [str(getattr(key, "key", getattr(key, "idx", key))) for key in path[1:]]
+    return "_".join(keys if path[0].idx == 1 else ["args", *keys])
 
 
 def _dynamo_capture(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.fx.GraphModule:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from kvpass.anchors import Projections
+from kvpass.anchors import Projections, VisionBoundary
 from kvpass.errors import UnsupportedModelError
 
 
@@ -64,6 +64,11 @@ class AttentionSite:
         """Query heads per KV head (GQA/MQA group)."""
         return self.num_heads // self.num_kv_heads
 
+    def query_group_features(self, head: int) -> range:
+        """The features KV head `head`'s query group occupies in Q's output and O's input."""
+        width = self.group_size * self.head_dim
+        return range(head * width, (head + 1) * width)
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes one cached token costs at this site (K and V, all KV heads), per sequence."""
         return 2 * self.num_kv_heads * self.head_dim * dtype_bytes
@@ -111,9 +116,14 @@ class SiteReport(list):
         super().__init__(sites)
         self.unsupported: list[UnsupportedAttention] = list(unsupported)
         self.capture = capture
-        """How the graph was captured: 'torch.export' or 'dynamo'."""
+        """How the graph was captured: 'torch.export', 'concrete trace' or 'dynamo'."""
         self.capture_note = capture_note
         """Why the fallback capture was used, when it was."""
+        self.vision: VisionBoundary | None = None
+        """Anchor of a vision-language model: where image features enter the language model. The
+        report's sites are then the language model's; the vision encoder's are listed in the anchor."""
+        self.vision_note = ""
+        """Why no vision boundary was found, when none was."""
 
     def require_rewritable(self, what: str) -> None:
         """Raise unless every attention-like subgraph of `what` is a supported site."""
@@ -139,4 +149,7 @@ class SiteReport(list):
             for s in self
         ]
         rows += [f"  unsupported {u.name}: {u.reason}" for u in self.unsupported]
+        if self.vision is not None:
+            rows.append(f"  vision: {self.vision.vision_encoder} -> {self.vision.op} -> {self.vision.language_model} "
+                        f"({len(self.vision.encoder_sites)} encoder sites, image tokens {self.vision.image_token_ids})")
         return "\n".join(rows) + ")"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kvpass.calibration import WINDOW, head_output_errors, token_ids
+from kvpass.calibration import WINDOW, head_output_errors, prompt_ids
 from kvpass.errors import UnsupportedModelError
 from kvpass.hf_attention import attention_implementation
 from kvpass.site import AttentionSite
@@ -117,7 +117,7 @@ def streaming_errors(model: torch.nn.Module, sites: Sequence[AttentionSite], pro
         return out.transpose(1, 2).contiguous(), None
 
     device = next(model.parameters()).device
-    ids = token_ids(model, prompts, tokenizer)
+    ids = prompt_ids(model, prompts, tokenizer)
     with attention_implementation(model, RECORDER, record), torch.no_grad():
         for prompt in ids:
             model(input_ids=prompt.to(device), use_cache=False)

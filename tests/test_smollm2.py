@@ -67,11 +67,12 @@ def test_half_budget_halves_cache_bytes_at_every_layer(smollm2, long_prompt) -> 
 
 
 def test_head_pruning_is_exact_against_zeroed_output_columns(smollm2) -> None:
-    """10% of SmolLM2's 90 KV groups removed by calibrated importance: logits and 32 greedy tokens equal
-    the unmodified model with those groups' o_proj input columns zeroed."""
+    """10% of SmolLM2's 90 KV groups removed (chosen at random: exactness does not depend on the ranking,
+    and the calibrated one costs a forward per head): logits and 32 greedy tokens equal the unmodified
+    model with those groups' o_proj input columns zeroed."""
     base, tokenizer = smollm2
     model = kvpass.optimize(copy.deepcopy(base), budget=1.0, tokenizer=tokenizer,
-                            transforms=[kvpass.PruneHeads(0.1), kvpass.Evict()])
+                            transforms=[kvpass.PruneHeads(0.1, importance="random"), kvpass.Evict()])
     plan = model.kvpass_plan
     assert sum(map(len, plan.pruned_heads.values())) == 9
     oracle = copy.deepcopy(base)

@@ -70,6 +70,25 @@ def greedy(model, ids: torch.Tensor, steps: int):
     return out.sequences, torch.stack(out.logits)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_output_error_removes_the_heads_the_model_output_does_not_need(family) -> None:
+    """A KV group whose output columns are already zero changes nothing when removed: the
+    calibrated ranking must name it first, whatever its attention looks like."""
+    base = tiny(family)
+    path, axis = O_PROJECTION[family]
+    sites = kvpass.find_attention(base)
+    site = sites[1]
+    width = site.group_size * site.head_dim
+    with torch.no_grad():
+        base.get_submodule(path.format(site.layer)).weight.narrow(axis, width, width).zero_()
+    total = sum(s.num_kv_heads for s in sites)
+    model = kvpass.optimize(copy.deepcopy(base), budget=1.0,
+                            transforms=[kvpass.PruneHeads(1 / total, importance="output_error")])
+    assert model.kvpass_plan.pruned_heads == {site.name: [1]}
+    errors = model.kvpass_plan.head_importance
+    assert errors[site.name][1] == 0.0 and min(v for e in errors.values() for v in e if v) > 0
+
+
 @pytest.mark.parametrize("family", sorted(O_PROJECTION))
 @pytest.mark.parametrize("importance", ["output_error", "random"])
 def test_head_pruning_equals_zeroed_output_columns(family, importance) -> None:

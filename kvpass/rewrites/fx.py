@@ -861,14 +861,20 @@ def _projection_weight(projection: Node) -> tuple[str, str, str | None, int, int
     return module, name, bias_found[1] if bias_found else None, axis, _shape(projection)[-1]
 
 
-def _ancestors(node: Node, limit: int = 256) -> set[Node]:
-    seen, queue = {node}, deque([node])
+def _reachable(start: Iterable[Node], neighbours: Callable[[Node], Iterable[Node]], limit: int) -> set[Node]:
+    """`start` and the nodes reachable from it through `neighbours`, breadth first, at most about `limit`."""
+    seen = {node for node in start if isinstance(node, Node)}
+    queue = deque(seen)
     while queue and len(seen) < limit:
-        for arg in queue.popleft().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                queue.append(arg)
+        for other in neighbours(queue.popleft()):
+            if other not in seen:
+                seen.add(other)
+                queue.append(other)
     return seen
+
+
+def _ancestors(node: Node, limit: int = 256) -> set[Node]:
+    return _reachable([node], lambda n: n.all_input_nodes, limit)
 
 
 def _feature_range(projection: Node, target: Node) -> tuple[int, int] | None:

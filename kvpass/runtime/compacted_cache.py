@@ -13,7 +13,7 @@ exactly the bytes of its K and V.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,10 +29,29 @@ if TYPE_CHECKING:
     from kvpass.runtime.reallocation import Reallocator
 
 
-class CompactedKV:
-    """One site's cache. Call `extend` with the new K/V, then `attend` with the queries."""
+@dataclass(frozen=True)
+class TokenPositions:
+    """Where one call's tokens sit in the sequence, when some were pruned before reaching the cache.
 
-    def __init__(self, schedule: SiteSchedule, method: Method, group_size: int,
+    Example:
+        >>> TokenPositions(torch.tensor([[0, 1, 4, 5]]), span=6).span   # tokens 2 and 3 were pruned
+        6
+    """
+
+    offsets: torch.Tensor
+    """int [B, L]: each appended token's position relative to the first position of the call."""
+    span: int
+    """Positions the call covers (kept and pruned tokens): what the logical length grows by."""
+    padding: torch.Tensor | None = None
+    """bool [B, L]: True for padding tokens."""
+
+
+class CompactedKV:
+    """One site's cache. Call `extend` with the new K/V, then `attend` with the queries.
+
+    `method` None: a cache that never evicts (its schedule must not prune)."""
+
+    def __init__(self, schedule: SiteSchedule, method: Method | None, group_size: int,
                  reallocator: "Reallocator | None" = None, index: int = 0):
         self.schedule = schedule
         self.method = method
@@ -74,7 +93,7 @@ class CompactedKV:
 
     @property
     def stat_mode(self) -> Stat:
-        return self.method.stat if self.schedule.prunes else Stat.NONE
+        return self.method.stat if self.schedule.prunes and self.method is not None else Stat.NONE
 
     @property
     def batch_size(self) -> int:
@@ -113,29 +132,41 @@ class CompactedKV:
     def attend(
         self, q: torch.Tensor, scale: float, causal: bool = True, key_padding: torch.Tensor | None = None,
         model_mask: torch.Tensor | None = None, softcap: float = 0.0, sinks: torch.Tensor | None = None,
+        positions: TokenPositions | None = None,
     ) -> torch.Tensor:
         """Attention of `q` [B, Hq, L, D] over the cache, then eviction if over the cap.
 
         `key_padding` [B, seen + L] marks which tokens of the sequence so far are padding (the
         model's mask). Until its first eviction the cache holds its tokens in sequence order and
         stores no slots, so the mask labels all of them at every call (an unpruned cache costs
-        exactly its K and V, padding or not); once evicted, kept tokens carry their padding in
-        their slots and only the appended ones are read. `model_mask` [B, 1 or Hkv, L, seen + L]
-        is the model's own mask over logical positions (bool, or float added to the logits),
-        applied at the slots the cache holds; `softcap` and `sinks` are the model's logit
-        soft-capping and sink logits (`kvpass.kernels.reference.attention`).
+        exactly its K and V, padding or not); once slots are stored, kept tokens carry their
+        padding in their slots and only the appended ones are read. `positions`: where the
+        appended tokens sit in the sequence when they are not simply the next L (tokens were
+        pruned before reaching this cache; the logical length grows by its span, and from then on
+        slots are stored, since they have gaps). `model_mask` [B, 1 or Hkv, L, seen + L] is the
+        model's own mask over logical positions (bool, or float added to the logits), applied at
+        the slots the cache holds; `softcap` and `sinks` are the model's logit soft-capping and
+        sink logits (`kvpass.kernels.reference.attention`).
         """
         batch, hkv, total, _ = self.keys.shape
         start, new = self.seen, self.pending
+        span = new if positions is None else positions.span
         self._fit_schedule()
         if self.reallocator is not None:
-            self.schedule = replace(self.schedule, fraction=self.reallocator.fraction(self.index, start + new))
-        appended = torch.arange(start, start + new, device=q.device, dtype=torch.int32)
+            self.schedule = replace(self.schedule, fraction=self.reallocator.fraction(self.index, start + span))
+        if positions is not None and self.slots is None:
+            self.slots = self._past_slots(batch, hkv, total - new, q.device)
         stored = self.slots is not None
-        labelled = (appended if stored else torch.arange(self.first, self.first + total, device=q.device,
-                                                         dtype=torch.int32)).expand(batch, hkv, -1)
-        if key_padding is not None:
-            padding = key_padding[:, -labelled.shape[-1]:]
+        if positions is None:
+            appended = torch.arange(start, start + new, device=q.device, dtype=torch.int32).expand(batch, new)
+            labelled = (appended[0] if stored else torch.arange(self.first, self.first + total, device=q.device,
+                                                                dtype=torch.int32)).expand(batch, hkv, -1)
+            padding = None if key_padding is None else key_padding[:, -labelled.shape[-1]:]
+        else:
+            appended = (positions.offsets.to(device=q.device, dtype=torch.int32) + start).expand(batch, new)
+            labelled = appended[:, None, :].expand(batch, hkv, new)
+            padding = positions.padding
+        if padding is not None:
             labelled = torch.where(padding[:, None, :], -1 - labelled, labelled)
         k_slots = torch.cat([self.slots, labelled], dim=-1) if stored else labelled.contiguous()
         if stored:
@@ -143,10 +174,10 @@ class CompactedKV:
         if model_mask is not None:
             model_mask = self._mask_at_slots(model_mask, k_slots)
         out, stat = ops.attention(
-            q, self.keys, self.values, appended.expand(batch, new).contiguous(), k_slots, scale, causal,
+            q, self.keys, self.values, appended.contiguous(), k_slots, scale, causal,
             self.stat_mode.value, self.method.window if self.method is not None else 0, model_mask, softcap, sinks,
         )
-        self.seen += new
+        self.seen += span
         self.pending = 0
         if self.stat_mode is not Stat.NONE:
             self._accumulate(stat, new)

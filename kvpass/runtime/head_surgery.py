@@ -33,12 +33,12 @@ FEATURE_COUNT_NAMES = {0: ("out_features", "nx"), 1: ("in_features", "nf")}
 
 def _ranges(site: AttentionSite, heads: Iterable[int]) -> dict[str, list[range]]:
     """Per role, the feature ranges the removed KV heads occupy."""
-    d, group = site.head_dim, site.group_size
+    d = site.head_dim
     return {
-        "q": [range(h * group * d, (h + 1) * group * d) for h in heads],
+        "q": [site.query_group_features(h) for h in heads],
         "k": [range(h * d, (h + 1) * d) for h in heads],
         "v": [range(h * d, (h + 1) * d) for h in heads],
-        "o": [range(h * group * d, (h + 1) * group * d) for h in heads],
+        "o": [site.query_group_features(h) for h in heads],
     }
 
 
@@ -57,18 +57,7 @@ def _removed_features(site: AttentionSite, heads: list[int]) -> dict[tuple[str, 
 def zero_output_columns(model: torch.nn.Module, site: AttentionSite, heads: list[int]) -> Callable[[], None]:
     """The oracle of head removal: zero the O projection's input columns of `heads` in place;
     returns the restore."""
-    o = site.projections.o
-    weight = o.parameter(model)
-    index = torch.tensor([o.start + i for span in _ranges(site, heads)["o"] for i in span], device=weight.device)
-    saved = weight.detach().index_select(o.axis, index).clone()
-    with torch.no_grad():
-        weight.index_fill_(o.axis, index, 0.0)
-
-    def restore() -> None:
-        with torch.no_grad():
-            weight.index_copy_(o.axis, index, saved)
-
-    return restore
+    return site.projections.o.zero(model, [i for span in _ranges(site, heads)["o"] for i in span])
 
 
 def remove_kv_heads(model: torch.nn.Module, site: AttentionSite, heads: list[int]) -> tuple[Callable[[], None], int]:

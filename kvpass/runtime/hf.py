@@ -34,7 +34,7 @@ from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method
 from kvpass.planning import SiteSchedule
 from kvpass.planning.head_schedule import HeadSchedule
-from kvpass.runtime.compacted_cache import CompactedKV
+from kvpass.runtime.compacted_cache import CompactedKV, TokenPositions
 from kvpass.runtime.ragged_cache import new_site_cache
 from kvpass.runtime.reallocation import ReallocationPolicy, Reallocator
 from kvpass.site import AttentionSite
@@ -151,9 +151,17 @@ because torch.compile guards on what the lookup reads, and a global weak dict's 
 LAYER_KEYWORD = "kvpass_layer"
 """The keyword the pre-hook adds to an attention module's call: that call's KVPassCacheLayer."""
 
+POSITIONS_KEYWORD = "kvpass_positions"
+"""The keyword the pre-hook adds when the call's tokens are not simply the next ones of the sequence
+(patch pruning dropped some before they reached the attention): a `TokenPositions`."""
+
+POSITIONS_ATTRIBUTE = "_kvpass_positions"
+"""Where whoever drops tokens puts that `TokenPositions` on the call's cache, for the layers that see them."""
+
 
 def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                     kvpass_layer: KVPassCacheLayer | None = None, softcap=None, s_aux=None, **kwargs):
+                     kvpass_layer: KVPassCacheLayer | None = None, kvpass_positions: TokenPositions | None = None,
+                     softcap=None, s_aux=None, **kwargs):
     """The "kvpass" attention implementation: custom-op attention over the compacted cache.
 
     Besides scale and mask it honours what transformers passes to eager attention for Gemma 2's
@@ -175,14 +183,23 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         binding.calls += 1
         binding.adopted += kvpass_layer is not None
         binding.masks.append(attention_mask)
+    positions = kvpass_positions
+    if positions is not None and positions.offsets.shape[-1] != layer_cache.pending:
+        raise RuntimeError(f"{binding.site.name}: the call's token positions cover {positions.offsets.shape[-1]} tokens, "
+                           f"but {layer_cache.pending} reached the attention")
     options = {"softcap": float(softcap or 0.0), "sinks": s_aux}
     if binding.model_mask:
+        if positions is not None:
+            raise UnsupportedModelError(
+                f"{binding.site.name} applies the model's own mask (a sliding window or a custom mask), which is "
+                "over the unpruned sequence: kvpass cannot place tokens pruned before the attention in it")
         causal = declared_causal if attention_mask is None else False  # a given mask carries causality itself
         out = layer_cache.attend(query, scale, causal, model_mask=attention_mask, **options)
     else:
         # the probe checked this model's mask is causal + padding, whatever the module declares
         causal = declared_causal if attention_mask is None else True
-        out = layer_cache.attend(query, scale, causal, _key_padding(attention_mask), **options)
+        out = layer_cache.attend(query, scale, causal, _key_padding(attention_mask), positions=positions,
+                                 **options)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -238,7 +255,8 @@ def _adopt_cache_layer(module, args, kwargs):
                 setattr(cache, REALLOCATOR_ATTRIBUTE, reallocator)
         layer = _convert_layer(layer, binding, reallocator)
         layers[index] = layer
-    return args, {**kwargs, LAYER_KEYWORD: layer}
+    positions = getattr(cache, POSITIONS_ATTRIBUTE, None)
+    return args, {**kwargs, LAYER_KEYWORD: layer, **({POSITIONS_KEYWORD: positions} if positions is not None else {})}
 
 
 def _convert_layer(layer: CacheLayerMixin, binding: SiteBinding, reallocator: Reallocator | None) -> KVPassCacheLayer:

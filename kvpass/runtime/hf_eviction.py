@@ -17,7 +17,6 @@ from dataclasses import replace
 import torch
 
 from kvpass.errors import KVPassError, UnsupportedModelError
-from kvpass.hf_attention import set_attn_implementation
 from kvpass.planning import Plan
 from kvpass.runtime import hf
 from kvpass.runtime.reallocation import ReallocationPolicy
@@ -26,12 +25,11 @@ from kvpass.site import SiteReport
 PROBE_LENGTH = 6
 """Tokens of the probe prompt (then one decode step)."""
 ORIGINAL_IMPLEMENTATION = "kvpass_original_attn_implementation"
-"""Where a bound model remembers its own attention implementation (re-optimizing probes against it)."""
+"""Where a bound model remembers its bound configs' own attention implementations (re-optimizing probes against them)."""
 
 
 def bind_plan(model: torch.nn.Module, sites: SiteReport, plan: Plan) -> Callable[[], None]:
     """Route `model`'s sites onto compacted caches under `plan`; returns the undo."""
-    config = model.config
     refuse_unsupported(model, sites)
     modules = dict(model.named_modules())
     dtype_bytes = next(model.parameters()).element_size()
@@ -44,27 +42,35 @@ def bind_plan(model: torch.nn.Module, sites: SiteReport, plan: Plan) -> Callable
         for index, site in enumerate(sites)
     }
     previous_bindings = getattr(model, "kvpass_bindings", None)
-    previous = config._attn_implementation
+    # Only the bound modules' configs are pointed at kvpass: a vision-language model's vision
+    # encoder keeps its own attention (it has no KV cache to compact).
+    configs = list({id(config): config for config in (getattr(modules[name], "config", model.config)
+                                                      for name in bindings)}.values())
+    previous = [config._attn_implementation for config in configs]
     original = getattr(model, ORIGINAL_IMPLEMENTATION, previous)
     if previous_bindings:  # re-optimizing replaces the plan
         hf.unbind(modules, previous_bindings)
+
+    def point(implementations: list[str]) -> None:
+        for config, implementation in zip(configs, implementations):
+            config._attn_implementation = implementation
 
     def undo() -> None:
         hf.unbind(modules, bindings)
         if previous_bindings:
             hf.bind(model, modules, previous_bindings)
-        set_attn_implementation(model, previous)
+        point(previous)
         model.kvpass_bindings = previous_bindings
 
     try:
-        set_attn_implementation(model, original)
+        point(original)
         try:
             reference = _run_probe(model, modules, bindings)
         except Exception as error:
             raise UnsupportedModelError(f"{type(model).__name__} cannot run a cached forward by itself "
                                         f"({type(error).__name__}: {error}), so kvpass cannot check its rewrite") from error
         hf.bind(model, modules, bindings)
-        set_attn_implementation(model, hf.IMPLEMENTATION)
+        point([hf.IMPLEMENTATION] * len(configs))
         _check_probe(model, modules, bindings, reference)
         masked = [name for name, binding in bindings.items() if binding.heads is not None and binding.model_mask]
         if masked:

@@ -30,7 +30,7 @@ from kvpass.methods import Method, Observation, Stat, get_method
 from kvpass.methods.selection import ranking_scores
 from kvpass.planning import SLOT_BYTES, SiteSchedule
 from kvpass.planning.head_schedule import HeadSchedule
-from kvpass.runtime.compacted_cache import CompactedKV
+from kvpass.runtime.compacted_cache import CompactedKV, TokenPositions
 
 if TYPE_CHECKING:
     from kvpass.runtime.reallocation import Reallocator
@@ -134,16 +134,20 @@ class RaggedKV:
     def attend(
         self, q: torch.Tensor, scale: float, causal: bool = True, key_padding: torch.Tensor | None = None,
         model_mask: torch.Tensor | None = None, softcap: float = 0.0, sinks: torch.Tensor | None = None,
+        positions: TokenPositions | None = None,
     ) -> torch.Tensor:
         """Attention of `q` [B, Hq, L, D] over the packed part and the tail, then eviction when due.
 
         `key_padding` [B, seen + L] marks which tokens of the sequence so far are padding (the
         model's mask); only the appended ones are read, older ones carry their flag in their slot.
-        A model's own mask, soft-capping and sink logits (`CompactedKV.attend`) are refused: the
-        planner refuses such sites for ragged caches, so reaching here with one is a bug."""
+        A model's own mask, soft-capping and sink logits and tokens pruned before the attention
+        (`CompactedKV.attend`) are refused by name."""
         if model_mask is not None or softcap or sinks is not None:
             raise UnsupportedModelError("a ragged cache applies causal + padding masks only: it cannot apply the "
                                         "model's own mask, logit soft-capping or sink logits")
+        if positions is not None:
+            raise UnsupportedModelError("a ragged cache (per-head budgets, streaming heads) cannot take tokens pruned "
+                                        "before the attention (PrunePatches): combine PrunePatches with Evict alone")
         batch, start, new = q.shape[0], self.seen, self.pending
         q_slots = torch.arange(start, start + new, device=q.device, dtype=torch.int32).expand(batch, new)
         if key_padding is not None:

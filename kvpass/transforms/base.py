@@ -82,9 +82,13 @@ class PlanningContext:
     plan: "Plan | None" = None
     _calibration: "Calibration | None" = None
 
-    def calibration(self) -> "Calibration":
-        """The calibration of the model (measured once, shared by every transform)."""
-        from kvpass.calibration import Calibration, calibrate
+    def calibration(self, heads: bool = False) -> "Calibration":
+        """The calibration of the model (measured once, shared by every transform); `heads=True`
+        also needs its per-head removal errors (`kvpass.calibration.head_removal_errors`), measured
+        on the same prompts the first time they are asked for."""
+        from dataclasses import replace
+
+        from kvpass.calibration import Calibration, calibrate, head_removal_errors, prompt_ids
 
         if self._calibration is None:
             source = self.calibration_source
@@ -92,7 +96,12 @@ class PlanningContext:
                 self._calibration = source
             else:
                 self._calibration = calibrate(self.model, self.eviction_method, source, tokenizer=self.tokenizer,
-                                              sites=self.sites, sinks=self.sinks, recent=self.recent)
+                                              sites=self.sites, sinks=self.sinks, recent=self.recent, heads=heads)
+        if heads and not self._calibration.head_error:
+            source = None if isinstance(self.calibration_source, Calibration) else self.calibration_source
+            ids = prompt_ids(self.model, source, self.tokenizer)
+            self._calibration = replace(self._calibration,
+                                        head_error=head_removal_errors(self.model, ids, self.sites))
         return self._calibration
 
 

@@ -32,8 +32,8 @@ IMPORTANCE = ("output_error", "entropy", "retrieval", "random")
 class PruneHeads(Transform):
     """Remove `fraction` of all KV heads (floor), the least important first, with their query groups.
 
-    `importance`: 'output_error' (calibration: relative error of the attention block's output
-    when the head is removed), 'entropy' (the most diffuse heads go first), 'retrieval' (the
+    `importance`: 'output_error' (calibration: the relative change of the model's output when
+    the head is removed, `kvpass.calibration.head_removal_errors`), 'entropy' (the most diffuse heads go first), 'retrieval' (the
     heads that attend least past their recent window go first), or 'random' (seeded by `seed`;
     a control). `max_per_layer` caps the share of one layer's KV heads removed (default: all
     but one). `fraction=0` changes nothing.
@@ -102,7 +102,7 @@ class PruneHeads(Transform):
         if self.importance == "random":
             generator = random.Random(self.seed)
             return {site.name: [generator.random() for _ in range(site.num_kv_heads)] for site in context.sites}
-        calibration = context.calibration()
+        calibration = context.calibration(heads=self.importance == "output_error")
         table = {"output_error": (calibration.head_error, 1.0), "entropy": (calibration.entropy, -1.0),
                  "retrieval": (calibration.long_range, 1.0)}[self.importance]
         measured, sign = table
