@@ -33,12 +33,13 @@ from kvpass.eval.sweep import cache_from_recording, record_prefill
 from kvpass.eval.tasks import COUNTED_TASKS, make_sample, seeds, token_counter
 
 
-def plans(model, tokenizer, budgets, fractions, seeds_) -> dict[str, kvpass.Plan]:
+def plans(model, tokenizer, budgets, fractions, seeds_, head_floor) -> dict[str, kvpass.Plan]:
     """Label -> plan, every one for the same model (sites found once)."""
     result = {FULL: kvpass.plan(model, 1.0, transforms=[kvpass.Evict()])}
     for budget in budgets:
         result[f"uniform@{budget:g}"] = kvpass.plan(model, budget, transforms=[kvpass.Evict()])
-        result[f"per-head@{budget:g}"] = kvpass.plan(model, budget, transforms=[kvpass.Evict(per_head=True)])
+        result[f"per-head@{budget:g}"] = kvpass.plan(model, budget, transforms=[
+            kvpass.Evict(per_head=True, head_floor=head_floor)])
     for fraction in fractions:
         chooser = {"calibrated": {}, **{f"random{seed}": {"importance": "random", "seed": seed} for seed in seeds_}}
         for name, options in chooser.items():
@@ -52,7 +53,7 @@ def plans(model, tokenizer, budgets, fractions, seeds_) -> dict[str, kvpass.Plan
 
 def run_quality(args, model, tokenizer) -> None:
     started = time.perf_counter()
-    table = plans(model, tokenizer, args.budgets, args.fractions, args.random_seeds)
+    table = plans(model, tokenizer, args.budgets, args.fractions, args.random_seeds, args.head_floor)
     print(f"planning {len(table)} plans: {time.perf_counter() - started:.0f}s", flush=True)
     for label, plan in table.items():
         if plan.streaming_heads:
@@ -60,13 +61,14 @@ def run_quality(args, model, tokenizer) -> None:
             print(f"  {label}: streaming (layer, head) {heads}", flush=True)
     counter, rows = token_counter(tokenizer), []
     for task in args.tasks:
-        for seed in seeds("test", args.samples):
-            sample = make_sample(task, "test", seed, args.length, counter)
+        for seed in seeds(args.split, args.samples):
+            sample = make_sample(task, args.split, seed, args.length, counter)
             rows += evaluate(model, tokenizer, sample, table, MODES)
             print(f"  {task} seed {seed} {time.perf_counter() - started:.0f}s", flush=True)
             if args.out:
                 save_jsonl(rows, args.out)
-    print(f"\nScores (%), SmolLM2-135M-Instruct, ~{args.length} tokens, test split, {args.samples} samples per task, "
+    print(f"\nScores (%), SmolLM2-135M-Instruct, ~{args.length} tokens, {args.split} split, {args.samples} samples per task, "
+          f"head_floor {args.head_floor}, "
           f"method {kvpass.get_method()}")
     print(accuracy_table(rows, MODES, args.tasks, counted=args.tasks))
     print_targets(args, rows)
@@ -141,7 +143,9 @@ def run_speed(args, model, tokenizer) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=4, help="test-split samples per task")
+    parser.add_argument("--samples", type=int, default=4, help="samples per task")
+    parser.add_argument("--split", choices=["dev", "test"], default="test", help="choose settings on dev, report test")
+    parser.add_argument("--head-floor", type=float, default=0.2, help="Evict(per_head=True, head_floor=...)")
     parser.add_argument("--length", type=int, default=1500)
     parser.add_argument("--tasks", nargs="+", default=list(COUNTED_TASKS))
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])

@@ -140,15 +140,14 @@ class RaggedKV:
 
         `key_padding` [B, seen + L] marks which tokens of the sequence so far are padding (the
         model's mask); only the appended ones are read, older ones carry their flag in their slot.
-        A model's own mask, soft-capping and sink logits (`CompactedKV.attend`) are refused: the
-        planner refuses such sites for ragged caches, so reaching here with one is a bug. So are
-        token `positions` with gaps (patch pruning before the language model): not supported yet."""
+        A model's own mask, soft-capping and sink logits and tokens pruned before the attention
+        (`CompactedKV.attend`) are refused by name."""
         if model_mask is not None or softcap or sinks is not None:
             raise UnsupportedModelError("a ragged cache applies causal + padding masks only: it cannot apply the "
                                         "model's own mask, logit soft-capping or sink logits")
         if positions is not None:
-            raise UnsupportedModelError("per-head budgets (ragged caches) do not take tokens pruned before the "
-                                        "attention yet: use kvpass.PrunePatches with uniform eviction")
+            raise UnsupportedModelError("a ragged cache (per-head budgets, streaming heads) cannot take tokens pruned "
+                                        "before the attention (PrunePatches): combine PrunePatches with Evict alone")
         batch, start, new = q.shape[0], self.seen, self.pending
         q_slots = torch.arange(start, start + new, device=q.device, dtype=torch.int32).expand(batch, new)
         if key_padding is not None:
