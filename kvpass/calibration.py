@@ -37,7 +37,6 @@ from typing import Any, Sequence
 
 import torch
 
-from kvpass.anchors import Projection
 from kvpass.errors import UnsupportedModelError
 from kvpass.eviction_cost import mass_kept, output_errors
 from kvpass.hf_attention import attention_implementation
