@@ -12,6 +12,7 @@ from kvpass.transforms.base import (HANDLERS, TRANSFORMS, Backend, Phase, Planni
 from kvpass.transforms.evict import Evict
 from kvpass.transforms.prune_heads import PruneHeads, remove_planned_heads
 from kvpass.transforms.prune_patches import PrunePatches
+from kvpass.transforms.select_layer import SelectLayer
 
-__all__ = ["Transform", "Evict", "PruneHeads", "PrunePatches", "Backend", "Phase", "PlanningContext", "RewriteTarget", "register",
+__all__ = ["Transform", "Evict", "PruneHeads", "PrunePatches", "SelectLayer", "Backend", "Phase", "PlanningContext", "RewriteTarget", "register",
            "from_record", "remove_planned_heads", "HANDLERS", "TRANSFORMS"]
