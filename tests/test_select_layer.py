@@ -247,3 +247,11 @@ def test_refusals_leave_the_model_unchanged():
     x = torch.randn(1, 5, 32)
     with pytest.raises(UnsupportedModelError, match=r"SelectLayer cannot be applied.*supports \['hf'\]"):
         kvpass.optimize(mha, budget=1.0, example_inputs=(x, x, x), transforms=[kvpass.SelectLayer(layer=0)])
+
+
+def test_reoptimizing_without_selection_turns_it_off():
+    base, ids = tiny_llama(), prompt()
+    model = selecting(kvpass.SelectLayer(layer=2, keep=KEEP, window=WINDOW), base=base)
+    model = kvpass.optimize(model, budget=1.0, transforms=[kvpass.Evict("snapkv")])
+    logits, cache = prefill(model, ids)
+    assert logits.shape[1] == LENGTH and getattr(cache, SELECTION_ATTRIBUTE, None) is None

@@ -117,10 +117,14 @@ def decoder_layers(model: torch.nn.Module, sites: int) -> tuple[torch.nn.Module,
     return decoder, layers
 
 
-def install(model: torch.nn.Module, rule: SelectionRule, sites: int) -> Callable[[], None]:
-    """Hook token selection into `model`'s prefills; returns the undo."""
+def install(model: torch.nn.Module, rule: SelectionRule, sites: int, plan: Any) -> Callable[[], None]:
+    """Hook token selection into `model`'s prefills while `plan` is the model's plan; returns the undo.
+
+    Re-optimizing the model with another plan leaves these hooks inert (selection or not, the
+    new plan decides), and a failed re-optimization leaves them working."""
     decoder, layers = decoder_layers(model, sites)
-    handles = [decoder.register_forward_pre_hook(_prefill_starts(rule), with_kwargs=True),
+    in_force = lambda: getattr(model, "kvpass_plan", None) is plan  # noqa: E731
+    handles = [decoder.register_forward_pre_hook(_prefill_starts(rule, in_force), with_kwargs=True),
                decoder.register_forward_hook(_prefill_ends, with_kwargs=True)]
     for index, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(_layer_inputs(rule, index), with_kwargs=True))
@@ -138,8 +142,10 @@ def _state(kwargs: dict) -> SelectionState | None:
     return state if state is not None and state.active else None
 
 
-def _prefill_starts(rule: SelectionRule) -> Callable:
+def _prefill_starts(rule: SelectionRule, in_force: Callable[[], bool]) -> Callable:
     def hook(module, args, kwargs):
+        if not in_force():
+            return None
         cache = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
         if cache is None and (use_cache if use_cache is not None else module.config.use_cache):

@@ -139,4 +139,4 @@ def _select_layer_hf(transform: SelectLayer, target: RewriteTarget) -> None:
     dtype_bytes = next(target.model.parameters()).element_size()
     schedules = [plan.schedule(site, dtype_bytes) for site in target.sites]
     rule = transform.rule(len(schedules), lambda length: min(schedule.cap(length) for schedule in schedules))
-    target.undo.append(install(target.model, rule, len(schedules)))
+    target.undo.append(install(target.model, rule, len(schedules), plan))
