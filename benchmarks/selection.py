@@ -3,8 +3,9 @@
 Every setting shares the byte budget ('N tokens': the bytes N tokens take in the full cache)
 with `kvpass.Evict("snapkv")`; the peer is the unmodified model, timed on the same prompt
 right before each setting's prefill (CPU, same process), so the prefill ratio compares like
-with like on a shared machine. Prints accuracy per task, prefill time ratio, KV bytes after
-generation, and the distribution of chosen layers per task; writes every row to OUT.jsonl.
+with like on a shared machine. Prints accuracy per task, prefill time ratio (against the unmodified
+model, and against `Evict` alone on the same kvpass runtime), KV bytes after generation, and
+the distribution of chosen layers per task; writes every row to OUT.jsonl.
 
     python benchmarks/selection.py --threads 1 --split dev --samples 2 --length 1500 --budgets 256
     python benchmarks/selection.py --threads 1 --timing-only --length 3000 --budgets 512 --settings asl0.3
@@ -74,7 +75,12 @@ def main() -> None:
     parser.add_argument("--timing-only", action="store_true", help="prefill times only, no generation")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="")
+    parser.add_argument("--report", help="print the tables of an earlier run's OUT.jsonl and exit")
     args = parser.parse_args()
+    if args.report:
+        with open(args.report) as handle:
+            report([json.loads(line) for line in handle], args)
+        return
     torch.set_num_threads(args.threads)
 
     base, tokenizer = load_smollm2()
@@ -107,7 +113,7 @@ def main() -> None:
                 logits, cache, seconds = prefill(model, ids)
                 figures = kvpass.stats(cache)
                 row = {"setting": label, "budget": budget, "task": sample.task, "seed": sample.seed,
-                       "tokens": ids.shape[-1], "prefill_ratio": seconds / reference,
+                       "tokens": ids.shape[-1], "prefill_ratio": seconds / reference, "kv_bytes": figures["kv_bytes"],
                        "layer": figures.get("SelectLayer", {}).get("layer")}
                 if not args.timing_only:
                     text = tokenizer.decode(continue_greedy(model, logits, cache, sample.max_new_tokens, eos))
@@ -127,10 +133,12 @@ def report(rows: list[dict], args) -> None:
     for row in rows:
         groups[(row["setting"], row["budget"])].append(row)
     tasks = list(dict.fromkeys(row["task"] for row in rows))
+    evict = {(row["budget"], row["task"], row["seed"]): row["prefill_ratio"] for row in rows
+             if row["setting"] == "evict"}
     print(f"\nSmolLM2-135M-Instruct, {args.split} split, {args.samples} samples per task, ~{args.length} tokens, "
           f"{args.threads} thread(s); prefill ratio: median of (setting / unmodified model) on the same prompt")
     header = "| setting | budget | " + ("" if args.timing_only else " | ".join(tasks) + " | mean | ") \
-        + "prefill ratio | KV bytes | chosen layers |"
+        + "prefill vs full | prefill vs evict | KV bytes | chosen layers |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for (setting, budget), group in groups.items():
@@ -141,7 +149,10 @@ def report(rows: list[dict], args) -> None:
                 cells.append(f"{100 * statistics.mean(scores):.0f}" if scores else "-")
             cells.append(f"{100 * statistics.mean(row['score'] for row in group):.1f}")
         cells.append(f"{statistics.median(row['prefill_ratio'] for row in group):.2f}")
-        cells.append(str(int(statistics.mean(row["kv_bytes"] for row in group))) if "kv_bytes" in group[0] else "-")
+        against = [row["prefill_ratio"] / evict[(row["budget"], row["task"], row["seed"])] for row in group
+                   if (row["budget"], row["task"], row["seed"]) in evict]
+        cells.append(f"{statistics.median(against):.2f}" if against and budget else "-")
+        cells.append(str(int(statistics.mean(row["kv_bytes"] for row in group))))
         per_task = {task: dict(Counter(row["layer"] for row in group if row["task"] == task)) for task in tasks}
         cells.append("; ".join(f"{task}: {counts}" for task, counts in per_task.items())
                      if any(row["layer"] is not None for row in group) else "-")

@@ -255,3 +255,12 @@ def test_reoptimizing_without_selection_turns_it_off():
     model = kvpass.optimize(model, budget=1.0, transforms=[kvpass.Evict("snapkv")])
     logits, cache = prefill(model, ids)
     assert logits.shape[1] == LENGTH and getattr(cache, SELECTION_ATTRIBUTE, None) is None
+
+
+def test_a_model_without_the_llama_layout_is_refused_by_name():
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_head=2, n_layer=3, vocab_size=64,
+                                                                 n_positions=64)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"no decoder `model.layers` list"):
+        kvpass.optimize(gpt2, budget=0.5, transforms=[kvpass.SelectLayer(layer=1), kvpass.Evict()])
+    assert getattr(gpt2, "kvpass_plan", None) is None

@@ -42,7 +42,9 @@ class SelectLayer(Transform):
     what the budget lets a layer hold at the prompt's length). `window`: observation queries
     (always kept). `observe` (default ceil(layers / 4)) and `min_layer` (default layers // 3):
     the ASL rule's layers. `kernel`: the scores' pooling width. `two_pass`: run the model again
-    on the selected tokens (GemFilter). Needs `kvpass.Evict` in the same `transforms` (its plan
+    on the selected tokens (GemFilter; a prompt whose ranking never settles under `tau` runs a
+    second full prefill). Only a cached prefill (the first call on an empty cache, as in
+    `generate`) selects. Needs `kvpass.Evict` in the same `transforms` (its plan
     bounds every layer's cache) and a transformers decoder-only model of the Llama layout.
 
     A prefill that selects returns logits for the kept tokens only (the last one is always
