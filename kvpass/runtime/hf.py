@@ -161,11 +161,13 @@ POSITIONS_ATTRIBUTE = "_kvpass_positions"
 
 def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                      kvpass_layer: KVPassCacheLayer | None = None, kvpass_positions: TokenPositions | None = None,
-                     softcap=None, s_aux=None, **kwargs):
+                     softcap=None, s_aux=None, kvpass_observer=None, **kwargs):
     """The "kvpass" attention implementation: custom-op attention over the compacted cache.
 
     Besides scale and mask it honours what transformers passes to eager attention for Gemma 2's
-    logit soft-capping (`softcap`) and GPT-OSS's sink logits (`s_aux`)."""
+    logit soft-capping (`softcap`) and GPT-OSS's sink logits (`s_aux`). `kvpass_observer(query,
+    keys, mask, scale)`, when a call carries one (`kvpass.runtime.hf_selection` adds it), sees the
+    queries and every cached key before attention."""
     binding = getattr(module, BINDING_ATTRIBUTE, None)
     if binding is None:
         raise UnsupportedModelError(
@@ -187,6 +189,8 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if positions is not None and positions.offsets.shape[-1] != layer_cache.pending:
         raise RuntimeError(f"{binding.site.name}: the call's token positions cover {positions.offsets.shape[-1]} tokens, "
                            f"but {layer_cache.pending} reached the attention")
+    if kvpass_observer is not None:
+        kvpass_observer(query, layer_cache.keys, attention_mask, scale)
     options = {"softcap": float(softcap or 0.0), "sinks": s_aux}
     if binding.model_mask:
         if positions is not None:

@@ -12,7 +12,9 @@ from kvpass.transforms.base import (HANDLERS, TRANSFORMS, Backend, Phase, Planni
 from kvpass.transforms.evict import Evict
 from kvpass.transforms.prune_heads import PruneHeads, remove_planned_heads
 from kvpass.transforms.prune_patches import PrunePatches
+from kvpass.transforms.select_layer import SelectLayer
 from kvpass.transforms.streaming_heads import StreamingHeads
 
-__all__ = ["Transform", "Evict", "PruneHeads", "PrunePatches", "StreamingHeads", "Backend", "Phase", "PlanningContext",
-           "RewriteTarget", "register", "from_record", "remove_planned_heads", "HANDLERS", "TRANSFORMS"]
+__all__ = ["Transform", "Evict", "PruneHeads", "PrunePatches", "SelectLayer", "StreamingHeads", "Backend", "Phase",
+           "PlanningContext", "RewriteTarget", "register", "from_record", "remove_planned_heads", "HANDLERS",
+           "TRANSFORMS"]
