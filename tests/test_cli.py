@@ -212,3 +212,15 @@ def test_smollm2_eval() -> None:
                          "--budgets", "0.5", "--modes", "context-only")
     assert evaluated["settings"] == ["full", "default@0.5"] and len(evaluated["rows"]) == 2
     assert {row["setting"]: row["score"] for row in evaluated["rows"]}["full"] == 1.0
+
+
+@pytest.mark.slow
+def test_smollm2_find_and_optimize() -> None:
+    """`kvpass find smollm2` lists its 30 sites and nothing unsupported; `kvpass optimize smollm2` generates with the
+    full and the pruned model side by side, the pruned cache within the budget."""
+    found = run_json("find", "smollm2")
+    assert len(found["sites"]) == 30 and not found["unsupported"]
+    optimized = run_json("optimize", "smollm2", "--budget", "0.5", "--prompt", "The capital of France is",
+                         "--max-new-tokens", "4")
+    assert optimized["pruned"]["kv_bytes"] <= 0.5 * optimized["full"]["kv_bytes"]
+    assert optimized["full"]["text"] and optimized["pruned"]["text"]
