@@ -224,3 +224,14 @@ def test_smollm2_find_and_optimize() -> None:
                          "--max-new-tokens", "4")
     assert optimized["pruned"]["kv_bytes"] <= 0.5 * optimized["full"]["kv_bytes"]
     assert optimized["full"]["text"] and optimized["pruned"]["text"]
+
+
+@pytest.mark.slow
+def test_smollm2_export_then_serve_onnx(tmp_path) -> None:
+    """`kvpass export smollm2` writes a pruned ONNX graph with its tokenizer; `kvpass serve-onnx` generates with
+    onnxruntime, its cache within the budget."""
+    out = tmp_path / "smollm2.onnx"
+    exported = run_json("export", "smollm2", str(out), "--budget", "0.5")
+    assert out.is_file() and len(exported["kvpass"]["sites"]) == 30
+    served = run_json("serve-onnx", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "4")
+    assert len(served["tokens"]) == 4 and served["kv_bytes"] <= 0.5 * served["full_kv_bytes"]
