@@ -86,8 +86,6 @@ class PlanningContext:
         """The calibration of the model (measured once, shared by every transform); `heads=True`
         also needs its per-head removal errors (`kvpass.calibration.head_removal_errors`), measured
         on the same prompts the first time they are asked for."""
-        from dataclasses import replace
-
         from kvpass.calibration import Calibration, calibrate, head_removal_errors, prompt_ids
 
         if self._calibration is None:
@@ -100,7 +98,7 @@ class PlanningContext:
         if heads and not self._calibration.head_error:
             source = None if isinstance(self.calibration_source, Calibration) else self.calibration_source
             ids = prompt_ids(self.model, source, self.tokenizer)
-            self._calibration = replace(self._calibration,
+            self._calibration = dataclasses.replace(self._calibration,
                                         head_error=head_removal_errors(self.model, ids, self.sites))
         return self._calibration
 
