@@ -98,8 +98,8 @@ class PlanningContext:
         if heads and not self._calibration.head_error:
             source = None if isinstance(self.calibration_source, Calibration) else self.calibration_source
             ids = prompt_ids(self.model, source, self.tokenizer)
-            self._calibration = dataclasses.replace(self._calibration,
-                                        head_error=head_removal_errors(self.model, ids, self.sites))
+            self._calibration = dataclasses.replace(
+                self._calibration, head_error=head_removal_errors(self.model, ids, self.sites))
         return self._calibration
 
 
