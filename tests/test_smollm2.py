@@ -69,7 +69,11 @@ def test_half_budget_halves_cache_bytes_at_every_layer(smollm2, long_prompt) -> 
 def test_head_pruning_is_exact_against_zeroed_output_columns(smollm2) -> None:
     """10% of SmolLM2's 90 KV groups removed (chosen at random: exactness does not depend on the ranking,
     and the calibrated one costs a forward per head): logits and 32 greedy tokens equal the unmodified
-    model with those groups' o_proj input columns zeroed."""
+    model with those groups' o_proj input columns zeroed.
+
+    In fp32 the prefill is bit-identical, but single-token decode steps run matrix-vector products whose
+    summation order depends on the number of O columns, so logits differ by a few 1e-5 over 30 layers;
+    in fp64 the two models agree within 1e-5 (measured: 0)."""
     base, tokenizer = smollm2
     model = kvpass.optimize(copy.deepcopy(base), budget=1.0, tokenizer=tokenizer,
                             transforms=[kvpass.PruneHeads(0.1, importance="random"), kvpass.Evict()])
@@ -82,12 +86,18 @@ def test_head_pruning_is_exact_against_zeroed_output_columns(smollm2) -> None:
             for head in plan.pruned_heads.get(site.name, []):
                 weight[:, head * 3 * 64:(head + 1) * 3 * 64] = 0
     ids = tokenizer("The lighthouse keeper counted the ships that passed each night, and wrote", return_tensors="pt").input_ids
-    with torch.no_grad():
-        actual = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=2, output_logits=True,
-                                return_dict_in_generate=True)
-        expected = oracle.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=2, output_logits=True,
-                                   return_dict_in_generate=True)
+
+    def run(m):
+        with torch.no_grad():
+            return m.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=2, output_logits=True,
+                              return_dict_in_generate=True)
+
+    actual, expected = run(model), run(oracle)
     assert torch.equal(actual.sequences, expected.sequences)
+    torch.testing.assert_close(actual.logits[0], expected.logits[0], rtol=0, atol=1e-5)  # the prefill
     torch.testing.assert_close(torch.stack(actual.logits), torch.stack(expected.logits), rtol=0, atol=1e-4)
+    actual, expected = run(copy.deepcopy(model).double()), run(copy.deepcopy(oracle).double())
+    assert torch.equal(actual.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(actual.logits), torch.stack(expected.logits), rtol=0, atol=1e-5)
     removed = sum(p.numel() for p in base.parameters()) - sum(p.numel() for p in model.parameters())
     assert removed == model.kvpass_heads_removed == 9 * (3 * 64 * 576 + 2 * 64 * 576 + 576 * 3 * 64)

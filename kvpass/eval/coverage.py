@@ -347,13 +347,16 @@ def masked_full_oracle_mismatch(base, pruned, ids, steps: int = DECODE_STEPS, at
         try:
             for step in range(steps):
                 visible.clear()
-                for index, layer in enumerate(getattr(pruned_cache, "layers", [])):
+                self_attention = getattr(pruned_cache, "self_attention_cache", pruned_cache)  # encoder-decoder
+                for index, layer in enumerate(getattr(self_attention, "layers", [])):
                     site_cache = getattr(layer, "site_cache", None)
                     if site_cache is not None and site_cache.slots is not None:
                         keep = torch.zeros(*site_cache.slots.shape[:2], seen + 1, dtype=torch.bool)
                         keep.scatter_(-1, site_cache.slots.long().clamp(min=0), True)
                         keep[..., seen] = True
                         visible[index] = keep
+                if not any(hasattr(layer, "site_cache") for layer in getattr(self_attention, "layers", [])):
+                    return f"decode step {step}: the pruned model's cache holds no kvpass layer to compare"
                 got = pruned(token, past_key_values=pruned_cache, use_cache=True).logits[:, -1]
                 want = base(token, past_key_values=full_cache, use_cache=True).logits[:, -1]
                 if not torch.allclose(got, want, atol=atol, rtol=1e-4):
