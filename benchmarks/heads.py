@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 
 import torch
@@ -124,6 +125,9 @@ def main() -> None:
             fraction=fraction, kind=kind, ppl=perplexity(model, texts), accuracy=accuracy(model, tokenizer, samples),
             params=full_params - sum(p.numel() for p in model.parameters()), kv=1 - kv_bytes_per_token(model) / full_kv,
             prefill=prefill, decode=decode)
+        row = rows[(label, seed)]
+        print(f"  {label} seed {seed}: perplexity {row['ppl']:.2f}, retrieval {100 * row['accuracy']:.1f}%",
+              file=sys.stderr, flush=True)  # progress; the table follows at the end
         del model
 
     full = rows[("full", 0)]
