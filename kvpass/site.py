@@ -49,6 +49,9 @@ class AttentionSite:
     dtype: str = "float32"
     nodes: list[str] = field(default_factory=list)
     """Names of the graph nodes the site spans, in graph order."""
+    kv_tiled: bool = False
+    """Query head h reads KV head h mod num_kv_heads (K/V repeated whole, as in JetMoE's mixture of
+    attention heads), rather than h // group_size (GQA's grouped repeat)."""
     window: int | None = None
     """Most past tokens the unmodified model keeps for this site: a sliding-window or chunked layer's
     bound (None: every token stays). Eviction budgets are relative to what the site keeps."""

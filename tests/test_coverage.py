@@ -23,6 +23,8 @@ SUPPORTED = [
     "qwen2_moe",    # mixture of experts, a sliding_window value with full-attention layers only
     "gemma2",       # logit soft-capping, sliding + full layers
     "cohere2",      # 3 sliding layers per full one
+    "jetmoe",       # routed queries (mixture of attention heads), KV heads repeated whole rather than grouped
+    "roc_bert",     # a BERT decoder with an encoder-decoder cache: the oracle reads its self-attention part
 ]
 # Mistral (every layer sliding), Gemma 3 (5 sliding per full) and GPT-OSS (sink logits, alternating
 # layers) are built from their configs in tests/test_failure_classes.py.

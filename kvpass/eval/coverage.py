@@ -323,12 +323,15 @@ def masked_full_oracle_mismatch(base, pruned, ids, steps: int = DECODE_STEPS, at
         module = next(m for m in base.modules() if hasattr(m, "layer_idx") and hasattr(m, "config"))
         original = sys.modules[type(module).__module__].eager_attention_forward
     visible: dict[int, torch.Tensor] = {}
+    tiled = {base.get_submodule(site.name).layer_idx for site in pruned.kvpass_sites if site.kv_tiled}
 
     def oracle(module, query, key, value, attention_mask, *args, **kwargs):
         extra = visible.get(module.layer_idx)
         if extra is not None:
             keep = extra[..., -key.shape[-2]:]  # the base cache holds the last keys (sliding layers fewer)
-            keep = keep.repeat_interleave(query.shape[1] // keep.shape[1], dim=1)[:, :, None, :]
+            group = query.shape[1] // keep.shape[1]  # query heads per KV head, in the model's own order
+            keep = (keep.repeat(1, group, 1) if module.layer_idx in tiled else keep.repeat_interleave(group, dim=1))
+            keep = keep[:, :, None, :]
             if attention_mask is None:
                 attention_mask = keep if implementation != "eager" else torch.zeros(keep.shape).masked_fill(
                     ~keep, torch.finfo(query.dtype).min)

@@ -135,7 +135,8 @@ class Plan:
             return None
         unsupported = ([f"logit ops {site.logit_ops}"] if site.logit_ops else []) + (
             ["a sliding window or chunks"] if site.window is not None else []) + (
-            ["a budget shared with windowed sites"] if schedule.shared is not None else [])
+            ["a budget shared with windowed sites"] if schedule.shared is not None else []) + (
+            ["KV heads repeated whole (tiled)"] if site.kv_tiled else [])
         if unsupported:
             asked = "per-head budgets (Evict(per_head=True))" if self.per_head_budgets else "streaming heads"
             raise UnsupportedModelError(

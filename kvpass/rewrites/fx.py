@@ -51,6 +51,11 @@ TRANSPARENT_OPS = frozenset({
 REPEAT_OPS = frozenset({aten.expand.default, aten.repeat_interleave.self_int, aten.repeat.default})
 """Ops that replicate K/V heads for GQA/MQA (or broadcast in decomposed matmuls)."""
 
+ROUTING_OPS = frozenset({aten.index.Tensor, aten.index_select.default, aten.gather.default,
+                         aten.split_with_sizes.default, aten.split.Tensor, operator.getitem})
+"""Ops a routed query path (mixture-of-attention experts) reads the hidden states through: each expert
+gathers its tokens, and the expert outputs are split apart."""
+
 SOFTMAX_OPS = frozenset({aten._softmax.default, aten.softmax.int, aten._safe_softmax.default})
 
 
@@ -786,7 +791,10 @@ def _describe(core: _Core, gm: GraphModule, graph_name: str, layer: int) -> Atte
         if k_sources[0] not in q_sources and set(k_sources[1:]) & set(q_sources):
             raise _Miss("latent attention (MLA): keys and values are decompressed from a low-rank latent of the "
                         "hidden states; kvpass compacts caches of keys and values")
-        cross = k_sources[0] not in q_sources  # a low-rank or routed query path still reads the same stream
+        # a low-rank query path still reads the same stream, and a routed one (mixture-of-attention experts)
+        # gathers the tokens of that stream before its projection
+        cross = k_sources[0] not in q_sources and _walk_up(q_sources[0], TRANSPARENT_OPS | ROUTING_OPS)[0] \
+            is not k_sources[0]
     else:
         cross = not reads_cache and _shape(core.q)[-2] != _shape(k_top)[-2]
 
@@ -823,10 +831,23 @@ def _describe(core: _Core, gm: GraphModule, graph_name: str, layer: int) -> Atte
         name=_owning_module(anchor_group), layer=layer, num_heads=core.num_heads, num_kv_heads=num_kv_heads,
         head_dim=core.head_dim, scale=core.scale * q_factor * k_factor,
         causal=core.causal_flag or _mask_is_causal(core.masks), cross=cross, masked=bool(core.masks),
-        reads_cache=reads_cache, pattern=core.pattern, logit_ops=list(core.logit_ops),
+        reads_cache=reads_cache, pattern=core.pattern, logit_ops=list(core.logit_ops), kv_tiled=_tiles_heads(k_path),
         dtype=str(value.dtype).removeprefix("torch.") if value is not None else "float32",
         nodes=[n.name for n in sorted(set(nodes), key=order.__getitem__)], projections=projections, match=match,
     )
+
+
+def _tiles_heads(k_path: list[Node]) -> bool:
+    """True if the KV heads reach the attention repeated whole (`k.repeat(1, g, 1, 1)`: query head h reads
+    KV head h mod Hkv) rather than each one g times in a row (expand + reshape, repeat_interleave)."""
+    for node in k_path:
+        if _is_call(node, {aten.repeat.default}):
+            repeats = list(node.args[1])
+            if len(repeats) == 4 and repeats[1] > 1:  # [B, Hkv, T, D] -> [B, g*Hkv, T, D]
+                return True
+            if len(repeats) == 5 and repeats[1] > 1 and repeats[2] == 1:  # [B, 1, Hkv, T, D], merged after
+                return True
+    return False
 
 
 # --- projection anchors -----------------------------------------------------------------------

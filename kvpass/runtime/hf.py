@@ -192,6 +192,8 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if kvpass_observer is not None:
         kvpass_observer(query, layer_cache.keys, attention_mask, scale)
     options = {"softcap": float(softcap or 0.0), "sinks": s_aux}
+    if binding.site.kv_tiled:  # the cache and its kernels read query heads grouped by KV head
+        query = _tiled_to_grouped(query, binding.site.num_kv_heads)
     if binding.model_mask:
         if positions is not None:
             raise UnsupportedModelError(
@@ -204,7 +206,16 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         causal = declared_causal if attention_mask is None else True
         out = layer_cache.attend(query, scale, causal, _key_padding(attention_mask), positions=positions,
                                  **options)
+    if binding.site.kv_tiled:
+        out = _tiled_to_grouped(out, out.shape[1] // binding.site.num_kv_heads)  # and back
     return out.transpose(1, 2).contiguous(), None
+
+
+def _tiled_to_grouped(heads: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, g*Hkv, L, D] with head t*Hkv + j reading KV head j -> head j*g + t (the inverse is the same
+    call with g and Hkv swapped)."""
+    batch, count, length, dim = heads.shape
+    return heads.view(batch, count // kv_heads, kv_heads, length, dim).transpose(1, 2).reshape(batch, count, length, dim)
 
 
 def _key_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
