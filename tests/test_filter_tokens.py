@@ -19,7 +19,8 @@ import kvpass
 from kvpass.hf_attention import attention_implementation
 from kvpass.errors import UnsupportedModelError
 from kvpass.kernels import similarity
-from kvpass.planning import Plan
+from kvpass.planning import Plan, SiteSchedule
+from kvpass.runtime.compacted_cache import CompactedKV, TokenPositions
 from test_find_attention import CachedDecoder, decode_step_inputs
 from test_transforms import VOCAB, greedy, prompt, tiny
 
@@ -174,6 +175,49 @@ def test_model_prefill_scores_like_token_by_token_feeding() -> None:
     one, other = (c.layers[FILTERED].site_cache.state["FilterTokens"] for c in (bulk, stepwise))
     torch.testing.assert_close(one.anchors_k, other.anchors_k, rtol=0, atol=1e-6)
     torch.testing.assert_close(one.anchors_v, other.anchors_v, rtol=0, atol=1e-6)
+
+
+def test_filters_among_tokens_pruned_before_the_attention() -> None:
+    """Under SelectLayer, layer 1 receives the selected tokens only (their TokenPositions); filtering
+    there leaves out half of them, the same way: against the oracle that hides the unselected and
+    the filtered keys at layer 1 and zeroes the filtered queries, and decoding continues at the full length."""
+    base = tiny("llama")
+    length, keep = 48, 24
+    model = kvpass.optimize(copy.deepcopy(base), budget=1.0, transforms=[
+        kvpass.SelectLayer(layer=0, keep=keep, window=4), kvpass.FilterTokens(0.5, layers=[FILTERED], warmup=2),
+        kvpass.Evict()])
+    ids = prompt(length)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache, use_cache=True).logits
+    selected = cache._kvpass_selection.indices[0]
+    kept = kept_positions(cache, FILTERED)
+    assert logits.shape[1] == keep and len(kept) == keep - keep // 2 and set(kept.tolist()) < set(selected.tolist())
+    assert cache.layers[FILTERED].get_seq_length() == length
+    hidden = torch.ones(length, dtype=torch.bool)
+    hidden[kept] = False
+    zeroed = hidden.clone()
+    zeroed[~torch.isin(torch.arange(length), selected)] = False
+    reference, attend = oracle(base, FILTERED, hidden, zeroed)
+    with attention_implementation(reference, "filter_oracle", attend), torch.no_grad():
+        expected = reference(ids, use_cache=False).logits[:, selected]
+    torch.testing.assert_close(logits, expected, rtol=0, atol=2e-5)
+    with torch.no_grad():
+        model(ids[:, :1], past_key_values=cache, use_cache=True)
+    assert cache.layers[FILTERED].site_cache.seen == length + 1
+
+
+def test_cache_keeps_earlier_padding_when_a_call_has_gaps() -> None:
+    """Slots start being stored at the first call with gaps: the padding read off the mask until then stays padding."""
+    cache = CompactedKV(SiteSchedule(1.0, 2 * 2 * 8 * 4, 0), None, 1)
+    k = torch.randn(1, 2, 4, 8)
+    cache.extend(k, k)
+    cache.attend(torch.randn(1, 2, 4, 8), 1.0, key_padding=torch.tensor([[True, False, False, False]]))
+    assert cache.slots is None
+    cache.extend(k[:, :, :1], k[:, :, :1])
+    cache.attend(torch.randn(1, 2, 1, 8), 1.0, key_padding=torch.tensor([[True] + [False] * 5]),
+                 positions=TokenPositions(torch.tensor([[1]]), span=2))
+    assert cache.slots[0, 0].tolist() == [-1, 1, 2, 3, 5] and cache.seen == 6
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
