@@ -104,12 +104,13 @@ class TokenFilter:
             cache.extend(key, value)
             return attend(query, positions=positions)
         batch, length = key.shape[0], key.shape[-2]
-        call = positions
-        if call is None:  # the next L positions
-            offsets = torch.arange(length, device=key.device, dtype=torch.int32).expand(batch, length)
-            call = TokenPositions(offsets, length, padding)
-        valid = ~call.padding if call.padding is not None else torch.ones(
-            batch, length, dtype=torch.bool, device=key.device)
+        if positions is None:  # the next L positions
+            call = TokenPositions(torch.arange(length, device=key.device, dtype=torch.int32), length, padding)
+        else:
+            call = positions
+        invalid = call.padding if call.padding is not None else torch.zeros(length, dtype=torch.bool, device=key.device)
+        call = TokenPositions(call.offsets.expand(batch, length), call.span, invalid.expand(batch, length))
+        valid = ~call.padding
         scores, eligible = self._score(cache, state, key, value, valid)
         if length > 1:
             filtered = self._quantile(scores, eligible, valid, state)
@@ -170,15 +171,14 @@ class TokenFilter:
                      positions: TokenPositions, filtered: torch.Tensor,
                      attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         """Append the tokens the cache keeps and attend with the queries that attend; zeros for the others.
+        `positions`: the call's, offsets and padding [B, L] spelled out.
 
         Batch rows keep different tokens but share one tensor: each row's entries are its kept
         tokens in order, padded to the longest row with invisible entries (as padding)."""
         everything = torch.ones_like(filtered)
         stored, stored_real = _rows(~filtered if self.drop_kv else everything)
         asked, asked_real = _rows(~filtered if key.shape[-2] > 1 else everything)  # a decode step always attends
-        invisible = ~stored_real
-        if positions.padding is not None:
-            invisible = invisible | positions.padding.gather(-1, stored)
+        invisible = ~stored_real | positions.padding.gather(-1, stored)
         cache.extend(_take(key, stored), _take(value, stored))
         out = attend(_take(query, asked), positions=TokenPositions(
             positions.offsets.gather(-1, stored), positions.span, invisible if bool(invisible.any()) else None,
