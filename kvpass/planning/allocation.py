@@ -269,9 +269,9 @@ def _concave_envelope(curve: list[float]) -> list[float]:
 
 def spread(utilities: list[list[float]], ratios: list[float], fraction: float, floor: float,
            ceiling: float | list[float], weights: list[int]) -> list[float]:
-    """Site fractions in [floor, ceiling] (one ceiling, or one per site) maximising the summed `utilities` (curves over the kept
-    fraction, evenly sampled on [0, 1]; a site keeps `share * ratio` of its tokens), whose
-    byte-weighted mean (`weights`: bytes per token) is within `fraction`.
+    """Site fractions in [floor, ceiling] (one ceiling, or one per site) maximising the summed `utilities`
+    (curves over the kept fraction, evenly sampled on [0, 1]; a site keeps `share * ratio` of its tokens),
+    whose byte-weighted mean (`weights`: bytes per token) is within `fraction`.
 
     Example:
         >>> [round(s, 3) for s in spread([[0, 1, 1], [0, 0.2, 0.4]], [1.0, 1.0], 0.5, 0.0, 1.0, [1, 1])]

@@ -16,6 +16,6 @@ from kvpass.transforms.prune_patches import PrunePatches
 from kvpass.transforms.select_layer import SelectLayer
 from kvpass.transforms.streaming_heads import StreamingHeads
 
-__all__ = ["Transform", "Evict", "FilterTokens", "PruneHeads", "PrunePatches", "SelectLayer", "StreamingHeads", "Backend", "Phase",
-           "PlanningContext", "RewriteTarget", "register", "from_record", "remove_planned_heads", "HANDLERS",
-           "TRANSFORMS"]
+__all__ = ["Transform", "Evict", "FilterTokens", "PruneHeads", "PrunePatches", "SelectLayer", "StreamingHeads",
+           "Backend", "Phase", "PlanningContext", "RewriteTarget", "register", "from_record", "remove_planned_heads",
+           "HANDLERS", "TRANSFORMS"]

@@ -126,8 +126,8 @@ class FilterTokens(Transform):
         for layer in getattr(cache, "layers", []):
             state = getattr(getattr(layer, "site_cache", None), "state", {}).get(self.name)
             if state is not None:
-                layers[layer.site.name] = {"fraction": state.filtered / max(state.tokens, 1), "filtered": state.filtered,
-                                           "tokens": state.tokens, "active": state.active}
+                layers[layer.site.name] = {"fraction": state.filtered / max(state.tokens, 1),
+                                           "filtered": state.filtered, "tokens": state.tokens, "active": state.active}
         filtered, tokens = sum(f["filtered"] for f in layers.values()), sum(f["tokens"] for f in layers.values())
         return {"ratio": self.ratio, "fusion": self.fusion, "fraction": filtered / max(tokens, 1), "layers": layers}
 
