@@ -159,9 +159,11 @@ def test_bulk_scoring_equals_token_by_token(length, pad, gamma, bulk_part) -> No
                                                           valid[:, piece], state[2], gamma)
         steps.append((sim_k, sim_v))
         state = (a_k, a_v, state[2] | valid[:, piece].any(-1))
-    torch.testing.assert_close(torch.cat([s[0] for s in steps], -1), bulk[0], rtol=0, atol=2e-6)
-    torch.testing.assert_close(torch.cat([s[1] for s in steps], -1), bulk[1], rtol=0, atol=2e-6)
-    torch.testing.assert_close(state[0], bulk[2], rtol=0, atol=2e-6)
+    # float32 rounding differs between the block scan and token-by-token steps: up to ~4e-6 over 300
+    # random cases; a wrong recurrence is off by orders of magnitude more
+    torch.testing.assert_close(torch.cat([s[0] for s in steps], -1), bulk[0], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(torch.cat([s[1] for s in steps], -1), bulk[1], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(state[0], bulk[2], rtol=2e-5, atol=2e-5)
 
 
 def test_model_prefill_scores_like_token_by_token_feeding() -> None:
