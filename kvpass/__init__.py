@@ -16,7 +16,7 @@ from kvpass.methods import DEFAULT_METHOD, METHODS, Method, get_method
 from kvpass.planning import Plan, uniform_plan
 from kvpass.site import AttentionSite, SiteReport, UnsupportedAttention
 from kvpass.stats import stats
-from kvpass.transforms import Evict, PruneHeads, PrunePatches, SelectLayer, StreamingHeads, Transform
+from kvpass.transforms import Evict, FilterTokens, PruneHeads, PrunePatches, SelectLayer, StreamingHeads, Transform
 
 
 def __getattr__(name: str):
@@ -30,7 +30,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "optimize", "plan", "export_onnx", "find_attention", "cache_bytes", "stats", "Evict", "PruneHeads", "PrunePatches",
-    "SelectLayer", "StreamingHeads", "Transform",
+    "SelectLayer", "StreamingHeads", "FilterTokens", "Transform",
     "AttentionSite", "SiteReport", "UnsupportedAttention", "Plan", "uniform_plan", "Method", "get_method", "METHODS",
     "DEFAULT_METHOD",
 ]

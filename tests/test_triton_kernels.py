@@ -190,31 +190,48 @@ def test_select_and_compact_reads_strided_cache():
 
 
 def test_similarity_reference_formula():
-    """Hand-checkable cases: copies of the mean are maximally redundant, padding is +inf."""
-    k = torch.tensor([[[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]])
-    slots = torch.tensor([[[0, 1, 2, -4]]])
-    red = similarity.kv_similarity(k, k, slots)
-    mean = torch.tensor([2.0, 1.0]) / 3
-    cos = torch.stack([torch.nn.functional.cosine_similarity(row, mean, dim=0) for row in k[0, 0, :3]])
-    torch.testing.assert_close(red[0, 0, :3], cos)  # K == V: the weights cancel out
-    assert red[0, 0, 3] == float("inf")
-    flat_v = torch.ones(1, 1, 4, 2)  # V carries no signal (zero variance): K alone decides
-    mixed = similarity.kv_similarity(k, flat_v, slots)
-    assert (mixed[0, 0, :3] - cos).abs().max() < 1e-4
+    """Hand-checkable: each token against the moving average of the valid tokens before it; padding
+    neither scores nor moves the anchor; a primed row continues from its anchor."""
+    k = torch.tensor([[[[9.0, 9.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]]])
+    valid = torch.tensor([[False, True, True, True]])
+    zeros = torch.zeros(1, 1, 2)
+    s_k, s_v, a_k, a_v = similarity.kv_similarity(k, 2 * k, zeros, zeros, valid, torch.tensor([False]), 0.5)
+    torch.testing.assert_close(s_k, torch.tensor([[[0.0, 0.0, 1.0, 0.0]]]))  # padding, first token: no score
+    torch.testing.assert_close(s_v, s_k)  # cosines ignore scale
+    torch.testing.assert_close(a_k, torch.tensor([[[0.5, 0.5]]]))
+    torch.testing.assert_close(a_v, 2 * a_k)
+    more = torch.tensor([[[[1.0, 1.0]]]])
+    s_k, _, a_k, _ = similarity.kv_similarity(more, more, a_k, a_v, torch.tensor([[True]]), torch.tensor([True]), 0.5)
+    torch.testing.assert_close(s_k, torch.ones(1, 1, 1))
+    torch.testing.assert_close(a_k, torch.tensor([[[0.75, 0.75]]]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("dim", [16, 24])
+def test_similarity_fusion_weights_the_signal_heads_agree_on():
+    agree = torch.tensor([[[0.2], [0.2], [0.2]]])
+    disagree = torch.tensor([[[0.9], [0.1], [0.8]]])
+    torch.testing.assert_close(similarity.redundancy(agree, disagree, "joint"), torch.tensor([[0.2]]), atol=1e-4,
+                               rtol=0)
+    torch.testing.assert_close(similarity.redundancy(disagree, agree, "joint"), torch.tensor([[0.2]]), atol=1e-4,
+                               rtol=0)
+    torch.testing.assert_close(similarity.redundancy(agree, disagree, "value"), disagree.mean(1))
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        similarity.redundancy(agree, agree, "keys")
+
+
+@pytest.mark.parametrize("dtype, dim", [(torch.float32, 24), (torch.float16, 16)])
 def test_similarity_kernel_matches_reference(dtype, dim):
+    """The kernel scans token by token (the interpreter runs each step in Python: few tokens here)."""
     gen = torch.Generator().manual_seed(dim)
-    k, v = (torch.randn(2, 3, 70, dim, generator=gen).add(0.3).to(DEVICE, dtype) for _ in range(2))
-    k_slots = torch.arange(70).expand(2, 3, 70).clone()
-    k_slots[0, :, :6] = -1 - k_slots[0, :, :6]
-    k_slots = k_slots.to(DEVICE)
-    got = triton_kv_similarity(k, v, k_slots)
-    want = torch.ops.kvpass.kv_similarity(k, v, k_slots)
-    torch.testing.assert_close(got, want, atol=TOLERANCE[dtype] / 10, rtol=1e-4)
-    assert torch.equal(got.isinf(), k_slots < 0)
+    k, v = (torch.randn(2, 2, 20, dim, generator=gen).add(0.3).to(DEVICE, dtype) for _ in range(2))
+    anchor_k, anchor_v = (torch.randn(2, 2, dim, generator=gen).to(DEVICE) for _ in range(2))
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[0, :6] = False
+    valid, primed = valid.to(DEVICE), torch.tensor([False, True], device=DEVICE)
+    got = triton_kv_similarity(k, v, anchor_k, anchor_v, valid, primed, 0.9)
+    want = torch.ops.kvpass.kv_similarity(k, v, anchor_k, anchor_v, valid, primed, 0.9)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert not got[0][0, :, :7].any()  # padding and the row's first token carry no score
 
 
 @pytest.mark.skipif(not CUDA_KERNELS, reason="needs CUDA: the ops dispatch to Triton only there")

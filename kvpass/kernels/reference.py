@@ -58,6 +58,11 @@ def attention(
     batch, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     group = hq // hkv
+    plain_logits = mask is None and not softcap and sinks is None
+    if mode is Stat.NONE and plain_logits and (lq == lk or lq == 1) and _plain(q_slots, k_slots):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=causal and lq > 1, scale=scale, enable_gqa=group > 1)
+        return out, torch.zeros(batch, hkv, lk, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     stats = torch.zeros(batch, hkv, lk, dtype=torch.float32, device=q.device)
     first_scored = first_scored_query(mode, lq, window) if not (softcap or sinks is not None) else 0
@@ -97,6 +102,19 @@ def attention(
         scored = probs[:, :, max(first_scored - start, 0):]
         stats += scored.sum(dim=2).view(batch, hkv, group, lk).sum(dim=2)
     return out, stats
+
+
+def _plain(q_slots: torch.Tensor, k_slots: torch.Tensor) -> bool:
+    """Whether the slot mask is ordinary causal attention in index order, so SDPA needs no mask:
+    no padding, every head holding the same tokens, the queries being the last keys, and every
+    earlier key before the first query. Compacted caches qualify (their order is slot order)."""
+    lq = q_slots.shape[-1]
+    if lq == 0 or bool((k_slots < 0).any()) or not torch.equal(k_slots, k_slots[:, :1].expand_as(k_slots)):
+        return False
+    keys = k_slots[:, 0]
+    own = keys[:, keys.shape[-1] - lq:]
+    return (torch.equal(own, q_slots.to(own.dtype)) and bool((own[:, 1:] > own[:, :-1]).all())
+            and bool((keys[:, :keys.shape[-1] - lq] < own[:, :1]).all()))
 
 
 def first_scored_query(mode: Stat, lq: int, window: int) -> int:

@@ -51,10 +51,10 @@ def _ragged_attention_cuda(q, packed_k, packed_v, packed_slots, lengths, tail_k,
     return triton_ragged_attention(*args)
 
 
-def _kv_similarity_cuda(k, v, k_slots):
+def _kv_similarity_cuda(k, v, anchor_k, anchor_v, valid, primed, gamma):
     if not _covered(k) or k.shape != v.shape:
-        return similarity.kv_similarity(k, v, k_slots)
-    return triton_kv_similarity(k, v, k_slots)
+        return similarity.kv_similarity(k, v, anchor_k, anchor_v, valid, primed, gamma)
+    return triton_kv_similarity(k, v, anchor_k, anchor_v, valid, primed, gamma)
 
 
 def register_cuda_kernels() -> bool:

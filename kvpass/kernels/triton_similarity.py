@@ -1,9 +1,9 @@
-"""Triton kernel for the token-filtering redundancy score (formula in `kvpass.kernels.similarity`).
+"""Triton kernel for the key–value similarity to running anchors (formula in `kvpass.kernels.similarity`).
 
-One program per (batch, KV head) streams the row's keys and values twice: once for the mean
-key/value, once for each token's two cosines and the running moments of both; the variance
-weights are known only then, so the cosines are parked in the output and a scratch row and
-mixed in a last pass over those (T floats, not T x D).
+One program per (batch row, KV head) walks the call's tokens in order with both anchors in
+registers: it scores each token against the anchors before it, then folds the token in. The
+scan is sequential in the tokens but reads each key and value once; the fusion across heads
+(`similarity.redundancy`) is a few elementwise torch ops on the [B, Hkv, L] result.
 """
 
 from __future__ import annotations
@@ -12,94 +12,58 @@ import torch
 import triton
 import triton.language as tl
 
-from kvpass.kernels.similarity import EPS
+from kvpass.kernels.similarity import EPS, _check
 from kvpass.kernels.triton_spec import next_power_of_2
 
 
 @triton.jit
-def _cosine(x, mean, mean_norm, eps):
-    """Cosine of each row of x [T, D] to mean [D]."""
-    dots = tl.sum(x * mean[None, :], 1)
-    return dots / tl.maximum(tl.sqrt(tl.sum(x * x, 1)) * mean_norm, eps)
+def _cosine(x, anchor, eps):
+    return tl.sum(x * anchor) / tl.maximum(tl.sqrt(tl.sum(x * x)) * tl.sqrt(tl.sum(anchor * anchor)), eps)
 
 
 @triton.jit
 def _kv_similarity_kernel(
-    K, V, Slots, Out, Scratch, heads, t, eps,
+    K, V, AnchorK, AnchorV, Valid, Primed, SimK, SimV, OutK, OutV, heads, length, gamma, eps,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
-    DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // heads
     h = row % heads
-    k_row = K + b * stride_kb + h * stride_kh
-    v_row = V + b * stride_vb + h * stride_vh
-    out_row = Out + row.to(tl.int64) * t
-    scratch_row = Scratch + row.to(tl.int64) * t
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < DIM
-    k_sum = tl.zeros([BLOCK_D], tl.float32)
-    v_sum = tl.zeros([BLOCK_D], tl.float32)
-    count = 0.0
-    for start in range(0, t, BLOCK_T):
-        offs_t = start + tl.arange(0, BLOCK_T)
-        valid = (tl.load(Slots + row.to(tl.int64) * t + offs_t, mask=offs_t < t, other=-1) >= 0)
-        mask = valid[:, None] & d_ok[None, :]
-        k = tl.load(k_row + offs_t[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=mask, other=0.0)
-        v = tl.load(v_row + offs_t[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=mask, other=0.0)
-        k_sum += tl.sum(k.to(tl.float32), 0)
-        v_sum += tl.sum(v.to(tl.float32), 0)
-        count += tl.sum(valid.to(tl.float32))
-    count = tl.maximum(count, 1.0)
-    k_mean = k_sum / count
-    v_mean = v_sum / count
-    k_mean_norm = tl.sqrt(tl.sum(k_mean * k_mean))
-    v_mean_norm = tl.sqrt(tl.sum(v_mean * v_mean))
-    sum_k = 0.0
-    sum_v = 0.0
-    squares_k = 0.0
-    squares_v = 0.0
-    for start in range(0, t, BLOCK_T):
-        offs_t = start + tl.arange(0, BLOCK_T)
-        valid = (tl.load(Slots + row.to(tl.int64) * t + offs_t, mask=offs_t < t, other=-1) >= 0)
-        mask = valid[:, None] & d_ok[None, :]
-        k = tl.load(k_row + offs_t[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=mask, other=0.0)
-        v = tl.load(v_row + offs_t[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=mask, other=0.0)
-        sim_k = tl.where(valid, _cosine(k.to(tl.float32), k_mean, k_mean_norm, eps), 0.0)
-        sim_v = tl.where(valid, _cosine(v.to(tl.float32), v_mean, v_mean_norm, eps), 0.0)
-        tl.store(out_row + offs_t, sim_k, mask=offs_t < t)
-        tl.store(scratch_row + offs_t, sim_v, mask=offs_t < t)
-        sum_k += tl.sum(sim_k)
-        sum_v += tl.sum(sim_v)
-        squares_k += tl.sum(sim_k * sim_k)
-        squares_v += tl.sum(sim_v * sim_v)
-    var_k = tl.maximum(squares_k / count - (sum_k / count) * (sum_k / count), 0.0)
-    var_v = tl.maximum(squares_v / count - (sum_v / count) * (sum_v / count), 0.0)
-    weight = (var_k + eps) / (var_k + var_v + 2 * eps)
-    tl.debug_barrier()
-    for start in range(0, t, BLOCK_T):
-        offs_t = start + tl.arange(0, BLOCK_T)
-        in_row = offs_t < t
-        valid = (tl.load(Slots + row.to(tl.int64) * t + offs_t, mask=in_row, other=-1) >= 0)
-        sim_k = tl.load(out_row + offs_t, mask=in_row, other=0.0)
-        sim_v = tl.load(scratch_row + offs_t, mask=in_row, other=0.0)
-        redundancy = weight * sim_k + (1 - weight) * sim_v
-        tl.store(out_row + offs_t, tl.where(valid, redundancy, float("inf")), mask=in_row)
+    anchor_k = tl.load(AnchorK + row * DIM + offs_d, mask=d_ok, other=0.0)
+    anchor_v = tl.load(AnchorV + row * DIM + offs_d, mask=d_ok, other=0.0)
+    primed = tl.load(Primed + b).to(tl.float32)
+    k_row = K + b * stride_kb + h * stride_kh
+    v_row = V + b * stride_vb + h * stride_vh
+    out_row = row.to(tl.int64) * length
+    for t in range(0, length):
+        valid = tl.load(Valid + b.to(tl.int64) * length + t).to(tl.float32)
+        k = tl.load(k_row + t * stride_kt + offs_d * stride_kd, mask=d_ok, other=0.0).to(tl.float32)
+        v = tl.load(v_row + t * stride_vt + offs_d * stride_vd, mask=d_ok, other=0.0).to(tl.float32)
+        scored = valid * primed
+        tl.store(SimK + out_row + t, scored * _cosine(k, anchor_k, eps))
+        tl.store(SimV + out_row + t, scored * _cosine(v, anchor_v, eps))
+        c = valid * (primed * (1.0 - gamma) + (1.0 - primed))
+        anchor_k = (1.0 - c) * anchor_k + c * k
+        anchor_v = (1.0 - c) * anchor_v + c * v
+        primed = tl.maximum(primed, valid)
+    tl.store(OutK + row * DIM + offs_d, anchor_k, mask=d_ok)
+    tl.store(OutV + row * DIM + offs_d, anchor_v, mask=d_ok)
 
 
-def kv_similarity(k: torch.Tensor, v: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
-    """Triton twin of `kvpass.kernels.similarity.kv_similarity`: redundancy [B, Hkv, T], float32."""
-    if k.shape != v.shape or tuple(k_slots.shape) != tuple(k.shape[:3]):
-        raise ValueError(
-            f"k {tuple(k.shape)} and v {tuple(v.shape)} must match and k_slots {tuple(k_slots.shape)} be [B, Hkv, T]"
-        )
-    batch, heads, t, dim = k.shape
-    out = torch.empty(batch, heads, t, dtype=torch.float32, device=k.device)
-    if t:
-        scratch = torch.empty_like(out)
-        torch.library.wrap_triton(_kv_similarity_kernel)[(batch * heads,)](
-            k, v, k_slots.contiguous(), out, scratch, heads, t, EPS, *k.stride(), *v.stride(),
-            DIM=dim, BLOCK_D=next_power_of_2(dim), BLOCK_T=64 if k.is_cuda else 32, num_warps=4,
-        )
-    return out
+def kv_similarity(k, v, anchor_k, anchor_v, valid, primed, gamma):
+    """Triton twin of `kvpass.kernels.similarity.kv_similarity` (same arguments and results)."""
+    _check(k, v, anchor_k, anchor_v, valid, primed)
+    batch, heads, length, dim = k.shape
+    sim_k = torch.zeros(batch, heads, length, dtype=torch.float32, device=k.device)
+    sim_v = torch.zeros_like(sim_k)
+    out_k, out_v = torch.empty_like(anchor_k), torch.empty_like(anchor_v)
+    torch.library.wrap_triton(_kv_similarity_kernel)[(batch * heads,)](
+        k, v, anchor_k.contiguous(), anchor_v.contiguous(), valid.to(torch.int8).contiguous(),
+        primed.to(torch.int8), sim_k, sim_v, out_k, out_v, heads, length, float(gamma), EPS,
+        *k.stride(), *v.stride(), DIM=dim, BLOCK_D=next_power_of_2(dim), num_warps=1,
+    )
+    return sim_k, sim_v, out_k, out_v

@@ -10,6 +10,10 @@ the eviction budget is spread is the allocation:
 * "adaptive": greedy over the calibration's output-error curves (`kvpass.calibration`):
   each quantum of budget goes to the site whose predicted attention-output error falls
   most per byte. On the curves' convex envelopes this minimises the total predicted error.
+
+Selection transforms (token filtering) leave a share of a site's tokens out before eviction
+sees them: that share is the site's `ceiling` (eviction caps it there, enforcing at every step
+what filtering only targets), and the budget the site does not need goes to the others.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ def build_plan(
     evict_every: int = 1,
     reallocate: int = 0,
     pruned_heads: dict[str, list[int]] | None = None,
+    ceilings: dict[str, float] | None = None,
+    reserved_bytes: dict[str, int] | None = None,
 ) -> Plan:
     """A plan for `sites` within `budget`, evicting with `method` (None: no eviction), spread by `allocation`.
 
@@ -63,6 +69,10 @@ def build_plan(
     its fraction cap and its token cap, so an absolute budget holds at every length.
     `floor` (default: half the fraction) and `ceiling` bound every site's fraction.
     `reallocate` > 0 moves budget between sites while decoding (fraction budgets only).
+
+    Below budget 1, `ceilings` (site -> the share of tokens a selection transform keeps there)
+    bound those sites further, and `reserved_bytes` (site -> bytes per sequence a transform
+    holds beside the cache) are carved out of their caps, which therefore always evict.
 
     Raises ValueError when the budget cannot be met: no eviction and the removed heads keep more
     than the budget, or an absolute budget with no eviction.
@@ -92,7 +102,8 @@ def build_plan(
 
     plan = Plan(method=method, budgets={site.name: 1.0 for site in sites}, sinks=sinks, recent=recent,
                 evict_every=evict_every, allocation=allocation, sites=list(sites), dtype_bytes=dtype_bytes,
-                requested=parsed.text, ceiling=ceiling, reallocate=reallocate, pruned_heads=dict(pruned_heads or {}))
+                requested=parsed.text, ceiling=ceiling, reallocate=reallocate, pruned_heads=dict(pruned_heads or {}),
+                reserved_bytes=dict(reserved_bytes or {}))
     plan.validate("pruned_heads")
     pruned = [plan.geometry(site) for site in sites]
     weights = [site.kv_bytes_per_token(dtype_bytes) for site in pruned]
@@ -102,11 +113,19 @@ def build_plan(
     else:
         if seq_len is None or seq_len < 1:
             raise ValueError(f"budget={parsed.text!r} is absolute: a seq_len >= 1 is needed to spread it, got {seq_len!r}")
-        fraction = min(1.0, parsed.bytes_per_sequence(reference) / (seq_len * sum(weights)))
+        spendable = parsed.bytes_per_sequence(reference) - sum(plan.reserved_bytes.values())
+        fraction = min(1.0, max(spendable, 0) / (seq_len * sum(weights)))
+    capped = parsed.kind != "fraction" or parsed.value < 1.0
     if method is None:
         return _without_eviction(plan, parsed)
-    if fraction >= 1.0 and parsed.kind == "fraction":
+    if reallocate and plan.reserved_bytes:
+        raise ValueError(f"reallocate={reallocate} does not work with token filtering yet (a re-allocated site could "
+                         "stop evicting and no longer make room for its anchors); use reallocate=0")
+    selected = _site_ceilings(sites, ceilings if capped else None, plan.reserved_bytes if capped else None)
+    if fraction >= 1.0 and parsed.kind == "fraction" and min(selected) >= 1.0:
         return plan  # the structural transforms alone meet the budget: nothing is evicted
+    fraction = min(fraction, 1.0)
+    limits = [min(ceiling, limit) for limit in selected]
 
     floor = fraction / 2 if floor is None else floor
     if not 0.0 <= floor <= fraction:
@@ -126,15 +145,18 @@ def build_plan(
     # Windowed sites (sliding-window / chunked layers) keep the global fraction: with them at
     # exactly the fraction, the full-attention sites' shares may vary and the cap still holds at
     # every length (a windowed site's bytes stop growing; see kvpass.planning.schedule.WindowShare).
+    # Token filtering never selects in a windowed site, so their limits never bind here.
     spread_over = [i for i, site in enumerate(sites) if site.window is None]
     shares = [fraction] * len(sites)
-    if allocation != "uniform" and spread_over:
+    if spread_over and (allocation != "uniform" or min(limits) < fraction):
         pick = lambda values: [values[i] for i in spread_over]  # noqa: E731
-        if allocation == "pyramid":
-            part = _fit([len(sites) - i for i in spread_over], fraction, floor, ceiling, pick(weights))
+        if allocation == "uniform":
+            part = _fit([1] * len(spread_over), fraction, floor, pick(limits), pick(weights))
+        elif allocation == "pyramid":
+            part = _fit([len(sites) - i for i in spread_over], fraction, floor, pick(limits), pick(weights))
         else:
-            part = spread(pick([[-e for e in error] for error in errors]), pick(ratios), fraction, floor, ceiling,
-                          pick(weights))
+            part = spread(pick([[-e for e in error] for error in errors]), pick(ratios), fraction, floor,
+                          pick(limits), pick(weights))
         for i, share in zip(spread_over, part):
             shares[i] = share
     shares = _within(shares, fraction, weights)
@@ -163,6 +185,19 @@ def _kept_heads(plan: Plan, site: AttentionSite) -> list[int] | None:
     return [head for head in range(site.num_kv_heads) if head not in removed] if removed else None
 
 
+def _site_ceilings(sites: list[AttentionSite], ceilings: dict[str, float] | None,
+                   reserved: dict[str, int] | None) -> list[float]:
+    """Each site's largest fraction as selection leaves it: the share a selection transform keeps
+    there, and just below 1 where bytes are reserved (a cap that never evicts makes no room for them)."""
+    limits = []
+    for site in sites:
+        limit = (ceilings or {}).get(site.name, 1.0)
+        if (reserved or {}).get(site.name):
+            limit = min(limit, math.nextafter(1.0, 0.0))
+        limits.append(limit)
+    return limits
+
+
 def _without_eviction(plan: Plan, budget: Budget) -> Plan:
     """A plan that evicts nothing must meet the budget by its structural transforms alone."""
     if budget.kind != "fraction":
@@ -187,14 +222,16 @@ def uniform_plan(sites: list[AttentionSite], budget: float, method: Method, **op
     return build_plan(sites, budget, method, "uniform", **options)
 
 
-def _fit(priorities: list[float], fraction: float, floor: float, ceiling: float, weights: list[int]) -> list[float]:
-    """Shares proportional to `priorities`, clipped to [floor, ceiling], byte-weighted mean `fraction`."""
+def _fit(priorities: list[float], fraction: float, floor: float, ceilings: list[float],
+         weights: list[int]) -> list[float]:
+    """Shares proportional to `priorities`, clipped to [floor, each site's ceiling], byte-weighted mean
+    `fraction` (or every site at its ceiling, when they all fit within it)."""
     target = fraction * sum(weights)
 
     def shares(scale: float) -> list[float]:
-        return [min(ceiling, max(floor, scale * p)) for p in priorities]
+        return [min(ceiling, max(floor, scale * p)) for p, ceiling in zip(priorities, ceilings)]
 
-    low, high = 0.0, ceiling / min(priorities)
+    low, high = 0.0, max(ceilings) / min(priorities)
     for _ in range(100):
         middle = (low + high) / 2
         low, high = (middle, high) if sum(s * w for s, w in zip(shares(middle), weights)) <= target else (low, middle)
@@ -230,20 +267,21 @@ def _concave_envelope(curve: list[float]) -> list[float]:
     return envelope + [curve[hull[-1]]]
 
 
-def spread(utilities: list[list[float]], ratios: list[float], fraction: float, floor: float, ceiling: float,
-           weights: list[int]) -> list[float]:
-    """Site fractions in [floor, ceiling] maximising the summed `utilities` (curves over the kept
-    fraction, evenly sampled on [0, 1]; a site keeps `share * ratio` of its tokens), whose
-    byte-weighted mean (`weights`: bytes per token) is within `fraction`.
+def spread(utilities: list[list[float]], ratios: list[float], fraction: float, floor: float,
+           ceiling: float | list[float], weights: list[int]) -> list[float]:
+    """Site fractions in [floor, ceiling] (one ceiling, or one per site) maximising the summed `utilities`
+    (curves over the kept fraction, evenly sampled on [0, 1]; a site keeps `share * ratio` of its tokens),
+    whose byte-weighted mean (`weights`: bytes per token) is within `fraction`.
 
     Example:
         >>> [round(s, 3) for s in spread([[0, 1, 1], [0, 0.2, 0.4]], [1.0, 1.0], 0.5, 0.0, 1.0, [1, 1])]
         [0.5, 0.5]
     """
-    return _within(_greedy(utilities, ratios, fraction, floor, ceiling, weights), fraction, weights)
+    ceilings = ceiling if isinstance(ceiling, list) else [ceiling] * len(utilities)
+    return _within(_greedy(utilities, ratios, fraction, floor, ceilings, weights), fraction, weights)
 
 
-def _greedy(curves: list[list[float]], ratios: list[float], fraction: float, floor: float, ceiling: float,
+def _greedy(curves: list[list[float]], ratios: list[float], fraction: float, floor: float, ceilings: list[float],
             weights: list[int]) -> list[float]:
     """Marginal-gain allocation: each quantum of budget to the site whose predicted utility
     (`curves`, increasing in the kept fraction) gains most per byte (ties to the site with the smaller share), until the bytes are spent.
@@ -252,12 +290,12 @@ def _greedy(curves: list[list[float]], ratios: list[float], fraction: float, flo
     one more token first hurts and then helps, and a greedy step on the raw curve would stop
     in front of such a bump. On concave curves, greedy is optimal."""
     curves = [_concave_envelope(curve) for curve in curves]
-    shares = [floor] * len(curves)
-    spare = fraction * sum(weights) - floor * sum(weights)
+    shares = [min(floor, ceiling) for ceiling in ceilings]
+    spare = fraction * sum(weights) - sum(s * w for s, w in zip(shares, weights))
     step = 1.0 / QUANTA
     while spare > 1e-12 * sum(weights):
         best, best_key = None, None
-        for i, (curve, ratio, share, weight) in enumerate(zip(curves, ratios, shares, weights)):
+        for i, (curve, ratio, share, weight, ceiling) in enumerate(zip(curves, ratios, shares, weights, ceilings)):
             size = min(step, ceiling - share, spare / weight)
             if size <= 0:
                 continue
@@ -267,7 +305,7 @@ def _greedy(curves: list[list[float]], ratios: list[float], fraction: float, flo
                 best, best_key = i, key
         if best is None:
             break
-        size = min(step, ceiling - shares[best], spare / weights[best])
+        size = min(step, ceilings[best] - shares[best], spare / weights[best])
         shares[best] += size
         spare -= size * weights[best]
     return shares
@@ -287,7 +325,7 @@ def _token_caps(plan: Plan, budget: Budget, shares: list[float], weights: list[i
                 reference: int) -> dict[str, int]:
     """Per-site token caps for an absolute budget: sinks + window everywhere, the rest split by share.
     `weights` are the pruned sites' bytes per token, `reference` the unmodified model's (all sites)."""
-    total = budget.bytes_per_sequence(reference)
+    total = budget.bytes_per_sequence(reference) - sum(plan.reserved_bytes.values())
     per_token = [w + state_bytes_per_token(site, plan.method)[0] for site, w in zip(pruned, weights)]
     base = plan.sinks + plan.recent
     floor_bytes = base * sum(per_token)

@@ -93,6 +93,9 @@ class Plan:
     """Site name -> original KV heads that keep only `streaming_sinks` + `streaming_recent` tokens (DuoAttention)."""
     streaming_sinks: int = 4
     streaming_recent: int = 64
+    reserved_bytes: dict[str, int] = field(default_factory=dict)
+    """Site name -> bytes per sequence a transform holds beside the cache (token filtering's
+    anchors), carved out of the site's cap."""
 
     # ----------------------------------------------------------------- geometry and schedules
 
@@ -121,6 +124,7 @@ class Plan:
             max_tokens=max_tokens,
             stat_bytes_per_token=stat,
             page_size=self.method.page_size if self.method is not None else 1,
+            reserved_bytes=self.reserved_bytes.get(site.name, 0),
             window=site.window,
             shared=self._window_share(dtype_bytes),
         )
@@ -176,7 +180,9 @@ class Plan:
 
     def kv_bytes(self, seq_len: int, batch: int = 1) -> int:
         """Bytes the pruned cache holds after a prefill of `seq_len` tokens per sequence,
-        exactly as `kvpass.cache_bytes` counts them (no padding). Never above the budget.
+        exactly as `kvpass.cache_bytes` counts them (no padding), at most: a selection transform may
+        leave fewer tokens than the cap. Never above the budget (at budget 1, which caps nothing,
+        the reserved bytes of token filtering come on top of the tokens).
 
         Example:
             >>> plan.kv_bytes(4096)      # doctest: +SKIP
@@ -291,6 +297,9 @@ class Plan:
                 fail(f"budgets[{name!r}] must be a fraction in (0, 1], got {fraction!r}")
             if fraction < 1.0 and self.method is None:
                 fail(f"budgets[{name!r}] = {fraction} evicts, but the plan has no eviction method")
+        for name, reserved in self.reserved_bytes.items():
+            if name not in names or isinstance(reserved, bool) or not isinstance(reserved, int) or reserved < 0:
+                fail(f"reserved_bytes[{name!r}] must be a byte count >= 0 for a site of the plan, got {reserved!r}")
         for name, cap in self.max_tokens.items():
             if name not in names or isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
                 fail(f"max_tokens[{name!r}] must be a token count >= 0 for a site of the plan, got {cap!r}")

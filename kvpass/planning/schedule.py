@@ -3,7 +3,8 @@
 The budget is a hard cap on bytes: at every moment the bytes a site's cache holds (K, V and
 any per-token state the method keeps) are at most `fraction x` the bytes its full cache would
 hold, and at most the site's token cap. Sinks and the recent window are carved out of that
-cap, never added on top.
+cap, never added on top. State a transform keeps per sequence rather than per token (token
+filtering's anchors, `reserved_bytes`) is carved out of it too.
 
 Written with `kvpass.cost`'s `smin`/`where`, so the same code gives the ints the runtime
 evicts by and the sympy formulas `Plan.kv_bytes_expr` shows.
@@ -55,6 +56,9 @@ class SiteSchedule:
     """The part of `state_bytes_per_token` held from the first token on (a statistic), not only after eviction."""
     page_size: int = 1
     """Eviction granularity: kept tokens beyond sinks and window are whole pages."""
+    reserved_bytes: int = 0
+    """Bytes per sequence held beside the tokens (token filtering's anchors): a pruning schedule
+    takes them off its cap, once the cap is large enough to hold them (`holds_reserve`)."""
     window: int | None = None
     """Most past tokens the unmodified site keeps (a sliding-window or chunked layer); None: all."""
     shared: "WindowShare | None" = None
@@ -75,8 +79,13 @@ class SiteSchedule:
         if self.fraction < 1.0:
             # Exact integer arithmetic (the byte bound holds to the byte) that also works on a
             # torch SymInt `seen` (compiled with dynamic shapes), where Fraction(...) * seen cannot.
+            # Numerator and denominator are both scaled by the fraction's denominator.
             ratio = Fraction(self.fraction)
-            held = ratio.numerator * self.kv_bytes_per_token * held // (ratio.denominator * per_token)
+            budget = ratio.numerator * self.kv_bytes_per_token * held
+            if self.reserved_bytes:
+                held = smax(0, (budget - ratio.denominator * self.reserved_bytes) // (ratio.denominator * per_token))
+            else:
+                held = budget // (ratio.denominator * per_token)
         if self.shared is not None:  # a hybrid model whose windowed sites keep their whole window
             whole = self.full(seen) if self.window is not None else (
                 (Fraction(self.fraction) * self.kv_bytes_per_token * seen
@@ -86,6 +95,15 @@ class SiteSchedule:
         if self.max_tokens is not None:
             held = smin(held, self.max_tokens)
         return held
+
+    def holds_reserve(self, seen):
+        """Whether the cap leaves room for `reserved_bytes` once `seen` tokens have been seen: always
+        when the schedule does not cap by fraction (at budget 1 nothing is capped; an absolute
+        budget took the reserve off its token caps when it was planned)."""
+        if self.fraction >= 1.0:
+            return True
+        ratio = Fraction(self.fraction)
+        return ratio.numerator * self.kv_bytes_per_token * self.full(seen) >= ratio.denominator * self.reserved_bytes
 
     def keeps_window(self, seen) -> bool:
         """Whether only the window bounds this site at `seen` (it evicts its oldest tokens, nothing else)."""
@@ -134,7 +152,8 @@ class SiteSchedule:
         whole = self.full(seen) * (self.kv_bytes_per_token + stat)
         evicted = self.kept(seen) * (self.kv_bytes_per_token + self.state_bytes_per_token)
         evicts = True if self.fraction < 1.0 else seen > self.cap(seen)
-        return batch * where(evicts, evicted, whole)
+        reserve = where(self.holds_reserve(seen), self.reserved_bytes, 0) if self.reserved_bytes else 0
+        return batch * (where(evicts, evicted, whole) + reserve)
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,18 @@ tensors (the old ones are released; nothing is masked to pretend).
 
 Each kept token remembers its logical slot (position in the sequence), so causality for
 appended tokens and padding stay right after eviction. Slots are only stored once they
-stop being `first..first+T-1` (after the first eviction), so an unpruned cache costs
-exactly the bytes of its K and V.
+stop being `first..first+T-1` (after the first eviction, or once a call's tokens have gaps),
+so an unpruned cache costs exactly the bytes of its K and V.
+
+Per-sequence state that a transform keeps beside a site's tokens (token filtering's anchors)
+lives in `state`, so it lives and dies with this cache (one per call of the model), follows
+its batch rows and counts in its bytes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -43,7 +47,21 @@ class TokenPositions:
     span: int
     """Positions the call covers (kept and pruned tokens): what the logical length grows by."""
     padding: torch.Tensor | None = None
-    """bool [B, L]: True for padding tokens."""
+    """bool [B, L]: True for padding tokens (and any other appended token no query may see)."""
+    queries: torch.Tensor | None = None
+    """int [B, Lq]: the queries' positions relative to the call's first position, when they are not
+    the appended tokens (token filtering: a prefill's filtered queries are skipped while their keys
+    stay, or a decode step's query attends while its key is not cached). None: the appended tokens'."""
+
+
+class SequenceState(Protocol):
+    """Per-sequence state a transform keeps in a site's cache (`CompactedKV.state`)."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor it holds, for byte accounting."""
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep (or reorder, or repeat) batch rows."""
 
 
 class CompactedKV:
@@ -70,6 +88,8 @@ class CompactedKV:
         self.seen = 0
         self.pending = 0
         self.evictions = 0
+        self.state: dict[str, SequenceState] = {}
+        """Per-sequence state of the transforms acting at this site, by transform name."""
 
     @classmethod
     def from_prefill(
@@ -104,7 +124,7 @@ class CompactedKV:
         return torch.full(self.keys.shape[:2], self.keys.shape[-2], dtype=torch.long, device=self.keys.device)
 
     def empty(self) -> "CompactedKV":
-        """A new, empty cache like this one."""
+        """A new, empty cache like this one (no state)."""
         return CompactedKV(self.schedule, self.method, self.group_size, self.reallocator, self.index)
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
@@ -114,8 +134,9 @@ class CompactedKV:
         self.first = seen - keys.shape[-2]
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor the cache holds, for byte accounting."""
-        return [t for t in (self.keys, self.values, self.slots, self.stat) if t is not None]
+        """Every tensor the cache holds (its transforms' state included), for byte accounting."""
+        held = [t for t in (self.keys, self.values, self.slots, self.stat) if t is not None]
+        return held + [t for state in self.state.values() for t in state.tensors()]
 
     def extend(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append new K/V [B, Hkv, L, D]; returns the whole cache including them."""
@@ -143,19 +164,21 @@ class CompactedKV:
         padding in their slots and only the appended ones are read. `positions`: where the
         appended tokens sit in the sequence when they are not simply the next L (tokens were
         pruned before reaching this cache; the logical length grows by its span, and from then on
-        slots are stored, since they have gaps). `model_mask` [B, 1 or Hkv, L, seen + L] is the
+        slots are stored, since they have gaps; `positions.queries` says where the queries sit when
+        they are not the appended tokens). `model_mask` [B, 1 or Hkv, L, seen + L] is the
         model's own mask over logical positions (bool, or float added to the logits), applied at
         the slots the cache holds; `softcap` and `sinks` are the model's logit soft-capping and
         sink logits (`kvpass.kernels.reference.attention`).
         """
         batch, hkv, total, _ = self.keys.shape
         start, new = self.seen, self.pending
+        queries = None
         span = new if positions is None else positions.span
         self._fit_schedule()
         if self.reallocator is not None:
             self.schedule = replace(self.schedule, fraction=self.reallocator.fraction(self.index, start + span))
         if positions is not None and self.slots is None:
-            self.slots = self._past_slots(batch, hkv, total - new, q.device)
+            self.slots = self._past_slots(batch, hkv, total - new, q.device, key_padding)
         stored = self.slots is not None
         if positions is None:
             appended = torch.arange(start, start + new, device=q.device, dtype=torch.int32).expand(batch, new)
@@ -166,6 +189,8 @@ class CompactedKV:
             appended = (positions.offsets.to(device=q.device, dtype=torch.int32) + start).expand(batch, new)
             labelled = appended[:, None, :].expand(batch, hkv, new)
             padding = positions.padding
+            if positions.queries is not None:
+                queries = (positions.queries.to(device=q.device, dtype=torch.int32) + start).expand(batch, -1)
         if padding is not None:
             labelled = torch.where(padding[:, None, :], -1 - labelled, labelled)
         k_slots = torch.cat([self.slots, labelled], dim=-1) if stored else labelled.contiguous()
@@ -174,7 +199,7 @@ class CompactedKV:
         if model_mask is not None:
             model_mask = self._mask_at_slots(model_mask, k_slots)
         out, stat = ops.attention(
-            q, self.keys, self.values, appended.contiguous(), k_slots, scale, causal,
+            q, self.keys, self.values, (appended if queries is None else queries).contiguous(), k_slots, scale, causal,
             self.stat_mode.value, self.method.window if self.method is not None else 0, model_mask, softcap, sinks,
         )
         self.seen += span
@@ -196,12 +221,17 @@ class CompactedKV:
         if per_token != self.schedule.kv_bytes_per_token:
             self.schedule = replace(self.schedule, kv_bytes_per_token=per_token)
 
-    def _past_slots(self, batch: int, hkv: int, length: int, device: torch.device) -> torch.Tensor:
-        """The stored slots, or first..first+length-1 when none were stored yet."""
+    def _past_slots(self, batch: int, hkv: int, length: int, device: torch.device,
+                    key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored slots, or first..first+length-1 when none were stored yet (padding, marked
+        in `key_padding` [B, seen + new], as `-1 - slot`)."""
         if self.slots is not None:
             return self.slots
         slots = torch.arange(self.first, self.first + length, device=device, dtype=torch.int32)
-        return slots.expand(batch, hkv, length).contiguous()
+        slots = slots.expand(batch, hkv, length)
+        if key_padding is not None and length:
+            slots = torch.where(key_padding[:, None, self.first:self.first + length], -1 - slots, slots)
+        return slots.contiguous()
 
     def _mask_at_slots(self, mask: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
         """The model's mask over logical positions [B, 1 | Hkv | Hq, L, positions], read at each cached key's slot."""
@@ -259,3 +289,5 @@ class CompactedKV:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+        for state in self.state.values():
+            state.select_batch(index)

@@ -7,9 +7,11 @@ the graph matcher found:
 
 * `KVPassCacheLayer` replaces the cache's per-layer storage with a `CompactedKV`
   (installed by a forward pre-hook on the attention module, so a cache created by
-  `generate` or by the user is adopted on its first use);
-* `kvpass_attention` is registered as the "kvpass" attention implementation and runs the
-  `torch.ops.kvpass.attention` custom op over the compacted cache, then evicts.
+  `generate` or by the user is adopted on its first use); its `update` hands the new K/V
+  on to the attention function rather than storing them;
+* `kvpass_attention` is registered as the "kvpass" attention implementation: it appends the
+  new K/V to the compacted cache (all of them, or what a token filter keeps), runs the
+  `torch.ops.kvpass.attention` custom op over it, then evicts.
 
 The pre-hook hands the call's cache layer to the attention function as a keyword argument
 (transformers forwards an attention module's extra keywords to its attention function), so
@@ -23,8 +25,10 @@ The cache reports the *logical* sequence length (tokens seen), so position ids, 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
@@ -56,6 +60,8 @@ class KVPassCacheLayer(CacheLayerMixin):
         """The site in the unmodified model (its full cache is what byte figures compare against)."""
         self.is_initialized = True
         self.is_sliding = site.window is not None
+        self.handed_on = 0
+        """New tokens `update` handed on to the attention call (which appends what it keeps)."""
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -78,14 +84,17 @@ class KVPassCacheLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.site_cache.pending:
+        """Hand the new K/V on to kvpass's attention function, which appends them (or what it keeps)."""
+        if self.handed_on:
             raise UnsupportedModelError(
                 f"{self.site.name} updated its cache again before kvpass's attention ran: the module computes "
                 "attention itself rather than through transformers' attention interface")
-        return self.site_cache.extend(key_states, value_states)
+        self.handed_on = key_states.shape[-2]
+        return key_states, value_states
 
     def get_seq_length(self) -> int:
-        return self.site_cache.seen + self.site_cache.pending
+        """Tokens seen, those handed on to the attention function included (as transformers' own layers count)."""
+        return self.site_cache.seen + self.site_cache.pending + self.handed_on
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -95,6 +104,7 @@ class KVPassCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.site_cache = self.site_cache.empty()
+        self.handed_on = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.site_cache.select_batch(beam_idx)
@@ -158,16 +168,34 @@ POSITIONS_KEYWORD = "kvpass_positions"
 POSITIONS_ATTRIBUTE = "_kvpass_positions"
 """Where whoever drops tokens puts that `TokenPositions` on the call's cache, for the layers that see them."""
 
+FILTER_KEYWORD = "kvpass_filter"
+"""The keyword a transform's pre-hook adds when the site filters the call's tokens itself, after their keys
+and values are known (`kvpass.runtime.token_filter.TokenFilter`)."""
+
+
+class TokenFilter(Protocol):
+    """Attention at a site that leaves some of the call's tokens out (`kvpass_filter`): returns the output
+    [B, Hq, L, D] for every query, having appended to `cache` what it keeps and called `attend(query,
+    positions=...)` with `TokenPositions` saying where those tokens sit. `positions`: the call's own (tokens
+    pruned before the attention; None: the next L); `padding` [B, L]: which new tokens are padding."""
+
+    def __call__(self, cache: CompactedKV, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 positions: TokenPositions | None, padding: torch.Tensor | None,
+                 attend: Callable[..., torch.Tensor]) -> torch.Tensor: ...
+
 
 def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                      kvpass_layer: KVPassCacheLayer | None = None, kvpass_positions: TokenPositions | None = None,
-                     softcap=None, s_aux=None, kvpass_observer=None, **kwargs):
+                     softcap=None, s_aux=None, kvpass_observer=None, kvpass_filter: TokenFilter | None = None,
+                     **kwargs):
     """The "kvpass" attention implementation: custom-op attention over the compacted cache.
 
     Besides scale and mask it honours what transformers passes to eager attention for Gemma 2's
     logit soft-capping (`softcap`) and GPT-OSS's sink logits (`s_aux`). `kvpass_observer(query,
     keys, mask, scale)`, when a call carries one (`kvpass.runtime.hf_selection` adds it), sees the
-    queries and every cached key before attention."""
+    queries and every cached key before attention. `kvpass_filter`, when a call carries one
+    (`kvpass.FilterTokens` adds it), decides which of the new tokens the cache keeps and which
+    queries attend."""
     binding = getattr(module, BINDING_ATTRIBUTE, None)
     if binding is None:
         raise UnsupportedModelError(
@@ -178,34 +206,47 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if kvpass_layer is None:  # use_cache=False: attention over this call's tokens, nothing is kept
         layer_cache = CompactedKV(replace(binding.schedule, fraction=1.0, window=None, shared=None), binding.method,
                                   binding.site.group_size)
-        layer_cache.extend(key, value)
     else:
+        if key.shape[-2] != kvpass_layer.handed_on:
+            raise UnsupportedModelError(
+                f"{binding.site.name}: {key.shape[-2]} new keys reached the attention, but the cache was updated with "
+                f"{kvpass_layer.handed_on}: the module changes its keys between the cache and the attention")
         layer_cache = kvpass_layer.site_cache
+        kvpass_layer.handed_on = 0
     if binding.recording:  # only the probe counts: a call never mutates the binding (torch.compile guards on it)
         binding.calls += 1
         binding.adopted += kvpass_layer is not None
         binding.masks.append(attention_mask)
     positions = kvpass_positions
-    if positions is not None and positions.offsets.shape[-1] != layer_cache.pending:
+    if positions is not None and positions.offsets.shape[-1] != key.shape[-2]:
         raise RuntimeError(f"{binding.site.name}: the call's token positions cover {positions.offsets.shape[-1]} tokens, "
-                           f"but {layer_cache.pending} reached the attention")
+                           f"but {key.shape[-2]} reached the attention")
     if kvpass_observer is not None:
-        kvpass_observer(query, layer_cache.keys, attention_mask, scale)
+        held = getattr(layer_cache, "keys", None)
+        kvpass_observer(query, key if held is None else torch.cat([held, key], dim=-2), attention_mask, scale)
     options = {"softcap": float(softcap or 0.0), "sinks": s_aux}
     if binding.site.kv_tiled:  # the cache and its kernels read query heads grouped by KV head
         query = _tiled_to_grouped(query, binding.site.num_kv_heads)
+        key, value = key[:, :binding.site.num_kv_heads], value[:, :binding.site.num_kv_heads]  # one whole copy
     if binding.model_mask:
-        if positions is not None:
+        if positions is not None or kvpass_filter is not None:
             raise UnsupportedModelError(
                 f"{binding.site.name} applies the model's own mask (a sliding window or a custom mask), which is "
                 "over the unpruned sequence: kvpass cannot place tokens pruned before the attention in it")
         causal = declared_causal if attention_mask is None else False  # a given mask carries causality itself
+        layer_cache.extend(key, value)
         out = layer_cache.attend(query, scale, causal, model_mask=attention_mask, **options)
     else:
         # the probe checked this model's mask is causal + padding, whatever the module declares
         causal = declared_causal if attention_mask is None else True
-        out = layer_cache.attend(query, scale, causal, _key_padding(attention_mask), positions=positions,
-                                 **options)
+        padding = _key_padding(attention_mask)
+        attend = partial(layer_cache.attend, scale=scale, causal=causal, key_padding=padding, **options)
+        if kvpass_filter is not None:
+            new_padding = None if padding is None else padding[:, -key.shape[-2]:]
+            out = kvpass_filter(layer_cache, query, key, value, positions, new_padding, attend)
+        else:
+            layer_cache.extend(key, value)
+            out = attend(query, positions=positions)
     if binding.site.kv_tiled:
         out = _tiled_to_grouped(out, out.shape[1] // binding.site.num_kv_heads)  # and back
     return out.transpose(1, 2).contiguous(), None

@@ -59,8 +59,9 @@ class Backend(str, Enum):
 class PlanningContext:
     """What transforms read while deciding, and the decisions taken so far (in phase order).
 
-    Structural transforms write `pruned_heads` / `head_importance`; `Evict` turns all of it
-    into the final `plan`. Calibration runs at most once, on demand, for every transform."""
+    Structural transforms write `pruned_heads` / `head_importance`, token filtering
+    `kept_fraction` / `reserved_bytes`; `Evict` turns all of it into the final `plan`.
+    Calibration runs at most once, on demand, for every transform."""
 
     model: Any
     sites: SiteReport
@@ -79,6 +80,10 @@ class PlanningContext:
     streaming_heads: dict[str, list[int]] = field(default_factory=dict)
     """Site name -> original KV heads that keep only `streaming_window` (sinks, recent) tokens."""
     streaming_window: tuple[int, int] = (4, 64)
+    kept_fraction: dict[str, float] = field(default_factory=dict)
+    """Site name -> the share of its tokens a selection transform keeps in its cache (eviction caps it there)."""
+    reserved_bytes: dict[str, int] = field(default_factory=dict)
+    """Site name -> bytes per sequence a transform holds beside the site's cache (counted in its cap)."""
     plan: "Plan | None" = None
     _calibration: "Calibration | None" = None
 
