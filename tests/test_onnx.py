@@ -26,7 +26,8 @@ HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 4, 2, 16, 2, 128
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                         num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB, pad_token_id=0)
+                         num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB, pad_token_id=0,
+                         eos_token_id=None)  # greedy runs of a random model must not stop at a token by chance
     return LlamaForCausalLM(config).eval()
 
 
@@ -86,13 +87,52 @@ def test_half_budget_keeps_what_torch_keeps(exported, base, method) -> None:
     tokens = generator.generate(ids, max_new_tokens=new)
     expected, cache = torch_generate(kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method), ids, new)
     assert np.array_equal(tokens, expected)
+    assert_same_cache(generator, cache, ids.shape[1] + new - 1)
+
+
+def assert_same_cache(generator, cache, length: int) -> None:
+    """Every layer of the onnxruntime cache holds what the torch cache holds (same slots, same keys),
+    and less than half of `length` tokens."""
     for layer in range(LAYERS):
         keys, values, slots = generator.cache[layer]
         site_cache = cache.layers[layer].site_cache
         assert keys.shape == tuple(site_cache.keys.shape) == values.shape
-        assert keys.shape[2] < (ids.shape[1] + new - 1) * 0.5  # really shrunk, state bytes included
+        assert keys.shape[2] < length * 0.5  # really shrunk, state bytes included
         np.testing.assert_array_equal(slots, site_cache.slots.numpy())
         np.testing.assert_allclose(keys, site_cache.keys.numpy(), atol=1e-5, rtol=0)
+
+
+def padded_batch(lengths=(120, 90, 100)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded rows of distinct tokens (pad id 0) and their attention mask."""
+    width = max(lengths)
+    ids, mask = torch.zeros(len(lengths), width, dtype=torch.long), torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length:], mask[row, width - length:] = prompt(length, seed=row + 1)[0], 1
+    return ids, mask
+
+
+PADDED_METHODS = [None, "knorm", "streaming_llm", "paged"]
+
+
+@pytest.mark.parametrize("method", PADDED_METHODS)
+def test_padded_batch_keeps_what_torch_keeps(exported, base, method) -> None:
+    """Batch 3, left padding: each row keeps the slots the torch path keeps for it, padding first out."""
+    _, proto = exported
+    (ids, mask), new = padded_batch(), 12
+    generator = kvpass.onnx.Generator(kvpass.onnx.optimize(proto, budget=0.5, method=method))
+    tokens = generator.generate(ids, max_new_tokens=new, attention_mask=mask)
+    model = kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+    assert np.array_equal(tokens, out.sequences.numpy())
+    assert_same_cache(generator, out.past_key_values, ids.shape[1] + new - 1)
+    assert (generator.cache[0][2] >= 0).all()  # padding went first
+
+
+def test_padded_batch_at_budget_one_matches_unpruned_torch(exported, base) -> None:
+    _, proto = exported
+    ids, mask = padded_batch()
+    tokens = kvpass.onnx.Generator(proto).generate(ids, max_new_tokens=8, attention_mask=torch.as_tensor(mask))
+    assert np.array_equal(tokens, base.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False).numpy())
 
 
 @pytest.mark.parametrize("method", [None, "knorm"])
@@ -265,8 +305,11 @@ def test_bad_inputs_name_the_problem(tmp_path, exported) -> None:
         kvpass.onnx.optimize(proto, plan=moving)
     with pytest.raises(ValueError, match="no kvpass metadata"):
         kvpass.onnx.Generator(no_attention)
-    with pytest.raises(NotImplementedError, match="attention_mask"):
-        kvpass.onnx.Generator(proto).generate(np.ones((2, 4), np.int64), 2, attention_mask=np.array([[0, 1, 1, 1]] * 2))
+    generator = kvpass.onnx.Generator(proto)
+    for mask, reason in [([[1, 1, 0, 1]] * 2, "only left padding"), ([[0, 0, 0, 0], [1] * 4], "ends in padding"),
+                         ([[1, 1, 1]] * 2, "shape"), ([[2, 1, 1, 1]] * 2, "0/1")]:
+        with pytest.raises(ValueError, match=f"attention_mask.*{reason}|{reason}.*attention_mask"):
+            generator.generate(np.ones((2, 4), np.int64), 2, attention_mask=np.array(mask))
 
 
 @pytest.fixture

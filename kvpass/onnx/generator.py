@@ -6,6 +6,10 @@ exactly as `kvpass.runtime.compacted_cache.CompactedKV` does, so the onnxruntime
 paths of one plan keep the same tokens. A row whose keep is the cache's length (no eviction
 due, as between the evictions of `evict_every` > 1) takes the graph's append-only branch.
 Everything else (scores, top-k, compaction, slots) runs inside the graph.
+
+Padded batches (left padding) follow Hugging Face's `generate`: position ids count each row's
+real tokens only, and the graph's `attention_mask` covers the physical cache, 0 where a row
+still holds padding (its slots are negative; eviction drops padding first).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import onnxruntime as ort
 
 from kvpass.onnx import ModelLike, load
 from kvpass.planning import SiteSchedule
-from kvpass.rewrites.onnx import EVICT_INPUT, METADATA_KEY, POSITION_INPUT
+from kvpass.rewrites.onnx import EVICT_INPUT, MASK_INPUT, METADATA_KEY, POSITION_INPUT
 from kvpass.validation import integer
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -74,12 +78,19 @@ class Generator:
         vocab = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"), None)
         self.vocab_size: int | None = vocab if isinstance(vocab, int) else None
         """Token ids must be below it (None when the graph does not fix it)."""
+        self.takes_mask = MASK_INPUT in types
         self.cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self.seen = 0
+        self.padding = np.zeros((0, 0), bool)
+        """[B, seen] True where a token of the sequence so far was padding."""
+        self.next_position = np.zeros(0, np.int64)
+        """[B] the position id each row's next real token takes (padding does not count)."""
 
     def reset(self, batch: int) -> None:
         """An empty cache for `batch` sequences."""
         self.seen = 0
+        self.padding = np.zeros((batch, 0), bool)
+        self.next_position = np.zeros(batch, np.int64)
         empty = lambda site: np.zeros((batch, site["kv_heads"], 0, site["head_dim"]), self.kv_dtype)  # noqa: E731
         self.cache = {
             site["layer"]: (empty(site), empty(site),
@@ -87,16 +98,22 @@ class Generator:
             for site in self.sites
         }
 
-    def step(self, input_ids: np.ndarray) -> np.ndarray:
-        """Feed `input_ids` [B, L] after what was seen so far; returns logits [B, L, vocab]."""
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Feed `input_ids` [B, L] after what was seen so far; returns logits [B, L, vocab].
+
+        `attention_mask` [B, L] (1 real, 0 padding) marks the padding among these tokens; padding
+        must come before a row's real tokens (left padding)."""
         input_ids = self._token_ids(input_ids)
         batch, new = input_ids.shape
         held = {keys.shape[0] for keys, _, _ in self.cache.values()}
         if held != {batch}:
             raise ValueError(f"input_ids has {batch} rows but the cache holds {sorted(held) or 'none'}: "
                              "call reset(batch) first")
-        feeds = {"input_ids": input_ids,
-                 POSITION_INPUT: np.broadcast_to(np.arange(self.seen, self.seen + new), (batch, new)).copy()}
+        real = self._new_tokens_mask(attention_mask, input_ids.shape)
+        positions = self.next_position[:, None] + np.cumsum(real, axis=1) - 1
+        feeds = {"input_ids": input_ids, POSITION_INPUT: np.where(real, positions, 0)}
+        if self.takes_mask:
+            feeds[MASK_INPUT] = np.concatenate([self._held_mask(), real], axis=1).astype(np.int64)
         rows = []
         for site in self.sites:
             keys, values, slots = self.cache[site["layer"]]
@@ -108,10 +125,39 @@ class Generator:
             feeds[EVICT_INPUT] = np.array(rows, dtype=np.int64).reshape(len(rows), 4)
         out = dict(zip(self.output_names, self.session.run(None, feeds)))
         self.seen += new
+        self.padding = np.concatenate([self.padding, ~real], axis=1)
+        self.next_position = self.next_position + real.sum(axis=1)
         for site in self.sites:
             slots = out[site["present_slots"]] if site["row"] is not None else None
             self.cache[site["layer"]] = (out[site["present_key"]], out[site["present_value"]], slots)
         return out["logits"]
+
+    def _new_tokens_mask(self, attention_mask: Any, shape: tuple[int, int]) -> np.ndarray:
+        """bool [B, L], True for real tokens; checked: 0/1 values, left padding, no row all padding so far."""
+        if attention_mask is None:
+            return np.ones(shape, bool)
+        mask = np.asarray(attention_mask.cpu() if hasattr(attention_mask, "cpu") else attention_mask)
+        if mask.shape != shape or not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"attention_mask must be 0/1 of the input_ids' shape {shape}, got shape {mask.shape}")
+        real = mask.astype(bool)
+        started = np.logical_or.accumulate(np.concatenate([self.next_position[:, None] > 0, real], axis=1), axis=1)
+        if (started[:, :-1] & ~real).any():
+            raise ValueError("attention_mask: padding after a row's real tokens; only left padding is supported")
+        if not real[:, -1].all():
+            raise ValueError("attention_mask: a row ends in padding (its next token would have nothing to follow)")
+        if not real.all() and not self.takes_mask:
+            raise ValueError("attention_mask: this ONNX graph takes no attention_mask input, so it cannot hide "
+                             "padding; export it again with kvpass.export_onnx")
+        return real
+
+    def _held_mask(self) -> np.ndarray:
+        """bool [B, cached]: the cached tokens that are not padding, in cache order (the same in every layer)."""
+        masks = [~self.padding if slots is None else slots[:, 0, :] >= 0 for _, _, slots in self.cache.values()]
+        if any(m.shape != masks[0].shape or not np.array_equal(m, masks[0]) for m in masks[1:]):
+            raise ValueError("attention_mask: the graph's one attention mask must fit every layer's cache, but this "
+                             "plan has layers holding different tokens (give every layer the same budget to serve "
+                             "padded batches)")
+        return masks[0]
 
     def cache_bytes(self) -> int:
         """Bytes the cache holds now: keys, values and slots of every layer."""
@@ -126,20 +172,19 @@ class Generator:
     def generate(self, input_ids, max_new_tokens: int, attention_mask=None, eos_token_id: int | None = None) -> np.ndarray:
         """Greedy decoding: the prompt [B, L] (numpy or torch ids) plus up to `max_new_tokens` tokens.
 
+        `attention_mask` [B, L] (numpy or torch, 1 real, 0 padding): a left-padded batch, decoded as
+        Hugging Face's `generate` does (each row keeps the positions the torch path keeps for it).
         Sequences that hit `eos_token_id` are padded with it until all have finished.
         """
         ids = self._token_ids(input_ids)
         max_new_tokens = integer(max_new_tokens, "max_new_tokens", minimum=0)
         if eos_token_id is not None:
             eos_token_id = integer(eos_token_id, "eos_token_id", minimum=0)
-        if attention_mask is not None and not np.all(np.asarray(
-                attention_mask.cpu() if hasattr(attention_mask, "cpu") else attention_mask)):
-            raise NotImplementedError("attention_mask: padded batches are not supported by the ONNX generator yet; "
-                                      "run sequences of equal length (or one at a time)")
         self.reset(ids.shape[0])
-        tokens, done, chunk = [ids], np.zeros(ids.shape[0], bool), ids
+        tokens, done, chunk, mask = [ids], np.zeros(ids.shape[0], bool), ids, attention_mask
         for _ in range(max_new_tokens):
-            next_token = self.step(chunk)[:, -1].argmax(-1)
+            next_token = self.step(chunk, mask)[:, -1].argmax(-1)
+            mask = None
             if eos_token_id is not None:
                 next_token = np.where(done, eos_token_id, next_token)
                 done |= next_token == eos_token_id

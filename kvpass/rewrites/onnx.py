@@ -20,6 +20,8 @@ the kept indices ascending and gathers compacted `present` K/V and int32 slots; 
 the cache passes through, so steps between evictions (`evict_every` > 1) only append.
 `keep`, `sinks`, `recent` and `seen` come from the host (input `kvpass_evict`, one row per
 pruned site), computed with `kvpass.plan.SiteSchedule`, so the keep count is the torch runtime's.
+The new tokens' slots are their places in the sequence (from `seen`), negative for padding (the
+new columns of the graph's `attention_mask`, when it has one), as the torch runtime labels them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ METADATA_KEY = "kvpass"
 EVICT_INPUT = "kvpass_evict"
 """int64 [pruned sites, 4] graph input: (keep, sinks, recent, seen) per pruned site."""
 POSITION_INPUT = "position_ids"
+MASK_INPUT = "attention_mask"
+"""Optional [batch, cached + new] graph input, 0 for padding: the new tokens' columns mark which are padding."""
 MIN_OPSET = 18
 """ReduceMean/ReduceL2 take axes as inputs from opset 18 on; older graphs are refused."""
 
@@ -217,6 +221,7 @@ def rewrite_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: i
         raise UnsupportedModelError(
             f"the ONNX graph has no '{POSITION_INPUT}' input: logical positions must be explicit so RoPE stays "
             "right after eviction (export with position_ids as an input)")
+    mask = next((v for v in graph.inputs if v.name == MASK_INPUT), None)
     evict = ir.Value(name=EVICT_INPUT, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([len(pruned), 4]))
     if pruned:
         graph.inputs.append(evict)
@@ -229,7 +234,7 @@ def rewrite_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: i
         if schedule.prunes:
             entry["row"] = pruned.index(site)
             entry["past_slots"], entry["present_slots"] = _add_eviction(
-                model, site, plan.method, position_ids, evict, entry["row"])
+                model, site, plan.method, mask, evict, entry["row"])
         meta.append(entry)
     model.metadata_props[METADATA_KEY] = json.dumps({"method": plan.method.name, "sites": meta})
 
@@ -328,7 +333,7 @@ STATISTICS: dict[Stat, Callable] = {Stat.LAST_QUERY: _last_query_attention}
 across steps, or the prefill's window, that the exported step does not carry)."""
 
 
-def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position_ids: ir.Value,
+def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, mask: ir.Value | None,
                   evict: ir.Value, row: int) -> tuple[str, str]:
     """Append one site's slots and its evict-or-append `If`; returns its slot input/output names."""
     graph, x = model.graph, site.match
@@ -338,11 +343,8 @@ def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position
                           shape=ir.Shape([x.past_key.shape[0] if x.past_key.shape else None,
                                           site.num_kv_heads, f"past_{site.layer}"]))
     graph.inputs.append(past_slots)
-    new_slots = o("Unsqueeze", o("Cast", position_ids, to=ir.DataType.INT32), o.const([1]))
-    new_slots = o("Expand", new_slots, o.const([1, site.num_kv_heads, 1]))
-    slots = o("Concat", past_slots, new_slots, axis=2)
-
     params = o("Gather", evict, o.const(row), axis=0)
+    slots = o("Concat", past_slots, _new_slots(o, site, params, mask), axis=2)
     keep = o("Gather", params, o.const([0]), axis=0)  # [1], as TopK wants k
     evicting = o("Less", keep, o.dim(cache_k, 2))  # the host feeds keep = length when no eviction is due
     ranking = ranking_function(method, cache_k.dtype, model.opset_imports[""])
@@ -365,6 +367,23 @@ def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position
     present_slots.shape = ir.Shape([None, site.num_kv_heads, f"kept_{site.layer}"])
     graph.outputs.append(present_slots)
     return past_slots.name, present_slots.name
+
+
+def _new_slots(o: _Ops, site: AttentionSite, params: ir.Value, mask: ir.Value | None) -> ir.Value:
+    """int32 [B, Hkv, L]: the new tokens' slots, their places in the sequence (`seen - L` .. `seen - 1`),
+    -1 - slot for padding (the last L columns of `mask` are 0), as the torch runtime labels them.
+    Not the position ids: a left-padded row's positions start after its padding, its slots do not."""
+    cache, past = site.match.present_key, site.match.past_key
+    new = o("Squeeze", o("Sub", o.dim(cache, 2), o.dim(past, 2)), o.const([0]))
+    seen = o("Gather", params, o.const(3), axis=0)
+    slots = o("Unsqueeze", o("Range", o("Sub", seen, new), seen, o.const(np.int64(1))), o.const([0]))  # [1, L]
+    if mask is not None:
+        new_columns = o("Slice", mask, o("Unsqueeze", o("Neg", new), o.const([0])),
+                        o.const([np.iinfo(np.int64).max]), o.const([1]))
+        padding = o("Not", o("Cast", new_columns, to=ir.DataType.BOOL))
+        slots = o("Where", padding, o("Sub", o.const(np.int64(-1)), slots), slots)
+    slots = o("Unsqueeze", o("Cast", slots, to=ir.DataType.INT32), o.const([1]))
+    return o("Expand", slots, o("Concat", o.dim(cache, 0), o.const([site.num_kv_heads, 1]), axis=0))
 
 
 def _select_and_compact(o: _Ops, site: AttentionSite, method: Method, ranking: ir.Function, cache_k: ir.Value,
