@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import kvpass
 import kvpass.onnx
 from kvpass.errors import UnsupportedModelError
-from kvpass.methods import get_method
+from kvpass.methods import Method, get_method
 from kvpass.onnx.export import export_onnx
 from kvpass.planning import build_plan
 
@@ -111,12 +112,15 @@ def padded_batch(lengths=(120, 90, 100)) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-PADDED_METHODS = [None, "knorm", "streaming_llm", "paged"]
+EVERY_METHOD = [None, "tova", "knorm", "streaming_llm", "h2o", "snapkv", "random", "paged",
+                get_method("knorm", span=2), get_method("h2o", page_size=4), get_method("random", seed=7),
+                get_method("snapkv", window=8, kernel=3), get_method("paged", page_size=8)]
 
 
-@pytest.mark.parametrize("method", PADDED_METHODS)
+@pytest.mark.parametrize("method", EVERY_METHOD, ids=repr)
 def test_padded_batch_keeps_what_torch_keeps(exported, base, method) -> None:
-    """Batch 3, left padding: each row keeps the slots the torch path keeps for it, padding first out."""
+    """Batch 3, left padding, every method: each row keeps the slots the torch path keeps for it,
+    padding first out, under the byte cap (h2o's and snapkv's running sums, carried by the graph, included)."""
     _, proto = exported
     (ids, mask), new = padded_batch(), 12
     generator = kvpass.onnx.Generator(kvpass.onnx.optimize(proto, budget=0.5, method=method))
@@ -126,6 +130,10 @@ def test_padded_batch_keeps_what_torch_keeps(exported, base, method) -> None:
     assert np.array_equal(tokens, out.sequences.numpy())
     assert_same_cache(generator, out.past_key_values, ids.shape[1] + new - 1)
     assert (generator.cache[0][2] >= 0).all()  # padding went first
+    for layer, stat in generator.stats.items():
+        np.testing.assert_allclose(stat, out.past_key_values.layers[layer].site_cache.stat.numpy(), atol=1e-5)
+    assert bool(generator.stats) == get_method(method).stat.carried
+    assert generator.cache_bytes() <= 0.5 * generator.full_cache_bytes()
 
 
 def test_padded_batch_at_budget_one_matches_unpruned_torch(exported, base) -> None:
@@ -135,7 +143,7 @@ def test_padded_batch_at_budget_one_matches_unpruned_torch(exported, base) -> No
     assert np.array_equal(tokens, base.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False).numpy())
 
 
-@pytest.mark.parametrize("method", [None, "knorm"])
+@pytest.mark.parametrize("method", [None, "knorm", "h2o"])
 def test_evict_every_keeps_what_torch_keeps_and_appends_in_between(exported, base, method) -> None:
     _, proto = exported
     ids, new, every = prompt(), 20, 8
@@ -158,7 +166,9 @@ def test_evict_every_keeps_what_torch_keeps_and_appends_in_between(exported, bas
 
 
 @pytest.mark.parametrize("method", [get_method("tova", span=2), get_method("knorm", shared_keep_set=True),
-                                    get_method("paged", page_size=4), get_method("streaming_llm")], ids=repr)
+                                    get_method("paged", page_size=4), get_method("streaming_llm"),
+                                    get_method("random", seed=3), get_method("snapkv", window=4),
+                                    get_method("h2o", span=1)], ids=repr)
 def test_onnx_ranking_is_the_torch_ranking(method) -> None:
     """The ONNX eviction ranks with the torch ranking function itself, exported: same scores,
     carve-outs and padding, for any batch, heads and length."""
@@ -273,6 +283,16 @@ def test_hand_written_chain_is_found_with_its_scale() -> None:
     assert site.scale == pytest.approx(8**-0.5)
 
 
+@dataclass
+class HostScored(Method):
+    """A method whose score branches in Python on the cache's values, so it has no ONNX form."""
+
+    name = "host_scored"
+
+    def score(self, obs):
+        return obs.keys.norm(dim=-1) if float(obs.keys.sum()) > 0 else -obs.keys.norm(dim=-1)
+
+
 def test_bad_inputs_name_the_problem(tmp_path, exported) -> None:
     with pytest.raises(FileNotFoundError, match="no ONNX file"):
         kvpass.onnx.optimize(tmp_path / "missing.onnx")
@@ -293,8 +313,8 @@ def test_bad_inputs_name_the_problem(tmp_path, exported) -> None:
     with pytest.raises(UnsupportedModelError, match="position_ids"):
         kvpass.onnx.optimize(_cached_attention_model(18))
     _, proto = exported
-    with pytest.raises(UnsupportedModelError, match="'h2o'"):
-        kvpass.onnx.optimize(proto, method="h2o")
+    with pytest.raises(UnsupportedModelError, match="method 'host_scored' has no ONNX scoring"):
+        kvpass.onnx.optimize(proto, method=HostScored())
     with pytest.raises(ValueError, match="budget"):
         kvpass.onnx.optimize(proto, budget=1.5)
     for every in (0, 2.5, True):

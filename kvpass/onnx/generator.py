@@ -80,6 +80,9 @@ class Generator:
         """Token ids must be below it (None when the graph does not fix it)."""
         self.takes_mask = MASK_INPUT in types
         self.cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        self.stats: dict[int, np.ndarray] = {}
+        """float32 [B, Hkv, T] per layer whose method sums attention over the steps (h2o, snapkv): the
+        running statistic the graph carries beside the cache, counted in its bytes."""
         self.seen = 0
         self.padding = np.zeros((0, 0), bool)
         """[B, seen] True where a token of the sequence so far was padding."""
@@ -97,6 +100,8 @@ class Generator:
                             np.zeros((batch, site["kv_heads"], 0), np.int32) if site["row"] is not None else None)
             for site in self.sites
         }
+        self.stats = {site["layer"]: np.zeros((batch, site["kv_heads"], 0), np.float32)
+                      for site in self.sites if "past_stat" in site}
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Feed `input_ids` [B, L] after what was seen so far; returns logits [B, L, vocab].
@@ -120,6 +125,8 @@ class Generator:
             feeds[site["past_key"]], feeds[site["past_value"]] = keys, values
             if site["row"] is not None:
                 feeds[site["past_slots"]] = slots
+                if "past_stat" in site:
+                    feeds[site["past_stat"]] = self.stats[site["layer"]]
                 rows.append(evict_row(self.schedules[site["layer"]], keys.shape[2] + new, self.seen + new))
         if rows:
             feeds[EVICT_INPUT] = np.array(rows, dtype=np.int64).reshape(len(rows), 4)
@@ -130,6 +137,8 @@ class Generator:
         for site in self.sites:
             slots = out[site["present_slots"]] if site["row"] is not None else None
             self.cache[site["layer"]] = (out[site["present_key"]], out[site["present_value"]], slots)
+            if "present_stat" in site:
+                self.stats[site["layer"]] = out[site["present_stat"]]
         return out["logits"]
 
     def _new_tokens_mask(self, attention_mask: Any, shape: tuple[int, int]) -> np.ndarray:
@@ -160,8 +169,9 @@ class Generator:
         return masks[0]
 
     def cache_bytes(self) -> int:
-        """Bytes the cache holds now: keys, values and slots of every layer."""
-        return sum(array.nbytes for layer in self.cache.values() for array in layer if array is not None)
+        """Bytes the cache holds now: keys, values, slots and carried statistics of every layer."""
+        held = sum(array.nbytes for layer in self.cache.values() for array in layer if array is not None)
+        return held + sum(stat.nbytes for stat in self.stats.values())
 
     def full_cache_bytes(self) -> int:
         """Bytes the graph's unpruned cache would hold after the tokens seen so far (same batch, geometry, dtype)."""
