@@ -332,6 +332,20 @@ def test_bad_inputs_name_the_problem(tmp_path, exported) -> None:
             generator.generate(np.ones((2, 4), np.int64), 2, attention_mask=np.array(mask))
 
 
+@pytest.mark.parametrize("available, chosen", [
+    (["CPUExecutionProvider"], ["CPUExecutionProvider"]),
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+     ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+])
+def test_generator_picks_cuda_when_onnxruntime_has_it(exported, monkeypatch, available, chosen) -> None:
+    _, proto = exported
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    generator = kvpass.onnx.Generator(proto)
+    assert generator.providers == chosen
+    assert generator.session.get_providers()[-1] == "CPUExecutionProvider"  # what this CPU build could take
+    assert kvpass.onnx.Generator(proto, providers=["CPUExecutionProvider"]).providers == ["CPUExecutionProvider"]
+
+
 @pytest.fixture
 def one_thread():
     """torch and onnxruntime on one thread each: with the cores shared, oversubscribed threads made

@@ -40,13 +40,25 @@ def evict_row(schedule: SiteSchedule, total: int, seen: int) -> tuple[int, int, 
     return (int(keep), *map(int, schedule.carve_out(keep)), seen)
 
 
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime has it (`pip install kvpass[onnx-gpu]`), then the CPU.
+
+    Example:
+        >>> default_providers()[-1]
+        'CPUExecutionProvider'
+    """
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
 class Generator:
     """onnxruntime greedy loop over the compacted cache of a `kvpass.onnx.optimize`d model.
 
     After a call, `cache[layer]` holds that layer's (keys, values, slots) as numpy arrays
     (slots None for an unpruned layer), the physical cache the next step would read.
     Eviction follows the model's schedule, `evict_every` included (`kvpass.onnx.optimize`):
-    between evictions the graph only appends. `session_options` (threads, ...) go to onnxruntime.
+    between evictions the graph only appends. `session_options` (threads, ...) go to onnxruntime;
+    `providers` default to `default_providers()`: CUDA when onnxruntime-gpu is installed, else the CPU.
 
     Example:
         >>> gen = kvpass.onnx.Generator("model.pruned.onnx")            # doctest: +SKIP
@@ -63,15 +75,14 @@ class Generator:
                              "kvpass.onnx.optimize or kvpass.export_onnx")
         self.sites = json.loads(meta)["sites"]
         self.schedules = {site["layer"]: SiteSchedule(**site["schedule"]) for site in self.sites}
-        if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.providers = default_providers() if providers is None else list(providers)
+        """The execution providers asked for, in order (`session.get_providers()`: those onnxruntime took)."""
         if session_options is not None and not isinstance(session_options, ort.SessionOptions):
             raise TypeError("session_options must be an onnxruntime.SessionOptions, "
                             f"got {type(session_options).__name__}")
         options = session_options or ort.SessionOptions()  # default: every graph optimization
         source = path_or_model if not hasattr(path_or_model, "SerializeToString") else proto.SerializeToString()
-        self.session = ort.InferenceSession(source, options, providers=providers)
+        self.session = ort.InferenceSession(source, options, providers=self.providers)
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = _NUMPY_TYPES[types[self.sites[0]["past_key"]]]
         self.output_names = [o.name for o in self.session.get_outputs()]
