@@ -145,24 +145,40 @@ def test_padded_batch_at_budget_one_matches_unpruned_torch(exported, base) -> No
 
 @pytest.mark.parametrize("method", [None, "knorm", "h2o"])
 def test_evict_every_keeps_what_torch_keeps_and_appends_in_between(exported, base, method) -> None:
+    """A left-padded batch evicting every 8 steps: the torch path's slots, and in between the graph only
+    appends (h2o's running sums grow on those steps too) while the byte cap holds at every step."""
     _, proto = exported
-    ids, new, every = prompt(), 20, 8
+    (ids, mask), new, every = padded_batch(), 20, 8
     generator = kvpass.onnx.Generator(kvpass.onnx.optimize(proto, budget=0.5, method=method, evict_every=every))
     model = kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method, evict_every=every)
-    expected, cache = torch_generate(model, ids, new)
-    assert np.array_equal(generator.generate(ids, max_new_tokens=new), expected)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+    expected, cache = out.sequences.numpy(), out.past_key_values
+    assert np.array_equal(generator.generate(ids, max_new_tokens=new, attention_mask=mask), expected)
     for layer in range(LAYERS):
         keys, _, slots = generator.cache[layer]
         assert keys.shape == tuple(cache.layers[layer].site_cache.keys.shape)
         np.testing.assert_array_equal(slots, cache.layers[layer].site_cache.slots.numpy())
     schedule, lengths = generator.schedules[0], []
-    generator.reset(1)
+    generator.reset(len(ids))
     for start in range(ids.shape[1], expected.shape[1]):  # the same tokens again, one step at a time
-        generator.step(expected[:, :start] if start == ids.shape[1] else expected[:, start - 1:start])
+        if start == ids.shape[1]:
+            generator.step(expected[:, :start], mask.numpy())
+        else:
+            generator.step(expected[:, start - 1:start])
         lengths.append(generator.cache[0][0].shape[2])
         assert lengths[-1] <= schedule.cap(generator.seen)  # the byte cap holds at every step
+        assert generator.cache_bytes() <= 0.5 * generator.full_cache_bytes()
     evictions = sum(after <= before for before, after in zip(lengths, lengths[1:]))
     assert 0 < evictions <= (new - 1) // every + 1  # in between, the cache only grows
+
+
+def test_layers_of_different_budgets_are_refused_by_name(exported) -> None:
+    """The exported graph builds one mask for every layer from `attention_mask`, so layers must hold
+    as many tokens each (before, onnxruntime failed in an Expand node)."""
+    _, proto = exported
+    pruned = kvpass.onnx.optimize(proto, budget=0.5, transforms=[kvpass.Evict("knorm", allocation="pyramid")])
+    with pytest.raises(UnsupportedModelError, match="attention_mask: the graph's one attention mask must fit every"):
+        kvpass.onnx.Generator(pruned).generate(prompt(), max_new_tokens=2)
 
 
 @pytest.mark.parametrize("method", [get_method("tova", span=2), get_method("knorm", shared_keep_set=True),

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from kvpass.errors import UnsupportedModelError
 from kvpass.onnx import ModelLike, load
 from kvpass.planning import SiteSchedule
 from kvpass.rewrites.onnx import EVICT_INPUT, MASK_INPUT, METADATA_KEY, POSITION_INPUT
@@ -174,9 +175,10 @@ class Generator:
         """bool [B, cached]: the cached tokens that are not padding, in cache order (the same in every layer)."""
         masks = [~self.padding if slots is None else slots[:, 0, :] >= 0 for _, _, slots in self.cache.values()]
         if any(m.shape != masks[0].shape or not np.array_equal(m, masks[0]) for m in masks[1:]):
-            raise ValueError("attention_mask: the graph's one attention mask must fit every layer's cache, but this "
-                             "plan has layers holding different tokens (give every layer the same budget to serve "
-                             "padded batches)")
+            raise UnsupportedModelError(
+                "attention_mask: the graph's one attention mask must fit every layer's cache, but this plan has "
+                "layers holding different tokens (allocation='pyramid' or 'adaptive', or layers left unpruned); "
+                "plan every layer alike (allocation='uniform') to serve this graph")
         return masks[0]
 
     def cache_bytes(self) -> int:
