@@ -31,11 +31,6 @@ from kvpass.eval.models import load_smollm2
 from kvpass.onnx.export import export_onnx
 
 
-def cache_bytes(generator: kvpass.onnx.Generator) -> int:
-    """Bytes of the present cache the generator holds: K, V and slots."""
-    return sum(t.nbytes for entry in generator.cache.values() for t in entry if t is not None)
-
-
 def measure(generators: dict[str, kvpass.onnx.Generator], ids: np.ndarray, steps: int) -> dict[str, tuple]:
     """(mean ms per decode step, most bytes the present cache held from the prefill on) per generator.
     They decode in turns, one step each, so a change of load on a shared machine hits all alike."""
@@ -43,13 +38,13 @@ def measure(generators: dict[str, kvpass.onnx.Generator], ids: np.ndarray, steps
     for name, generator in generators.items():
         generator.reset(ids.shape[0])
         tokens[name] = generator.step(ids)[:, -1:].argmax(-1)
-        held[name] = cache_bytes(generator)
+        held[name] = generator.cache_bytes()
     for _ in range(steps):
         for name, generator in generators.items():
             start = time.perf_counter()
             tokens[name] = generator.step(tokens[name].astype(np.int64))[:, -1:].argmax(-1)
             spent[name] += time.perf_counter() - start
-            held[name] = max(held[name], cache_bytes(generator))
+            held[name] = max(held[name], generator.cache_bytes())
     return {name: (spent[name] / steps * 1e3, held[name]) for name in generators}
 
 

@@ -3,7 +3,7 @@
     python examples/onnx_serving.py                  # SmolLM2-135M-Instruct, written to smollm2.pruned.onnx
     python examples/onnx_serving.py --tiny --out /tmp/tiny.onnx
 
-`kvpass.export_onnx` exports one decode step (input ids, positions and the cache in; logits and the
+`kvpass.export_onnx` exports one decode step (input ids, attention mask, positions and the cache in; logits and the
 compacted cache out) whose eviction uses standard ONNX ops only, so any execution provider runs
 it. `kvpass.onnx.Generator` feeds it the keep counts the torch runtime would use, so onnxruntime
 keeps the same tokens as torch and generates the same text.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import kvpass
 import kvpass.onnx
 from kvpass.errors import UnsupportedModelError
-from kvpass.methods import get_method
+from kvpass.methods import Method, get_method
 from kvpass.onnx.export import export_onnx
 from kvpass.planning import build_plan
 
@@ -26,7 +27,8 @@ HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 4, 2, 16, 2, 128
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                         num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB, pad_token_id=0)
+                         num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB, pad_token_id=0,
+                         eos_token_id=None)  # greedy runs of a random model must not stop at a token by chance
     return LlamaForCausalLM(config).eval()
 
 
@@ -86,39 +88,103 @@ def test_half_budget_keeps_what_torch_keeps(exported, base, method) -> None:
     tokens = generator.generate(ids, max_new_tokens=new)
     expected, cache = torch_generate(kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method), ids, new)
     assert np.array_equal(tokens, expected)
+    assert_same_cache(generator, cache, ids.shape[1] + new - 1)
+
+
+def assert_same_cache(generator, cache, length: int) -> None:
+    """Every layer of the onnxruntime cache holds what the torch cache holds (same slots, same keys),
+    and less than half of `length` tokens."""
     for layer in range(LAYERS):
         keys, values, slots = generator.cache[layer]
         site_cache = cache.layers[layer].site_cache
         assert keys.shape == tuple(site_cache.keys.shape) == values.shape
-        assert keys.shape[2] < (ids.shape[1] + new - 1) * 0.5  # really shrunk, state bytes included
+        assert keys.shape[2] < length * 0.5  # really shrunk, state bytes included
         np.testing.assert_array_equal(slots, site_cache.slots.numpy())
         np.testing.assert_allclose(keys, site_cache.keys.numpy(), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", [None, "knorm"])
-def test_evict_every_keeps_what_torch_keeps_and_appends_in_between(exported, base, method) -> None:
+def padded_batch(lengths=(120, 90, 100)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded rows of distinct tokens (pad id 0) and their attention mask."""
+    width = max(lengths)
+    ids, mask = torch.zeros(len(lengths), width, dtype=torch.long), torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length:], mask[row, width - length:] = prompt(length, seed=row + 1)[0], 1
+    return ids, mask
+
+
+EVERY_METHOD = [None, "tova", "knorm", "streaming_llm", "h2o", "snapkv", "random", "paged",
+                get_method("knorm", span=2), get_method("h2o", page_size=4), get_method("random", seed=7),
+                get_method("snapkv", window=8, kernel=3), get_method("paged", page_size=8)]
+
+
+@pytest.mark.parametrize("method", EVERY_METHOD, ids=repr)
+def test_padded_batch_keeps_what_torch_keeps(exported, base, method) -> None:
+    """Batch 3, left padding, every method: each row keeps the slots the torch path keeps for it,
+    padding first out, under the byte cap (h2o's and snapkv's running sums, carried by the graph, included)."""
     _, proto = exported
-    ids, new, every = prompt(), 20, 8
+    (ids, mask), new = padded_batch(), 12
+    generator = kvpass.onnx.Generator(kvpass.onnx.optimize(proto, budget=0.5, method=method))
+    tokens = generator.generate(ids, max_new_tokens=new, attention_mask=mask)
+    model = kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+    assert np.array_equal(tokens, out.sequences.numpy())
+    assert_same_cache(generator, out.past_key_values, ids.shape[1] + new - 1)
+    assert (generator.cache[0][2] >= 0).all()  # padding went first
+    for layer, stat in generator.stats.items():
+        np.testing.assert_allclose(stat, out.past_key_values.layers[layer].site_cache.stat.numpy(), atol=1e-5)
+    assert bool(generator.stats) == get_method(method).stat.carried
+    assert generator.cache_bytes() <= 0.5 * generator.full_cache_bytes()
+
+
+def test_padded_batch_at_budget_one_matches_unpruned_torch(exported, base) -> None:
+    _, proto = exported
+    ids, mask = padded_batch()
+    tokens = kvpass.onnx.Generator(proto).generate(ids, max_new_tokens=8, attention_mask=torch.as_tensor(mask))
+    assert np.array_equal(tokens, base.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False).numpy())
+
+
+@pytest.mark.parametrize("method", [None, "knorm", "h2o"])
+def test_evict_every_keeps_what_torch_keeps_and_appends_in_between(exported, base, method) -> None:
+    """A left-padded batch evicting every 8 steps: the torch path's slots, and in between the graph only
+    appends (h2o's running sums grow on those steps too) while the byte cap holds at every step."""
+    _, proto = exported
+    (ids, mask), new, every = padded_batch(), 20, 8
     generator = kvpass.onnx.Generator(kvpass.onnx.optimize(proto, budget=0.5, method=method, evict_every=every))
     model = kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method, evict_every=every)
-    expected, cache = torch_generate(model, ids, new)
-    assert np.array_equal(generator.generate(ids, max_new_tokens=new), expected)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+    expected, cache = out.sequences.numpy(), out.past_key_values
+    assert np.array_equal(generator.generate(ids, max_new_tokens=new, attention_mask=mask), expected)
     for layer in range(LAYERS):
         keys, _, slots = generator.cache[layer]
         assert keys.shape == tuple(cache.layers[layer].site_cache.keys.shape)
         np.testing.assert_array_equal(slots, cache.layers[layer].site_cache.slots.numpy())
     schedule, lengths = generator.schedules[0], []
-    generator.reset(1)
+    generator.reset(len(ids))
     for start in range(ids.shape[1], expected.shape[1]):  # the same tokens again, one step at a time
-        generator.step(expected[:, :start] if start == ids.shape[1] else expected[:, start - 1:start])
+        if start == ids.shape[1]:
+            generator.step(expected[:, :start], mask.numpy())
+        else:
+            generator.step(expected[:, start - 1:start])
         lengths.append(generator.cache[0][0].shape[2])
         assert lengths[-1] <= schedule.cap(generator.seen)  # the byte cap holds at every step
+        assert generator.cache_bytes() <= 0.5 * generator.full_cache_bytes()
     evictions = sum(after <= before for before, after in zip(lengths, lengths[1:]))
     assert 0 < evictions <= (new - 1) // every + 1  # in between, the cache only grows
 
 
+def test_layers_of_different_budgets_are_refused_by_name(exported) -> None:
+    """The exported graph builds one mask for every layer from `attention_mask`, so layers must hold
+    as many tokens each (before, onnxruntime failed in an Expand node)."""
+    _, proto = exported
+    pruned = kvpass.onnx.optimize(proto, budget=0.5, transforms=[kvpass.Evict("knorm", allocation="pyramid")])
+    with pytest.raises(UnsupportedModelError, match="attention_mask: the graph's one attention mask must fit every"):
+        kvpass.onnx.Generator(pruned).generate(prompt(), max_new_tokens=2)
+
+
 @pytest.mark.parametrize("method", [get_method("tova", span=2), get_method("knorm", shared_keep_set=True),
-                                    get_method("paged", page_size=4), get_method("streaming_llm")], ids=repr)
+                                    get_method("paged", page_size=4), get_method("streaming_llm"),
+                                    get_method("random", seed=3), get_method("snapkv", window=4),
+                                    get_method("h2o", span=1)], ids=repr)
 def test_onnx_ranking_is_the_torch_ranking(method) -> None:
     """The ONNX eviction ranks with the torch ranking function itself, exported: same scores,
     carve-outs and padding, for any batch, heads and length."""
@@ -233,6 +299,16 @@ def test_hand_written_chain_is_found_with_its_scale() -> None:
     assert site.scale == pytest.approx(8**-0.5)
 
 
+@dataclass
+class HostScored(Method):
+    """A method whose score branches in Python on the cache's values, so it has no ONNX form."""
+
+    name = "host_scored"
+
+    def score(self, obs):
+        return obs.keys.norm(dim=-1) if float(obs.keys.sum()) > 0 else -obs.keys.norm(dim=-1)
+
+
 def test_bad_inputs_name_the_problem(tmp_path, exported) -> None:
     with pytest.raises(FileNotFoundError, match="no ONNX file"):
         kvpass.onnx.optimize(tmp_path / "missing.onnx")
@@ -253,8 +329,8 @@ def test_bad_inputs_name_the_problem(tmp_path, exported) -> None:
     with pytest.raises(UnsupportedModelError, match="position_ids"):
         kvpass.onnx.optimize(_cached_attention_model(18))
     _, proto = exported
-    with pytest.raises(UnsupportedModelError, match="'h2o'"):
-        kvpass.onnx.optimize(proto, method="h2o")
+    with pytest.raises(UnsupportedModelError, match="method 'host_scored' has no ONNX scoring"):
+        kvpass.onnx.optimize(proto, method=HostScored())
     with pytest.raises(ValueError, match="budget"):
         kvpass.onnx.optimize(proto, budget=1.5)
     for every in (0, 2.5, True):
@@ -265,8 +341,25 @@ def test_bad_inputs_name_the_problem(tmp_path, exported) -> None:
         kvpass.onnx.optimize(proto, plan=moving)
     with pytest.raises(ValueError, match="no kvpass metadata"):
         kvpass.onnx.Generator(no_attention)
-    with pytest.raises(NotImplementedError, match="attention_mask"):
-        kvpass.onnx.Generator(proto).generate(np.ones((2, 4), np.int64), 2, attention_mask=np.array([[0, 1, 1, 1]] * 2))
+    generator = kvpass.onnx.Generator(proto)
+    for mask, reason in [([[1, 1, 0, 1]] * 2, "only left padding"), ([[0, 0, 0, 0], [1] * 4], "ends in padding"),
+                         ([[1, 1, 1]] * 2, "shape"), ([[2, 1, 1, 1]] * 2, "0/1")]:
+        with pytest.raises(ValueError, match=f"attention_mask.*{reason}|{reason}.*attention_mask"):
+            generator.generate(np.ones((2, 4), np.int64), 2, attention_mask=np.array(mask))
+
+
+@pytest.mark.parametrize("available, chosen", [
+    (["CPUExecutionProvider"], ["CPUExecutionProvider"]),
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+     ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+])
+def test_generator_picks_cuda_when_onnxruntime_has_it(exported, monkeypatch, available, chosen) -> None:
+    _, proto = exported
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    generator = kvpass.onnx.Generator(proto)
+    assert generator.providers == chosen
+    assert generator.session.get_providers()[-1] == "CPUExecutionProvider"  # what this CPU build could take
+    assert kvpass.onnx.Generator(proto, providers=["CPUExecutionProvider"]).providers == ["CPUExecutionProvider"]
 
 
 @pytest.fixture

@@ -50,8 +50,8 @@ def count_steps(generator: Any, advance: Callable[[int], None]) -> None:
     (the first step is the prompt's prefill)."""
     step = generator.step
 
-    def counted(input_ids):
-        logits = step(input_ids)
+    def counted(input_ids, attention_mask=None):
+        logits = step(input_ids, attention_mask)
         advance(1)
         return logits
 

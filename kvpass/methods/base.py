@@ -32,6 +32,11 @@ class Stat(str, Enum):
     LAST_QUERY = "last_query"
     """Attention from the most recent query only (TOVA)."""
 
+    @property
+    def carried(self) -> bool:
+        """Whether the statistic sums over every step so far, so it is state a cache must carry."""
+        return self in (Stat.COLUMN_SUM, Stat.WINDOW)
+
     def combine(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Fold a decode step's statistic into the running one."""
         return new if self is Stat.LAST_QUERY else old + new

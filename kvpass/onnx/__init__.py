@@ -88,8 +88,10 @@ def optimize(
 
     The graph must take `position_ids` and carry its cache as `Concat(past input, new)` graph
     outputs (what `kvpass.export_onnx` exports). Refused with a clear error: no attention,
-    attention-like subgraphs no pattern matches, com.microsoft fused ops, opset < 18,
-    methods without an ONNX scoring (h2o, snapkv, random, paged).
+    attention-like subgraphs no pattern matches, com.microsoft fused ops, opset < 18, a method
+    whose torch scoring does not export to ONNX. Every built-in method exports; h2o's and snapkv's
+    running attention sums are carried as graph state (`kvpass_past_stat_i` in, `kvpass_present_stat_i`
+    out), counted in the byte cap as in the torch runtime.
 
     Example:
         >>> pruned = kvpass.onnx.optimize("model.onnx", budget=0.5)   # doctest: +SKIP

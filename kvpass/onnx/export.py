@@ -1,10 +1,11 @@
 """kvpass.export_onnx: a torch causal LM → a pruned ONNX decode-step model with KV-cache I/O.
 
-The unoptimized model is exported as one step `(input_ids, position_ids, past_k_0, past_v_0, ...)
--> (logits, present_k_0, present_v_0, ...)` with `torch.onnx.export(dynamo=True)`, then the
-ONNX pass (`kvpass.onnx.optimize`) rewrites it. Position ids are an input because after
-eviction the cache is shorter than the positions imply; the exported mask only needs slot
-order (each new token sees every cached one), which compaction keeps.
+The unoptimized model is exported as one step `(input_ids, attention_mask, position_ids, past_k_0,
+past_v_0, ...) -> (logits, present_k_0, present_v_0, ...)` with `torch.onnx.export(dynamo=True)`,
+then the ONNX pass (`kvpass.onnx.optimize`) rewrites it. Position ids are an input because after
+eviction the cache is shorter than the positions imply. `attention_mask` [batch, cached + new]
+covers the *physical* cache (0 for padding still held, then the new tokens'): the model's causal
+mask only needs slot order (each new token sees every cached one), which compaction keeps.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from kvpass.methods import Method, get_method
 from kvpass.onnx import find_attention, optimize
 from kvpass.planning import Plan
 from kvpass.runtime import hf
-from kvpass.rewrites.onnx import MIN_OPSET
+from kvpass.rewrites.onnx import MASK_INPUT, MIN_OPSET
 from kvpass.transforms import Evict
 from kvpass.transforms.evict import refuse_ragged
 from kvpass.validation import integer
@@ -36,13 +37,14 @@ class _DecodeStep(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, position_ids, *past):
+    def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
         for layer in range(len(past) // 2):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
         return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
 
 
@@ -57,7 +59,7 @@ def export_onnx(
     """Export a HF causal LM (plain, or optimized by `kvpass.optimize`: its `kvpass_plan` is
     used) to a pruned ONNX file at `path`; returns the saved ModelProto.
 
-    Inputs: input_ids, position_ids [batch, seq]; past_k_i / past_v_i [batch, kv_heads, past, head_dim];
+    Inputs: input_ids, position_ids [batch, seq]; attention_mask [batch, cached + seq]; past_k_i / past_v_i [batch, kv_heads, past, head_dim];
     kvpass_past_slots_i and kvpass_evict for pruned layers (fed by `kvpass.onnx.Generator`).
 
     Example:
@@ -124,6 +126,7 @@ def _export_step(model: torch.nn.Module, opset: int, kv_heads: list[int]) -> onn
     param = next(model.parameters())
     batch, seq, past = 2, 5, 3  # distinct sizes, none 0 or 1, so the exporter keeps them symbolic
     ids = torch.ones(batch, seq, dtype=torch.long, device=param.device)
+    mask = torch.ones(batch, past + seq, dtype=torch.long, device=param.device)
     positions = torch.arange(past, past + seq, device=param.device).expand(batch, seq)
     caches = [torch.zeros(batch, heads, past, head_dim, dtype=param.dtype, device=param.device)
               for heads in kv_heads for _ in "kv"]
@@ -131,9 +134,10 @@ def _export_step(model: torch.nn.Module, opset: int, kv_heads: list[int]) -> onn
     names = [f"past_{kv}_{i}" for i in range(config.num_hidden_layers) for kv in "kv"]
     with torch.no_grad():
         program = torch.onnx.export(
-            _DecodeStep(model).eval(), (ids, positions, *caches), dynamo=True, opset_version=opset, verbose=False,
-            dynamic_shapes={"input_ids": {0: b, 1: s}, "position_ids": {0: b, 1: s}, "past": tuple({0: b, 2: p} for _ in caches)},
-            input_names=["input_ids", "position_ids", *names],
+            _DecodeStep(model).eval(), (ids, mask, positions, *caches), dynamo=True, opset_version=opset, verbose=False,
+            dynamic_shapes={"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: torch.export.Dim.DYNAMIC},
+                            "position_ids": {0: b, 1: s}, "past": tuple({0: b, 2: p} for _ in caches)},
+            input_names=["input_ids", MASK_INPUT, "position_ids", *names],
             output_names=["logits", *[n.replace("past", "present") for n in names]],
         )
     return program.model_proto

@@ -6,6 +6,10 @@ exactly as `kvpass.runtime.compacted_cache.CompactedKV` does, so the onnxruntime
 paths of one plan keep the same tokens. A row whose keep is the cache's length (no eviction
 due, as between the evictions of `evict_every` > 1) takes the graph's append-only branch.
 Everything else (scores, top-k, compaction, slots) runs inside the graph.
+
+Padded batches (left padding) follow Hugging Face's `generate`: position ids count each row's
+real tokens only, and the graph's `attention_mask` covers the physical cache, 0 where a row
+still holds padding (its slots are negative; eviction drops padding first).
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from kvpass.errors import UnsupportedModelError
 from kvpass.onnx import ModelLike, load
 from kvpass.planning import SiteSchedule
-from kvpass.rewrites.onnx import EVICT_INPUT, METADATA_KEY, POSITION_INPUT
+from kvpass.rewrites.onnx import EVICT_INPUT, MASK_INPUT, METADATA_KEY, POSITION_INPUT
 from kvpass.validation import integer
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -36,13 +41,25 @@ def evict_row(schedule: SiteSchedule, total: int, seen: int) -> tuple[int, int, 
     return (int(keep), *map(int, schedule.carve_out(keep)), seen)
 
 
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime has it (`pip install kvpass[onnx-gpu]`), then the CPU.
+
+    Example:
+        >>> default_providers()[-1]
+        'CPUExecutionProvider'
+    """
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
 class Generator:
     """onnxruntime greedy loop over the compacted cache of a `kvpass.onnx.optimize`d model.
 
     After a call, `cache[layer]` holds that layer's (keys, values, slots) as numpy arrays
     (slots None for an unpruned layer), the physical cache the next step would read.
     Eviction follows the model's schedule, `evict_every` included (`kvpass.onnx.optimize`):
-    between evictions the graph only appends. `session_options` (threads, ...) go to onnxruntime.
+    between evictions the graph only appends. `session_options` (threads, ...) go to onnxruntime;
+    `providers` default to `default_providers()`: CUDA when onnxruntime-gpu is installed, else the CPU.
 
     Example:
         >>> gen = kvpass.onnx.Generator("model.pruned.onnx")            # doctest: +SKIP
@@ -59,63 +76,115 @@ class Generator:
                              "kvpass.onnx.optimize or kvpass.export_onnx")
         self.sites = json.loads(meta)["sites"]
         self.schedules = {site["layer"]: SiteSchedule(**site["schedule"]) for site in self.sites}
-        if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.providers = default_providers() if providers is None else list(providers)
+        """The execution providers asked for, in order (`session.get_providers()`: those onnxruntime took)."""
         if session_options is not None and not isinstance(session_options, ort.SessionOptions):
             raise TypeError("session_options must be an onnxruntime.SessionOptions, "
                             f"got {type(session_options).__name__}")
         options = session_options or ort.SessionOptions()  # default: every graph optimization
         source = path_or_model if not hasattr(path_or_model, "SerializeToString") else proto.SerializeToString()
-        self.session = ort.InferenceSession(source, options, providers=providers)
+        self.session = ort.InferenceSession(source, options, providers=self.providers)
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = _NUMPY_TYPES[types[self.sites[0]["past_key"]]]
         self.output_names = [o.name for o in self.session.get_outputs()]
         vocab = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"), None)
         self.vocab_size: int | None = vocab if isinstance(vocab, int) else None
         """Token ids must be below it (None when the graph does not fix it)."""
+        self.takes_mask = MASK_INPUT in types
         self.cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        self.stats: dict[int, np.ndarray] = {}
+        """float32 [B, Hkv, T] per layer whose method sums attention over the steps (h2o, snapkv): the
+        running statistic the graph carries beside the cache, counted in its bytes."""
         self.seen = 0
+        self.padding = np.zeros((0, 0), bool)
+        """[B, seen] True where a token of the sequence so far was padding."""
+        self.next_position = np.zeros(0, np.int64)
+        """[B] the position id each row's next real token takes (padding does not count)."""
 
     def reset(self, batch: int) -> None:
         """An empty cache for `batch` sequences."""
         self.seen = 0
+        self.padding = np.zeros((batch, 0), bool)
+        self.next_position = np.zeros(batch, np.int64)
         empty = lambda site: np.zeros((batch, site["kv_heads"], 0, site["head_dim"]), self.kv_dtype)  # noqa: E731
         self.cache = {
             site["layer"]: (empty(site), empty(site),
                             np.zeros((batch, site["kv_heads"], 0), np.int32) if site["row"] is not None else None)
             for site in self.sites
         }
+        self.stats = {site["layer"]: np.zeros((batch, site["kv_heads"], 0), np.float32)
+                      for site in self.sites if "past_stat" in site}
 
-    def step(self, input_ids: np.ndarray) -> np.ndarray:
-        """Feed `input_ids` [B, L] after what was seen so far; returns logits [B, L, vocab]."""
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Feed `input_ids` [B, L] after what was seen so far; returns logits [B, L, vocab].
+
+        `attention_mask` [B, L] (1 real, 0 padding) marks the padding among these tokens; padding
+        must come before a row's real tokens (left padding)."""
         input_ids = self._token_ids(input_ids)
         batch, new = input_ids.shape
         held = {keys.shape[0] for keys, _, _ in self.cache.values()}
         if held != {batch}:
             raise ValueError(f"input_ids has {batch} rows but the cache holds {sorted(held) or 'none'}: "
                              "call reset(batch) first")
-        feeds = {"input_ids": input_ids,
-                 POSITION_INPUT: np.broadcast_to(np.arange(self.seen, self.seen + new), (batch, new)).copy()}
+        real = self._new_tokens_mask(attention_mask, input_ids.shape)
+        positions = self.next_position[:, None] + np.cumsum(real, axis=1) - 1
+        feeds = {"input_ids": input_ids, POSITION_INPUT: np.where(real, positions, 0)}
+        if self.takes_mask:
+            feeds[MASK_INPUT] = np.concatenate([self._held_mask(), real], axis=1).astype(np.int64)
         rows = []
         for site in self.sites:
             keys, values, slots = self.cache[site["layer"]]
             feeds[site["past_key"]], feeds[site["past_value"]] = keys, values
             if site["row"] is not None:
                 feeds[site["past_slots"]] = slots
+                if "past_stat" in site:
+                    feeds[site["past_stat"]] = self.stats[site["layer"]]
                 rows.append(evict_row(self.schedules[site["layer"]], keys.shape[2] + new, self.seen + new))
         if rows:
             feeds[EVICT_INPUT] = np.array(rows, dtype=np.int64).reshape(len(rows), 4)
         out = dict(zip(self.output_names, self.session.run(None, feeds)))
         self.seen += new
+        self.padding = np.concatenate([self.padding, ~real], axis=1)
+        self.next_position = self.next_position + real.sum(axis=1)
         for site in self.sites:
             slots = out[site["present_slots"]] if site["row"] is not None else None
             self.cache[site["layer"]] = (out[site["present_key"]], out[site["present_value"]], slots)
+            if "present_stat" in site:
+                self.stats[site["layer"]] = out[site["present_stat"]]
         return out["logits"]
 
+    def _new_tokens_mask(self, attention_mask: Any, shape: tuple[int, int]) -> np.ndarray:
+        """bool [B, L], True for real tokens; checked: 0/1 values, left padding, no row all padding so far."""
+        if attention_mask is None:
+            return np.ones(shape, bool)
+        mask = np.asarray(attention_mask.cpu() if hasattr(attention_mask, "cpu") else attention_mask)
+        if mask.shape != shape or not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"attention_mask must be 0/1 of the input_ids' shape {shape}, got shape {mask.shape}")
+        real = mask.astype(bool)
+        started = np.logical_or.accumulate(np.concatenate([self.next_position[:, None] > 0, real], axis=1), axis=1)
+        if (started[:, :-1] & ~real).any():
+            raise ValueError("attention_mask: padding after a row's real tokens; only left padding is supported")
+        if not real[:, -1].all():
+            raise ValueError("attention_mask: a row ends in padding (its next token would have nothing to follow)")
+        if not real.all() and not self.takes_mask:
+            raise ValueError("attention_mask: this ONNX graph takes no attention_mask input, so it cannot hide "
+                             "padding; export it again with kvpass.export_onnx")
+        return real
+
+    def _held_mask(self) -> np.ndarray:
+        """bool [B, cached]: the cached tokens that are not padding, in cache order (the same in every layer)."""
+        masks = [~self.padding if slots is None else slots[:, 0, :] >= 0 for _, _, slots in self.cache.values()]
+        if any(m.shape != masks[0].shape or not np.array_equal(m, masks[0]) for m in masks[1:]):
+            raise UnsupportedModelError(
+                "attention_mask: the graph's one attention mask must fit every layer's cache, but this plan has "
+                "layers holding different tokens (allocation='pyramid' or 'adaptive', or layers left unpruned); "
+                "plan every layer alike (allocation='uniform') to serve this graph")
+        return masks[0]
+
     def cache_bytes(self) -> int:
-        """Bytes the cache holds now: keys, values and slots of every layer."""
-        return sum(array.nbytes for layer in self.cache.values() for array in layer if array is not None)
+        """Bytes the cache holds now: keys, values, slots and carried statistics of every layer."""
+        held = sum(array.nbytes for layer in self.cache.values() for array in layer if array is not None)
+        return held + sum(stat.nbytes for stat in self.stats.values())
 
     def full_cache_bytes(self) -> int:
         """Bytes the graph's unpruned cache would hold after the tokens seen so far (same batch, geometry, dtype)."""
@@ -126,20 +195,19 @@ class Generator:
     def generate(self, input_ids, max_new_tokens: int, attention_mask=None, eos_token_id: int | None = None) -> np.ndarray:
         """Greedy decoding: the prompt [B, L] (numpy or torch ids) plus up to `max_new_tokens` tokens.
 
+        `attention_mask` [B, L] (numpy or torch, 1 real, 0 padding): a left-padded batch, decoded as
+        Hugging Face's `generate` does (each row keeps the positions the torch path keeps for it).
         Sequences that hit `eos_token_id` are padded with it until all have finished.
         """
         ids = self._token_ids(input_ids)
         max_new_tokens = integer(max_new_tokens, "max_new_tokens", minimum=0)
         if eos_token_id is not None:
             eos_token_id = integer(eos_token_id, "eos_token_id", minimum=0)
-        if attention_mask is not None and not np.all(np.asarray(
-                attention_mask.cpu() if hasattr(attention_mask, "cpu") else attention_mask)):
-            raise NotImplementedError("attention_mask: padded batches are not supported by the ONNX generator yet; "
-                                      "run sequences of equal length (or one at a time)")
         self.reset(ids.shape[0])
-        tokens, done, chunk = [ids], np.zeros(ids.shape[0], bool), ids
+        tokens, done, chunk, mask = [ids], np.zeros(ids.shape[0], bool), ids, attention_mask
         for _ in range(max_new_tokens):
-            next_token = self.step(chunk)[:, -1].argmax(-1)
+            next_token = self.step(chunk, mask)[:, -1].argmax(-1)
+            mask = None
             if eos_token_id is not None:
                 next_token = np.where(done, eos_token_id, next_token)
                 done |= next_token == eos_token_id

@@ -20,6 +20,8 @@ the kept indices ascending and gathers compacted `present` K/V and int32 slots; 
 the cache passes through, so steps between evictions (`evict_every` > 1) only append.
 `keep`, `sinks`, `recent` and `seen` come from the host (input `kvpass_evict`, one row per
 pruned site), computed with `kvpass.plan.SiteSchedule`, so the keep count is the torch runtime's.
+The new tokens' slots are their places in the sequence (from `seen`), negative for padding (the
+new columns of the graph's `attention_mask`, when it has one), as the torch runtime labels them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ METADATA_KEY = "kvpass"
 EVICT_INPUT = "kvpass_evict"
 """int64 [pruned sites, 4] graph input: (keep, sinks, recent, seen) per pruned site."""
 POSITION_INPUT = "position_ids"
+MASK_INPUT = "attention_mask"
+"""Optional [batch, cached + new] graph input, 0 for padding: the new tokens' columns mark which are padding."""
 MIN_OPSET = 18
 """ReduceMean/ReduceL2 take axes as inputs from opset 18 on; older graphs are refused."""
 
@@ -217,6 +221,7 @@ def rewrite_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: i
         raise UnsupportedModelError(
             f"the ONNX graph has no '{POSITION_INPUT}' input: logical positions must be explicit so RoPE stays "
             "right after eviction (export with position_ids as an input)")
+    mask = next((v for v in graph.inputs if v.name == MASK_INPUT), None)
     evict = ir.Value(name=EVICT_INPUT, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([len(pruned), 4]))
     if pruned:
         graph.inputs.append(evict)
@@ -228,8 +233,7 @@ def rewrite_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: i
                  "schedule": asdict(schedule), "row": None}
         if schedule.prunes:
             entry["row"] = pruned.index(site)
-            entry["past_slots"], entry["present_slots"] = _add_eviction(
-                model, site, plan.method, position_ids, evict, entry["row"])
+            entry.update(_add_eviction(model, site, plan.method, mask, evict, entry["row"]))
         meta.append(entry)
     model.metadata_props[METADATA_KEY] = json.dumps({"method": plan.method.name, "sites": meta})
 
@@ -252,16 +256,11 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
             "(Concat(past input, new) returned as a graph output), so there is no cache to prune")
     causal = [s.name for s in sites
               if s.match.probs is None and s.match.anchor.attributes.get_int("is_causal", 0)]
-    if method.stat is Stat.LAST_QUERY and causal:
+    if method.stat is not Stat.NONE and causal:
         raise UnsupportedModelError(
             f"Attention nodes {causal} have is_causal=1 over a Concat(past, new) cache: ONNX aligns that causal "
             "mask to the node's own past_key input (none here), so new queries would not see the cache; export "
             "with an explicit attn_mask")
-    if method.stat is not Stat.NONE and method.stat not in STATISTICS:
-        raise UnsupportedModelError(
-            f"method {method.name!r} ranks by the {method.stat.value} statistic, which an ONNX decode step cannot "
-            f"give (it needs state carried across steps, or the prefill's window); ONNX supports methods with "
-            f"{sorted(s.value for s in STATISTICS)} statistics or none")
     ranking_function(method, ir.DataType.FLOAT, max(opset, MIN_OPSET))  # a scoring that does not export fails here
 
 
@@ -293,65 +292,85 @@ class _Ops:
         return ir.Graph([], outputs, nodes=ops.tape.nodes, name=f"{self.prefix}/{name}".replace("/", "_"))
 
 
-def _last_query_attention(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Value) -> ir.Value:
-    """TOVA's statistic: the newest query's attention, summed over each KV head's query group."""
+def _scored_queries(method: Method) -> int | None:
+    """How many of a step's last queries add to the method's statistic, as the torch kernels count them
+    (`kvpass.kernels.reference.first_scored_query`); None: every query."""
+    return {Stat.LAST_QUERY: 1, Stat.WINDOW: method.window, Stat.COLUMN_SUM: None}[method.stat]
+
+
+def _attention_received(o: _Ops, site: AttentionSite, method: Method, cache_k: ir.Value, cache_v: ir.Value,
+                        new_slots: ir.Value) -> ir.Value:
+    """float32 [B, Hkv, T]: the attention each cached token received from this step's scored queries,
+    summed over them and over each KV head's query group. Padding queries count nothing (the torch
+    kernel lets them see only themselves, which are padding)."""
+    rows = _scored_queries(method)
+    probs = o("Cast", _query_probs(o, site, cache_k, cache_v, rows), to=ir.DataType.FLOAT)  # [B, Hq, rows, T]
+    real = _last_rows(o, o("Slice", new_slots, o.const([0]), o.const([1]), o.const([1])), rows, axis=-1)
+    real = o("Unsqueeze", o("GreaterOrEqual", real, o.const(np.int32(0))), o.const([-1]))  # [B, 1, rows, 1]
+    per_query_head = o("ReduceSum", o("Where", real, probs, o.const(np.float32(0))), o.const([2]), keepdims=0)
     shape = o("Concat", o.dim(cache_k, 0), o.const([site.num_kv_heads, site.group_size, -1]), axis=0)
-    return o("ReduceSum", o("Reshape", _last_query_probs(o, site, cache_k, cache_v), shape), o.const([2]), keepdims=0)
+    return o("ReduceSum", o("Reshape", per_query_head, shape), o.const([2]), keepdims=0)
 
 
-def _last_row(o: _Ops, value: ir.Value) -> ir.Value:
-    return o("Slice", value, o.const([-1]), o.const([np.iinfo(np.int64).max]), o.const([-2]))
+def _last_rows(o: _Ops, value: ir.Value, rows: int | None, axis: int = -2) -> ir.Value:
+    """The last `rows` entries of `value` along `axis` (all of them when None, or when fewer)."""
+    if rows is None:
+        return value
+    return o("Slice", value, o.const([-rows]), o.const([np.iinfo(np.int64).max]), o.const([axis]))
 
 
-def _last_query_probs(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Value) -> ir.Value:
-    """The newest query's attention probabilities [B, Hq, 1, T]: the last row of the site's Softmax
-    output, or, for a standard `Attention` node (which never materialises them), the same node run
-    again on that one query with `qk_matmul_output_mode=3`: same scale, softcap, mask and precision,
-    and O(T) memory at a prefill of any length. GQA is the node's own (K/V unrepeated)."""
+def _query_probs(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Value, rows: int | None) -> ir.Value:
+    """The attention probabilities of the step's last `rows` queries [B, Hq, rows, T]: rows of the site's
+    Softmax output, or, for a standard `Attention` node (which never materialises them), the same node
+    run again on those queries with `qk_matmul_output_mode=3`: same scale, softcap, mask and precision,
+    and O(rows x T) memory at a prefill of any length. GQA is the node's own (K/V unrepeated)."""
     if site.match.probs is not None:
-        return _last_row(o, site.match.probs)
+        return _last_rows(o, site.match.probs, rows)
     anchor = site.match.anchor
     q, _, _, *rest = anchor.inputs
     mask = rest[0] if rest else None
     if mask is not None and (mask.shape is None or len(mask.shape) >= 2):
-        mask = _last_row(o, mask)
+        mask = _last_rows(o, mask, rows)
     attributes = {name: attr.value for name, attr in anchor.attributes.items()}
-    outputs = o("Attention", _last_row(o, q), cache_k, cache_v, mask, *rest[1:], outputs=4,
+    outputs = o("Attention", _last_rows(o, q, rows), cache_k, cache_v, mask, *rest[1:], outputs=4,
                 **{**attributes, "qk_matmul_output_mode": 3})
     for unused in outputs[1:3]:  # present K/V: not asked for
         unused.name = ""
     return outputs[3]
 
 
-STATISTICS: dict[Stat, Callable] = {Stat.LAST_QUERY: _last_query_attention}
-"""The statistics an ONNX graph can give a method at eviction time (the others need state carried
-across steps, or the prefill's window, that the exported step does not carry)."""
-
-
-def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position_ids: ir.Value,
-                  evict: ir.Value, row: int) -> tuple[str, str]:
-    """Append one site's slots and its evict-or-append `If`; returns its slot input/output names."""
+def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, mask: ir.Value | None,
+                  evict: ir.Value, row: int) -> dict[str, str]:
+    """Append one site's slots (and carried statistic) and its evict-or-append `If`; returns the names
+    of the state inputs and outputs it added (`past_slots`, `present_slots`, `past_stat`, `present_stat`)."""
     graph, x = model.graph, site.match
     o = _Ops(graph, f"kvpass/{site.layer}")
     cache_k, cache_v = x.present_key, x.present_value
-    past_slots = ir.Value(name=f"kvpass_past_slots_{site.layer}", type=ir.TensorType(ir.DataType.INT32),
-                          shape=ir.Shape([x.past_key.shape[0] if x.past_key.shape else None,
-                                          site.num_kv_heads, f"past_{site.layer}"]))
-    graph.inputs.append(past_slots)
-    new_slots = o("Unsqueeze", o("Cast", position_ids, to=ir.DataType.INT32), o.const([1]))
-    new_slots = o("Expand", new_slots, o.const([1, site.num_kv_heads, 1]))
-    slots = o("Concat", past_slots, new_slots, axis=2)
+    batch = x.past_key.shape[0] if x.past_key.shape else None
+
+    def state_input(name: str, dtype: ir.DataType) -> ir.Value:
+        value = ir.Value(name=f"kvpass_past_{name}_{site.layer}", type=ir.TensorType(dtype),
+                         shape=ir.Shape([batch, site.num_kv_heads, f"past_{site.layer}"]))
+        graph.inputs.append(value)
+        return value
 
     params = o("Gather", evict, o.const(row), axis=0)
+    new_slots = _new_slots(o, site, params, mask)
+    state = [cache_k, cache_v, o("Concat", state_input("slots", ir.DataType.INT32), new_slots, axis=2)]
+    if method.stat.carried:  # summed over every step, evicting or not: state the graph carries
+        new = o("Sub", o.dim(cache_k, 2), o.dim(x.past_key, 2))
+        zeros = o("ConstantOfShape", o("Concat", o.dim(cache_k, 0), o.const([site.num_kv_heads]), new, axis=0))
+        grown = o("Concat", state_input("stat", ir.DataType.FLOAT), zeros, axis=2)
+        state.append(o("Add", grown, _attention_received(o, site, method, cache_k, cache_v, new_slots)))
+
     keep = o("Gather", params, o.const([0]), axis=0)  # [1], as TopK wants k
     evicting = o("Less", keep, o.dim(cache_k, 2))  # the host feeds keep = length when no eviction is due
     ranking = ranking_function(method, cache_k.dtype, model.opset_imports[""])
     model.functions[ranking.identifier()] = ranking
     model.opset_imports[ranking.domain] = 1
-    evicted = o.branch("evict", lambda b: _select_and_compact(b, site, method, ranking, cache_k, cache_v, slots, keep,
-                                                              params))
-    appended = o.branch("append", lambda b: [b("Identity", value) for value in (cache_k, cache_v, slots)])
-    present = o("If", evicting, outputs=3, then_branch=evicted, else_branch=appended)
+    evicted = o.branch("evict", lambda b: _select_and_compact(b, site, method, ranking, state, new_slots, keep, params))
+    appended = o.branch("append", lambda b: [b("Identity", value) for value in state])
+    present = o("If", evicting, outputs=len(state), then_branch=evicted, else_branch=appended)
 
     for full, compact in zip((cache_k, cache_v), present[:2]):
         name = full.name
@@ -360,27 +379,51 @@ def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, position
         compact.shape = ir.Shape([full.shape[0] if full.shape else None, site.num_kv_heads, f"kept_{site.layer}",
                                   site.head_dim])
         graph.outputs[graph.outputs.index(full)] = compact
-    present_slots = present[2]
-    present_slots.name, present_slots.dtype = f"kvpass_present_slots_{site.layer}", ir.DataType.INT32
-    present_slots.shape = ir.Shape([None, site.num_kv_heads, f"kept_{site.layer}"])
-    graph.outputs.append(present_slots)
-    return past_slots.name, present_slots.name
+    names = {}
+    for kind, value, dtype in zip(("slots", "stat"), present[2:], (ir.DataType.INT32, ir.DataType.FLOAT)):
+        value.name, value.dtype = f"kvpass_present_{kind}_{site.layer}", dtype
+        value.shape = ir.Shape([None, site.num_kv_heads, f"kept_{site.layer}"])
+        graph.outputs.append(value)
+        names[f"past_{kind}"], names[f"present_{kind}"] = f"kvpass_past_{kind}_{site.layer}", value.name
+    return names
 
 
-def _select_and_compact(o: _Ops, site: AttentionSite, method: Method, ranking: ir.Function, cache_k: ir.Value,
-                        cache_v: ir.Value, slots: ir.Value, keep: ir.Value, params: ir.Value) -> list[ir.Value]:
-    """rank (the torch ranking, exported: `kvpass.rewrites.onnx_scoring`) → top `keep` → gather:
-    compacted (keys, values, slots)."""
+def _new_slots(o: _Ops, site: AttentionSite, params: ir.Value, mask: ir.Value | None) -> ir.Value:
+    """int32 [B, Hkv, L]: the new tokens' slots, their places in the sequence (`seen - L` .. `seen - 1`),
+    -1 - slot for padding (the last L columns of `mask` are 0), as the torch runtime labels them.
+    Not the position ids: a left-padded row's positions start after its padding, its slots do not."""
+    cache, past = site.match.present_key, site.match.past_key
+    new = o("Squeeze", o("Sub", o.dim(cache, 2), o.dim(past, 2)), o.const([0]))
+    seen = o("Gather", params, o.const(3), axis=0)
+    slots = o("Unsqueeze", o("Range", o("Sub", seen, new), seen, o.const(np.int64(1))), o.const([0]))  # [1, L]
+    if mask is not None:
+        new_columns = o("Slice", mask, o("Unsqueeze", o("Neg", new), o.const([0])),
+                        o.const([np.iinfo(np.int64).max]), o.const([1]))
+        padding = o("Not", o("Cast", new_columns, to=ir.DataType.BOOL))
+        slots = o("Where", padding, o("Sub", o.const(np.int64(-1)), slots), slots)
+    slots = o("Unsqueeze", o("Cast", slots, to=ir.DataType.INT32), o.const([1]))
+    return o("Expand", slots, o("Concat", o.dim(cache, 0), o.const([site.num_kv_heads, 1]), axis=0))
+
+
+def _select_and_compact(o: _Ops, site: AttentionSite, method: Method, ranking: ir.Function, state: list[ir.Value],
+                        new_slots: ir.Value, keep: ir.Value, params: ir.Value) -> list[ir.Value]:
+    """rank (the torch ranking, exported: `kvpass.rewrites.onnx_scoring`) → top `keep` → gather: the
+    compacted `state` (keys, values, slots and the carried statistic, if any)."""
+    cache_k, cache_v, slots = state[:3]
     sinks, recent, seen = (o("Cast", o("Gather", params, o.const(i), axis=0), to=ir.DataType.INT32) for i in (1, 2, 3))
-    stat = (STATISTICS[method.stat](o, site, cache_k, cache_v) if method.stat is not Stat.NONE
-            else o("Cast", slots, to=ir.DataType.FLOAT))  # no statistic: any [B, Hkv, T] float fills the input
+    if method.stat.carried:
+        stat = state[3]
+    elif method.stat is not Stat.NONE:
+        stat = _attention_received(o, site, method, cache_k, cache_v, new_slots)
+    else:
+        stat = o("Cast", slots, to=ir.DataType.FLOAT)  # no statistic: any [B, Hkv, T] float fills the input
     scores = o(ranking.name, cache_k, cache_v, slots, stat, seen, sinks, recent, domain=ranking.domain)
     _, top = o("TopK", scores, keep, axis=-1, largest=1, sorted=1, outputs=2)  # ties: earlier token first
     index, _ = o("TopK", top, keep, axis=-1, largest=0, sorted=1, outputs=2)  # kept indices, slot order
     rows = _row_index(o, cache_k, index)
     compacted = [_gather_rows(o, cache_k, rows), _gather_rows(o, cache_v, rows),
-                 o("GatherElements", slots, index, axis=2)]
-    for value, dtype in zip(compacted, (cache_k.dtype, cache_v.dtype, ir.DataType.INT32)):
+                 *(o("GatherElements", per_token, index, axis=2) for per_token in state[2:])]
+    for value, dtype in zip(compacted, (cache_k.dtype, cache_v.dtype, ir.DataType.INT32, ir.DataType.FLOAT)):
         value.dtype = dtype  # If branch outputs must be typed
     return compacted
 
