@@ -60,8 +60,12 @@ class KVPassCacheLayer(CacheLayerMixin):
         """The site in the unmodified model (its full cache is what byte figures compare against)."""
         self.is_initialized = True
         self.is_sliding = site.window is not None
+        self.hand_on = False
+        """Set per call by the pre-hook: the call filters its tokens (`kvpass_filter`), so `update` hands the new
+        K/V on to the attention, which appends what it keeps; otherwise `update` appends them at once and returns
+        the whole cache, as transformers' own layers do (some models compute from it, e.g. Doge's dynamic mask)."""
         self.handed_on = 0
-        """New tokens `update` handed on to the attention call (which appends what it keeps)."""
+        """New tokens `update` handed on to the attention call."""
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -84,11 +88,13 @@ class KVPassCacheLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """Hand the new K/V on to kvpass's attention function, which appends them (or what it keeps)."""
-        if self.handed_on:
+        """Append the new K/V and return the whole cache, or hand them on to a filtering call's attention."""
+        if self.handed_on or self.site_cache.pending:
             raise UnsupportedModelError(
                 f"{self.site.name} updated its cache again before kvpass's attention ran: the module computes "
                 "attention itself rather than through transformers' attention interface")
+        if not self.hand_on:
+            return self.site_cache.extend(key_states, value_states)
         self.handed_on = key_states.shape[-2]
         return key_states, value_states
 
@@ -207,34 +213,40 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         layer_cache = CompactedKV(replace(binding.schedule, fraction=1.0, window=None, shared=None), binding.method,
                                   binding.site.group_size)
     else:
-        if key.shape[-2] != kvpass_layer.handed_on:
+        if kvpass_layer.hand_on and key.shape[-2] != kvpass_layer.handed_on:
             raise UnsupportedModelError(
                 f"{binding.site.name}: {key.shape[-2]} new keys reached the attention, but the cache was updated with "
                 f"{kvpass_layer.handed_on}: the module changes its keys between the cache and the attention")
         layer_cache = kvpass_layer.site_cache
         kvpass_layer.handed_on = 0
+    stored = layer_cache.pending  # `update` appended the new tokens already (every call that does not filter)
+    new_tokens = stored or key.shape[-2]
     if binding.recording:  # only the probe counts: a call never mutates the binding (torch.compile guards on it)
         binding.calls += 1
         binding.adopted += kvpass_layer is not None
         binding.masks.append(attention_mask)
     positions = kvpass_positions
-    if positions is not None and positions.offsets.shape[-1] != key.shape[-2]:
+    if positions is not None and positions.offsets.shape[-1] != new_tokens:
         raise RuntimeError(f"{binding.site.name}: the call's token positions cover {positions.offsets.shape[-1]} tokens, "
-                           f"but {key.shape[-2]} reached the attention")
+                           f"but {new_tokens} reached the attention")
     if kvpass_observer is not None:
         held = getattr(layer_cache, "keys", None)
-        kvpass_observer(query, key if held is None else torch.cat([held, key], dim=-2), attention_mask, scale)
+        keys = held if stored else (key if held is None else torch.cat([held, key], dim=-2))
+        kvpass_observer(query, keys, attention_mask, scale)
     options = {"softcap": float(softcap or 0.0), "sinks": s_aux}
     if binding.site.kv_tiled:  # the cache and its kernels read query heads grouped by KV head
         query = _tiled_to_grouped(query, binding.site.num_kv_heads)
         key, value = key[:, :binding.site.num_kv_heads], value[:, :binding.site.num_kv_heads]  # one whole copy
+    if kvpass_filter is not None and stored:
+        raise RuntimeError(f"{binding.site.name}: a filtering call found its new tokens already in the cache")
+    if not stored and kvpass_filter is None:
+        layer_cache.extend(key, value)
     if binding.model_mask:
         if positions is not None or kvpass_filter is not None:
             raise UnsupportedModelError(
                 f"{binding.site.name} applies the model's own mask (a sliding window or a custom mask), which is "
                 "over the unpruned sequence: kvpass cannot place tokens pruned before the attention in it")
         causal = declared_causal if attention_mask is None else False  # a given mask carries causality itself
-        layer_cache.extend(key, value)
         out = layer_cache.attend(query, scale, causal, model_mask=attention_mask, **options)
     else:
         # the probe checked this model's mask is causal + padding, whatever the module declares
@@ -245,7 +257,6 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             new_padding = None if padding is None else padding[:, -key.shape[-2]:]
             out = kvpass_filter(layer_cache, query, key, value, positions, new_padding, attend)
         else:
-            layer_cache.extend(key, value)
             out = attend(query, positions=positions)
     if binding.site.kv_tiled:
         out = _tiled_to_grouped(out, out.shape[1] // binding.site.num_kv_heads)  # and back
@@ -312,6 +323,7 @@ def _adopt_cache_layer(module, args, kwargs):
         layer = _convert_layer(layer, binding, reallocator)
         layers[index] = layer
     positions = getattr(cache, POSITIONS_ATTRIBUTE, None)
+    layer.hand_on = FILTER_KEYWORD in kwargs  # the filter's pre-hook runs first (prepended)
     return args, {**kwargs, LAYER_KEYWORD: layer, **({POSITIONS_KEYWORD: positions} if positions is not None else {})}
 
 

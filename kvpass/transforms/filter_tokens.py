@@ -167,5 +167,6 @@ def _filter_tokens_hf(transform: FilterTokens, target: RewriteTarget) -> None:
         def hand_filter(module, args, kwargs, token_filter=token_filter):
             return (args, {**kwargs, FILTER_KEYWORD: token_filter}) if in_force() else None
 
-        handle = target.model.get_submodule(site.name).register_forward_pre_hook(hand_filter, with_kwargs=True)
+        module = target.model.get_submodule(site.name)
+        handle = module.register_forward_pre_hook(hand_filter, with_kwargs=True, prepend=True)  # before kvpass's own
         target.undo.append(handle.remove)
