@@ -55,3 +55,11 @@ def test_tiny_configs_take_one_period_of_the_layer_pattern_and_short_windows() -
     assert config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.sliding_window,
             config.vocab_size) == (64, 4, 2, 8, 128)
+
+
+def test_per_layer_settings_keyed_by_layer_index_move_onto_the_tiny_layers() -> None:
+    """Gemma 4 keys its global layers' head size by layer index (5, 11, ... of 30; twice the others'): in
+    one period of six layers they are layer 5, still twice the tiny head size."""
+    text = tiny_config("gemma4").get_text_config()
+    assert text.layer_types[5] == "full_attention" and len(text.layer_types) == 6
+    assert [text.per_layer_config[i].head_dim for i in range(6)] == [16] * 5 + [32]

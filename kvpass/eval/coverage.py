@@ -157,11 +157,26 @@ def tiny_kwargs(config_class: type, default: Any = None) -> dict[str, Any]:
             kwargs[name] = [sizes[name]] * layers if name in sizes else (_period(listed) * layers)[:layers]
     if isinstance(types, list) and types:
         kwargs["layer_types"] = (pattern * layers)[:layers]
+    serialized = default.to_dict() if hasattr(default, "to_dict") else {}
+    for name, keyed in serialized.items():  # per-layer settings keyed by layer index: the same tiny layers
+        if isinstance(keyed, dict) and keyed and all(str(key).isdigit() for key in keyed):
+            period = len(pattern) if isinstance(types, list) and types else layers
+            kwargs[name] = {f"{int(key) % period:0{len(str(key))}d}": {
+                field: _tiny_override(field, value, serialized.get(field), sizes) for field, value in setting.items()}
+                if isinstance(setting, dict) else setting for key, setting in keyed.items()}
     for name, value in fields.items():
         sub = _get(default, name)
         if name.endswith("_config") and hasattr(sub, "to_dict") and hasattr(type(sub), "model_type"):
             kwargs[name] = {**sub.to_dict(), **tiny_kwargs(type(sub), sub)}
     return kwargs
+
+
+def _tiny_override(field: str, value: Any, base: Any, sizes: dict[str, int]) -> Any:
+    """A per-layer size, made tiny in the same proportion to the model-wide size (Gemma 4's global layers:
+    twice the head size of the others, tiny or not)."""
+    if field not in sizes or not isinstance(value, int) or isinstance(value, bool):
+        return value
+    return max(1, sizes[field] * value // base) if isinstance(base, int) and base > 0 else sizes[field]
 
 
 def tiny_config(model_type: str):
