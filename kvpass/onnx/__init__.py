@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from kvpass.budget import parse_budget
 from kvpass.methods import Method
+from kvpass.onnx.ort_schemas import register_onnxruntime_schemas
 from kvpass.planning import Plan
 from kvpass.rewrites.onnx import find_sites
 from kvpass.site import SiteReport
@@ -46,6 +47,7 @@ def load(model: ModelLike) -> onnx.ModelProto:
             raise ValueError(f"model: {where!r} is not a readable ONNX file ({reason})") from error
     else:
         raise TypeError(f"model must be an onnx.ModelProto or a path, got {type(model).__name__}")
+    register_onnxruntime_schemas()  # graphs fused for onnxruntime use its SimplifiedLayerNormalization, ...
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as error:

@@ -72,6 +72,17 @@ def _contrib(op_type: str) -> Callable:
     return contrib_attention
 
 
+def _sequence_major(op, x):
+    """MultiHeadAttention's [B, T, H*D] key/value made from a [B, Hkv, T, D] cache (repeated for GQA,
+    Transpose, Reshape: onnxscript's `ort_fusions` write it), or taken as is."""
+    return pattern.OrValue([op.Reshape(op.Transpose(_repeat_kv(op, x)), pattern.ANY_VALUE), x])
+
+
+def _multihead_attention(op, q, k, v):
+    return op.MultiHeadAttention(q, _sequence_major(op, k), _sequence_major(op, v), _domain="com.microsoft",
+                                 _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["anchor"])
+
+
 def _decomposed(op, q, k, v, q_scale, k_scale, post_scale, post_div, mask, where_cond, where_fill, nan_fill):
     k_t = pattern.OrValue([
         op.Transpose(_repeat_kv(op, k)),
@@ -87,7 +98,7 @@ def _decomposed(op, q, k, v, q_scale, k_scale, post_scale, post_div, mask, where
 
 PATTERNS: dict[str, pattern.Pattern] = {
     "onnx_attention": pattern.Pattern(_onnx_attention, name="onnx_attention"),
-    "ms_multihead_attention": pattern.Pattern(_contrib("MultiHeadAttention"), name="ms_multihead_attention"),
+    "ms_multihead_attention": pattern.Pattern(_multihead_attention, name="ms_multihead_attention"),
     "ms_group_query_attention": pattern.Pattern(_contrib("GroupQueryAttention"), name="ms_group_query_attention"),
     "ms_attention": pattern.Pattern(_contrib("Attention"), name="ms_attention"),
     "eager_softmax_chain": pattern.Pattern(_decomposed, name="eager_softmax_chain"),
@@ -143,7 +154,17 @@ def _site_from_match(model: ir.Model, name: str, match, layer: int) -> Attention
     anchor = b["anchor"].producer()
     attrs = {key: attr.value for key, attr in anchor.attributes.items()}
     found = OnnxMatch(anchor, b.get("probs"))
-    if name.startswith("ms_"):
+    if name == "ms_multihead_attention":
+        heads, hidden = int(attrs.get("num_heads", 0)), _dim(b["q"], -1)
+        head_dim = hidden // heads if hidden and heads else 0
+        if b["k"] is not anchor.inputs[1] and b["v"] is not anchor.inputs[2]:  # laid out from [B, Hkv, T, D] caches
+            found.past_key, found.present_key = _cache_of(model, b["k"])
+            found.past_value, found.present_value = _cache_of(model, b["v"])
+        reads_cache = found.past_key is not None and found.past_value is not None
+        kv_heads = _dim(b["k"], 1) if reads_cache else heads
+        scale, masked = attrs.get("scale") or None, any(i is not None for i in anchor.inputs[4:6])
+        causal = bool(attrs.get("unidirectional", 0)) or reads_cache
+    elif name.startswith("ms_"):
         heads = int(attrs.get("num_heads", 0))
         kv_heads = int(attrs.get("kv_num_heads", heads))
         hidden = _dim(b["q"], -1)
@@ -244,11 +265,27 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
         raise UnsupportedModelError(
             f"the ONNX model uses opset {opset}; kvpass rewrites opset >= {MIN_OPSET} (convert it first with "
             f"onnx.version_converter.convert_version(model, {MIN_OPSET}))")
-    fused = [s.name for s in sites if s.pattern.startswith("ms_")]
-    if fused:
+    for pattern_name, op_type in (("ms_group_query_attention", "GroupQueryAttention"), ("ms_attention", "Attention")):
+        inside = [s.name for s in sites if s.pattern == pattern_name]
+        if inside:
+            raise UnsupportedModelError(
+                f"com.microsoft {op_type} nodes {inside} keep their cache inside the op, so kvpass cannot compact "
+                "it; run kvpass.onnx.optimize on the unfused export, or fuse to MultiHeadAttention (onnxscript's "
+                "ort_fusions), whose cache stays outside the op")
+    for input_index, what in ((3, "a bias input"), (4, "a key_padding_mask input"), (6, "a past_key input")):
+        named = [s.name for s in sites if s.pattern == "ms_multihead_attention"
+                 and len(s.match.anchor.inputs) > input_index and s.match.anchor.inputs[input_index] is not None]
+        if named:
+            raise UnsupportedModelError(
+                f"com.microsoft MultiHeadAttention nodes {named} take {what}; kvpass rewrites MultiHeadAttention "
+                "over Concat(past input, new) K/V with its mask as attention_bias (what onnxscript's ort_fusions "
+                "write); fuse the export that way, or prune the unfused export")
+    one_way = [s.name for s in sites if s.pattern == "ms_multihead_attention"
+               and s.match.anchor.attributes.get_int("unidirectional", 0)]
+    if one_way and method.stat is not Stat.NONE:
         raise UnsupportedModelError(
-            f"com.microsoft fused attention ops {fused} keep their cache inside the op and expose no attention "
-            "scores, so kvpass cannot compact them; run kvpass.onnx.optimize on the unfused export instead")
+            f"com.microsoft MultiHeadAttention nodes {one_way} have unidirectional=1: the op masks inside itself, "
+            "and kvpass's scoring of its queries does not; fuse with the causal mask in attention_bias")
     not_cached = [s.name for s in sites if not s.reads_cache]
     if not_cached:
         raise UnsupportedModelError(
@@ -326,6 +363,8 @@ def _query_probs(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Va
     and O(rows x T) memory at a prefill of any length. GQA is the node's own (K/V unrepeated)."""
     if site.match.probs is not None:
         return _last_rows(o, site.match.probs, rows)
+    if site.pattern == "ms_multihead_attention":
+        return _multihead_probs(o, site, rows)
     anchor = site.match.anchor
     q, _, _, *rest = anchor.inputs
     mask = rest[0] if rest else None
@@ -337,6 +376,24 @@ def _query_probs(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Va
     for unused in outputs[1:3]:  # present K/V: not asked for
         unused.name = ""
     return outputs[3]
+
+
+def _multihead_probs(o: _Ops, site: AttentionSite, rows: int | None) -> ir.Value:
+    """softmax(Q K^T x scale + attention_bias) of the last `rows` queries [B, Hq, rows, T], in float32:
+    a com.microsoft `MultiHeadAttention` keeps its probabilities inside the op, so this companion
+    recomputes them from the op's own query, key (its [B, T, Hq x D] layout, GQA repeat included) and
+    bias inputs, O(rows x T) at any prefill, while the op itself still computes the layer's output."""
+    anchor = site.match.anchor
+    query, key = (o("Cast", value, to=ir.DataType.FLOAT) for value in anchor.inputs[:2])
+    heads = o.const([0, 0, site.num_heads, site.head_dim])
+    query = o("Transpose", o("Reshape", _last_rows(o, query, rows, axis=1), heads), perm=[0, 2, 1, 3])
+    key = o("Transpose", o("Reshape", key, heads), perm=[0, 2, 3, 1])
+    scale = site.scale if site.scale is not None else site.head_dim**-0.5
+    logits = o("Mul", o("MatMul", query, key), o.const(np.float32(scale)))
+    bias = anchor.inputs[5] if len(anchor.inputs) > 5 else None
+    if bias is not None:
+        logits = o("Add", logits, o("Cast", _last_rows(o, bias, rows), to=ir.DataType.FLOAT))
+    return o("Softmax", logits, axis=-1)
 
 
 def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, mask: ir.Value | None,
