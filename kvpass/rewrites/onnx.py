@@ -164,14 +164,23 @@ def _site_from_match(model: ir.Model, name: str, match, layer: int) -> Attention
         kv_heads = _dim(b["k"], 1) if reads_cache else heads
         scale, masked = attrs.get("scale") or None, any(i is not None for i in anchor.inputs[4:6])
         causal = bool(attrs.get("unidirectional", 0)) or reads_cache
+    elif name == "ms_group_query_attention":
+        heads, kv_heads, hidden = int(attrs.get("num_heads", 0)), int(attrs.get("kv_num_heads", 0)), _dim(b["q"], -1)
+        packed = heads + 2 * kv_heads if anchor.inputs[1] is None else heads  # query holds Q, K and V when packed
+        head_dim = hidden // packed if hidden and packed else 0
+        inputs, outputs = list(anchor.inputs) + [None] * 5, list(anchor.outputs) + [None] * 3
+        if all(v is not None and v in model.graph.inputs for v in inputs[3:5]) and \
+                all(v is not None and v in model.graph.outputs for v in outputs[1:3]):  # past in, present out
+            found.past_key, found.past_value, found.present_key, found.present_value = *inputs[3:5], *outputs[1:3]
+        reads_cache = found.past_key is not None
+        scale, masked, causal = attrs.get("scale") or None, True, True  # seqlens_k masks, causally
     elif name.startswith("ms_"):
         heads = int(attrs.get("num_heads", 0))
         kv_heads = int(attrs.get("kv_num_heads", heads))
         hidden = _dim(b["q"], -1)
         head_dim = hidden // heads if hidden and heads else 0
         scale, masked = attrs.get("scale") or None, any(i is not None for i in anchor.inputs[3:5])
-        causal = bool(attrs.get("unidirectional", 0)) or name == "ms_group_query_attention"
-        reads_cache = False
+        causal, reads_cache = bool(attrs.get("unidirectional", 0)), False
     else:
         q, k = b["q"], b["k"]
         heads, head_dim = _dim(q, 1) or int(attrs.get("q_num_heads", 0)), _dim(q, -1)
@@ -265,13 +274,15 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
         raise UnsupportedModelError(
             f"the ONNX model uses opset {opset}; kvpass rewrites opset >= {MIN_OPSET} (convert it first with "
             f"onnx.version_converter.convert_version(model, {MIN_OPSET}))")
-    for pattern_name, op_type in (("ms_group_query_attention", "GroupQueryAttention"), ("ms_attention", "Attention")):
-        inside = [s.name for s in sites if s.pattern == pattern_name]
-        if inside:
-            raise UnsupportedModelError(
-                f"com.microsoft {op_type} nodes {inside} keep their cache inside the op, so kvpass cannot compact "
-                "it; run kvpass.onnx.optimize on the unfused export, or fuse to MultiHeadAttention (onnxscript's "
-                "ort_fusions), whose cache stays outside the op")
+    inside = [s.name for s in sites if s.pattern == "ms_attention"]
+    if inside:
+        raise UnsupportedModelError(
+            f"com.microsoft Attention nodes {inside} keep their cache inside the op, so kvpass cannot compact "
+            "it; run kvpass.onnx.optimize on the unfused export, or fuse to MultiHeadAttention (onnxscript's "
+            "ort_fusions) or GroupQueryAttention")
+    for site in sites:
+        if site.pattern == "ms_group_query_attention" and (reason := _grouped_query_refusal(model, site.match.anchor)):
+            raise UnsupportedModelError(f"com.microsoft GroupQueryAttention node {site.name!r}: {reason}")
     for input_index, what in ((3, "a bias input"), (4, "a key_padding_mask input"), (6, "a past_key input")):
         named = [s.name for s in sites if s.pattern == "ms_multihead_attention"
                  and len(s.match.anchor.inputs) > input_index and s.match.anchor.inputs[input_index] is not None]
@@ -299,6 +310,39 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
             "mask to the node's own past_key input (none here), so new queries would not see the cache; export "
             "with an explicit attn_mask")
     ranking_function(method, ir.DataType.FLOAT, max(opset, MIN_OPSET))  # a scoring that does not export fails here
+
+
+_GQA_ATTRIBUTES = {"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotary": 0, "rotary_interleaved": None,
+                   "local_window_size": -1, "softcap": 0.0, "smooth_softmax": (-1, 0), "causal": 1, "qk_output": 0}
+"""The GroupQueryAttention attributes kvpass rewrites, with the values it supports (None: any)."""
+
+
+def _grouped_query_refusal(model: ir.Model, node: ir.Node) -> str | None:
+    """Why kvpass cannot rewrite this GroupQueryAttention, or None. The op attends over `past ++ new`
+    up to `seqlens_k` + 1 keys per row; kvpass feeds the compacted cache as past and the physical
+    cache through `attention_mask`, so the lengths must be computed in the graph from it (not fed),
+    and positions must not come from them: `do_rotary=1` rotates at `seqlens_k`, which after
+    compaction counts kept tokens, not positions."""
+    attrs = {key: attr.value for key, attr in node.attributes.items()}
+    if attrs.get("do_rotary", 0):
+        return ("do_rotary=1 rotates Q/K at positions taken from seqlens_k, which after compaction counts the "
+                "kept tokens, not the positions; apply rotary before the op (RotaryEmbedding with position_ids) "
+                "and set do_rotary=0")
+    for key, value in attrs.items():
+        allowed = _GQA_ATTRIBUTES.get(key, "unknown")
+        if allowed is not None and value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
+            return f"attribute {key}={value} is not supported (kvpass rewrites {key}={allowed})"
+    if node.inputs[1] is None:
+        return "packed QKV (no key input) is not supported; give query, key and value separately"
+    extra = [index for index, value in enumerate(node.inputs) if index > 8 and value is not None]
+    if extra:
+        return f"inputs {extra} (position_ids, attention_bias, head_sink, quantization, ...) are not supported"
+    fed = [value.name for value in node.inputs[5:7] if value in model.graph.inputs or value.const_value is not None
+           or value.name in model.graph.initializers]
+    if fed:
+        return (f"its lengths {fed} are fed or constant; kvpass feeds the physical cache through attention_mask, "
+                "so compute seqlens_k = ReduceSum(attention_mask) - 1 and total_sequence_length from it in the graph")
+    return None
 
 
 class _Ops:
@@ -363,8 +407,14 @@ def _query_probs(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Va
     and O(rows x T) memory at a prefill of any length. GQA is the node's own (K/V unrepeated)."""
     if site.match.probs is not None:
         return _last_rows(o, site.match.probs, rows)
-    if site.pattern == "ms_multihead_attention":
-        return _multihead_probs(o, site, rows)
+    if site.pattern == "ms_multihead_attention":  # key [B, T, Hq x D], mask in attention_bias
+        anchor = site.match.anchor
+        keys = o("Transpose", o("Reshape", anchor.inputs[1], o.const([0, 0, site.num_heads, site.head_dim])),
+                 perm=[0, 2, 1, 3])
+        bias = anchor.inputs[5] if len(anchor.inputs) > 5 else None
+        return _companion_probs(o, site, keys, rows, bias=bias)
+    if site.pattern == "ms_group_query_attention":  # keys: the op's present [B, Hkv, T, D]; causal inside
+        return _companion_probs(o, site, cache_k, rows, causal=True)
     anchor = site.match.anchor
     q, _, _, *rest = anchor.inputs
     mask = rest[0] if rest else None
@@ -378,21 +428,31 @@ def _query_probs(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Va
     return outputs[3]
 
 
-def _multihead_probs(o: _Ops, site: AttentionSite, rows: int | None) -> ir.Value:
-    """softmax(Q K^T x scale + attention_bias) of the last `rows` queries [B, Hq, rows, T], in float32:
-    a com.microsoft `MultiHeadAttention` keeps its probabilities inside the op, so this companion
-    recomputes them from the op's own query, key (its [B, T, Hq x D] layout, GQA repeat included) and
-    bias inputs, O(rows x T) at any prefill, while the op itself still computes the layer's output."""
-    anchor = site.match.anchor
-    query, key = (o("Cast", value, to=ir.DataType.FLOAT) for value in anchor.inputs[:2])
-    heads = o.const([0, 0, site.num_heads, site.head_dim])
-    query = o("Transpose", o("Reshape", _last_rows(o, query, rows, axis=1), heads), perm=[0, 2, 1, 3])
-    key = o("Transpose", o("Reshape", key, heads), perm=[0, 2, 3, 1])
+def _companion_probs(o: _Ops, site: AttentionSite, keys: ir.Value, rows: int | None, bias: ir.Value | None = None,
+                     causal: bool = False) -> ir.Value:
+    """softmax(Q K^T x scale + bias, causal) of the last `rows` queries [B, Hq, rows, T], in float32.
+
+    A com.microsoft fused op keeps its probabilities inside, so this companion recomputes them from
+    the op's own query [B, S, Hq x D] and `keys` [B, Hk, T, D] (Hk divides Hq: each group of Hq / Hk
+    query heads reads one key head), O(rows x T) at any prefill; the op still computes the layer's
+    output. `causal`: query i of the step's S sees keys up to T - S + i (the step's tokens are last)."""
+    query, keys = (o("Cast", value, to=ir.DataType.FLOAT) for value in (site.match.anchor.inputs[0], keys))
+    query = o("Reshape", _last_rows(o, query, rows, axis=1), o.const([0, 0, site.num_heads, site.head_dim]))
+    key_heads = o.dim(keys, 1)
+    grouped = o("Reshape", o("Transpose", query, perm=[0, 2, 1, 3]),
+                o("Concat", o.const([0]), key_heads, o.const([-1, site.head_dim]), axis=0))  # [B, Hk, g x rows, D]
     scale = site.scale if site.scale is not None else site.head_dim**-0.5
-    logits = o("Mul", o("MatMul", query, key), o.const(np.float32(scale)))
-    bias = anchor.inputs[5] if len(anchor.inputs) > 5 else None
+    logits = o("Mul", o("MatMul", grouped, o("Transpose", keys, perm=[0, 1, 3, 2])), o.const(np.float32(scale)))
+    logits = o("Reshape", logits, o.const([0, site.num_heads, -1, 0]))  # [B, Hq, rows, T]
     if bias is not None:
         logits = o("Add", logits, o("Cast", _last_rows(o, bias, rows), to=ir.DataType.FLOAT))
+    if causal:
+        length, scored = (o("Squeeze", o.dim(logits, axis), o.const([0])) for axis in (3, 2))
+        one = o.const(np.int64(1))
+        last_seen = o("Range", o("Sub", length, scored), length, one)  # the last key each scored query sees
+        key_index = o("Range", o.const(np.int64(0)), length, one)
+        visible = o("LessOrEqual", o("Unsqueeze", key_index, o.const([0])), o("Unsqueeze", last_seen, o.const([1])))
+        logits = o("Where", visible, logits, o.const(np.float32(-np.inf)))
     return o("Softmax", logits, axis=-1)
 
 
