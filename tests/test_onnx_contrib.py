@@ -10,7 +10,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from test_onnx import HEAD_DIM, KV_HEADS, LAYERS, assert_same_cache, padded_batch, prompt, tiny_llama, torch_generate
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnx_ir.tape import Tape
+from test_onnx import HEAD_DIM, HEADS, KV_HEADS, LAYERS, assert_same_cache, padded_batch, prompt, tiny_llama, torch_generate
 
 import kvpass
 import kvpass.onnx
@@ -49,30 +51,42 @@ def test_fused_multihead_attention_is_found_with_its_cache(fused) -> None:
         assert (site.match.past_key.name, site.match.present_value.name) == (f"past_k_{layer}", f"present_v_{layer}")
 
 
-def test_budget_one_is_the_unpruned_fused_run(fused, base) -> None:
-    """Budget 1.0 adds no eviction: the logits are the fused graph's own, bit for bit, and the tokens torch's."""
-    ids = prompt()
-    generator = kvpass.onnx.Generator(kvpass.onnx.optimize(fused, budget=1.0))
-    generator.reset(1)
-    logits = generator.step(ids.numpy())
-    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()),
-             "position_ids": np.arange(ids.shape[1])[None]}
+@pytest.fixture(scope="module")
+def graphs(fused) -> dict[str, onnx.ModelProto]:
+    return {"MultiHeadAttention": fused, "GroupQueryAttention": grouped_query_graph(fused)}
+
+
+FUSED_OPS = ["MultiHeadAttention", "GroupQueryAttention"]
+
+
+def own_logits(proto: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
+    """The graph's logits for a prompt, run as is by onnxruntime (empty cache)."""
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
     feeds.update({f"past_{kv}_{layer}": np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32)
                   for layer in range(LAYERS) for kv in "kv"})
-    own = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
-    np.testing.assert_array_equal(logits, own)
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+
+
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_budget_one_is_the_unpruned_fused_run(graphs, base, op) -> None:
+    """Budget 1.0 adds no eviction: the logits are the fused graph's own, bit for bit, and the tokens torch's."""
+    ids = prompt()
+    generator = kvpass.onnx.Generator(kvpass.onnx.optimize(graphs[op], budget=1.0))
+    generator.reset(1)
+    np.testing.assert_array_equal(generator.step(ids.numpy()), own_logits(graphs[op], ids.numpy()))
     tokens = generator.generate(ids, max_new_tokens=12)
     assert np.array_equal(tokens, base.generate(ids, max_new_tokens=12, do_sample=False).numpy())
 
 
-@pytest.mark.parametrize("method", [None, "knorm", "h2o"])
-def test_half_budget_keeps_what_torch_keeps_through_the_fused_op(fused, base, method) -> None:
-    """The pruned graph still attends with MultiHeadAttention, over the compacted cache; its companion
-    scoring keeps the torch path's tokens (tova's and h2o's attention, knorm's norms), under the byte cap
-    at every step."""
+@pytest.mark.parametrize("method", [None, "knorm", "h2o", "snapkv"])
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_half_budget_keeps_what_torch_keeps_through_the_fused_op(graphs, base, op, method) -> None:
+    """The pruned graph still attends with the fused op, over the compacted cache; its companion scoring
+    keeps the torch path's tokens (tova's, h2o's and snapkv's attention, knorm's norms), under the byte
+    cap at every step."""
     ids, new = prompt(), 12
-    pruned = kvpass.onnx.optimize(fused, budget=0.5, method=method)
-    assert fused_ops(pruned) == fused_ops(fused)
+    pruned = kvpass.onnx.optimize(graphs[op], budget=0.5, method=method)
+    assert fused_ops(pruned) == fused_ops(graphs[op])
     generator = kvpass.onnx.Generator(pruned)
     generator.reset(1)
     tokens, chunk = [ids.numpy()], ids.numpy()
@@ -85,7 +99,7 @@ def test_half_budget_keeps_what_torch_keeps_through_the_fused_op(fused, base, me
     assert_same_cache(generator, cache, ids.shape[1] + new - 1)
 
 
-def test_padded_batch_through_the_fused_op(fused, base) -> None:
+def test_padded_batch_through_multihead_attention(fused, base) -> None:
     (ids, mask), new = padded_batch(), 8
     generator = kvpass.onnx.Generator(kvpass.onnx.optimize(fused, budget=0.5))
     tokens = generator.generate(ids, max_new_tokens=new, attention_mask=mask)
@@ -105,3 +119,48 @@ def test_multihead_attention_keeping_its_cache_inside_is_refused_by_name(fused) 
     node.replace_input_with(7, past[1])
     with pytest.raises(UnsupportedModelError, match=f"{node.name}.*past_key"):
         kvpass.onnx.optimize(ir.to_proto(model), budget=0.5)
+
+
+def test_grouped_query_attention_refuses_what_it_cannot_compute_after_compaction(graphs, fused) -> None:
+    """do_rotary=1 would rotate at seqlens_k (kept tokens, not positions); a left-padded batch is outside the
+    op's right-padded seqlens_k, pruned or not: both are named."""
+    with pytest.raises(UnsupportedModelError, match="GroupQueryAttention node .*do_rotary=1 rotates"):
+        kvpass.onnx.optimize(grouped_query_graph(fused, do_rotary=1), budget=0.5)
+    ids, mask = padded_batch()
+    generator = kvpass.onnx.Generator(kvpass.onnx.optimize(graphs["GroupQueryAttention"], budget=0.5))
+    with pytest.raises(UnsupportedModelError, match="left-padded batch is outside what the op computes"):
+        generator.generate(ids, max_new_tokens=2, attention_mask=mask)
+
+
+def grouped_query_graph(fused: onnx.ModelProto, **attributes) -> onnx.ModelProto:
+    """`fused` with each MultiHeadAttention (and the cache Concat and GQA repeat feeding it) replaced by
+    a com.microsoft GroupQueryAttention over past K/V inputs and the new tokens' K/V, returning present
+    K/V, as onnxruntime's model builder writes it: seqlens_k and total_sequence_length computed from
+    attention_mask, rotary left to the graph's RotaryEmbedding at position_ids (do_rotary=0)."""
+    model = ir.from_proto(fused)
+    graph, tape = model.graph, Tape(model.graph)
+    mask = next(v for v in graph.inputs if v.name == "attention_mask")
+
+    def const(array) -> ir.Value:
+        return tape.op("Constant", [], {"value": ir.tensor(np.asarray(array))})
+
+    real = tape.op("ReduceSum", [mask, const([1])], {"keepdims": 0})
+    seqlens = tape.op("Cast", [tape.op("Sub", [real, const(np.int64(1))])], {"to": ir.DataType.INT32})
+    total = tape.op("Cast", [tape.op("Squeeze", [tape.op("Shape", [mask], {"start": 1, "end": 2})])],
+                    {"to": ir.DataType.INT32})
+    outputs = {value.name: value for value in graph.outputs}
+    for layer, node in enumerate(n for n in list(graph) if n.op_type == "MultiHeadAttention"):
+        presents = [outputs[f"present_{kv}_{layer}"] for kv in "kv"]
+        (past_k, new_k), (past_v, new_v) = (list(p.producer().inputs) for p in presents)
+        new_k, new_v = (tape.op("Reshape", [tape.op("Transpose", [new], {"perm": [0, 2, 1, 3]}), const([0, 0, -1])])
+                        for new in (new_k, new_v))
+        out, *new_presents = tape.op_multi_out(
+            "GroupQueryAttention", [node.inputs[0], new_k, new_v, past_k, past_v, seqlens, total],
+            {"num_heads": HEADS, "kv_num_heads": KV_HEADS, **attributes}, num_outputs=3, domain="com.microsoft")
+        ir.convenience.replace_all_uses_with(node.outputs[0], out)
+        for old, new in zip(presents, new_presents):
+            graph.outputs[graph.outputs.index(old)] = new
+            new.name, new.type, new.shape, old.name = old.name, old.type, old.shape, f"{old.name}_unused"
+    RemoveUnusedNodesPass()(model)
+    graph.sort()
+    return ir.to_proto(model)

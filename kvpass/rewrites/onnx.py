@@ -260,7 +260,7 @@ def rewrite_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: i
         schedule = plan.schedule(site, dtype_bytes)
         entry = {"name": site.name, "layer": site.layer, "kv_heads": site.num_kv_heads, "head_dim": site.head_dim,
                  **{key: getattr(site.match, key).name for key in ("past_key", "past_value", "present_key", "present_value")},
-                 "schedule": asdict(schedule), "row": None}
+                 "schedule": asdict(schedule), "row": None, "pattern": site.pattern}
         if schedule.prunes:
             entry["row"] = pruned.index(site)
             entry.update(_add_eviction(model, site, plan.method, mask, evict, entry["row"]))
