@@ -267,7 +267,7 @@ def test_finds_com_microsoft_attention_and_refuses_what_it_cannot_prune() -> Non
     report = kvpass.onnx.find_attention(model)
     assert [s.pattern for s in report] == ["ms_multihead_attention"] * 2 + ["ms_group_query_attention"]
     assert [s.head_dim for s in report] == [HEAD_DIM] * 3
-    with pytest.raises(UnsupportedModelError, match=r"GroupQueryAttention nodes \['attention_2'\] keep their cache inside"):
+    with pytest.raises(UnsupportedModelError, match=r"GroupQueryAttention node 'attention_2': its lengths \['seqlens', 'total'\] are fed"):
         kvpass.onnx.optimize(model)
     del model.graph.node[2:]
     model.graph.output[0].name = "h1"
