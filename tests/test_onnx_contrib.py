@@ -109,6 +109,17 @@ def test_padded_batch_through_multihead_attention(fused, base) -> None:
     assert_same_cache(generator, out.past_key_values, ids.shape[1] + new - 1)
 
 
+def test_multihead_attention_masking_inside_is_refused_for_scored_methods(fused) -> None:
+    """unidirectional=1 masks inside the op, where the companion scoring cannot see it; knorm needs no scores."""
+    model = ir.from_proto(fused)
+    for node in (n for n in model.graph if n.op_type == "MultiHeadAttention"):
+        node.attributes["unidirectional"] = ir.AttrInt64("unidirectional", 1)
+    proto = ir.to_proto(model)
+    with pytest.raises(UnsupportedModelError, match="MultiHeadAttention nodes .* unidirectional=1"):
+        kvpass.onnx.optimize(proto, budget=0.5)
+    kvpass.onnx.optimize(proto, budget=0.5, method="knorm")
+
+
 def test_multihead_attention_keeping_its_cache_inside_is_refused_by_name(fused) -> None:
     """A MultiHeadAttention fed past_key/past_value (onnxruntime's own cache handling) is named, not half-pruned."""
     model = ir.from_proto(fused)
@@ -126,6 +137,9 @@ def test_grouped_query_attention_refuses_what_it_cannot_compute_after_compaction
     op's right-padded seqlens_k, pruned or not: both are named."""
     with pytest.raises(UnsupportedModelError, match="GroupQueryAttention node .*do_rotary=1 rotates"):
         kvpass.onnx.optimize(grouped_query_graph(fused, do_rotary=1), budget=0.5)
+    for attribute, value in (("local_window_size", 8), ("softcap", 30.0), ("kv_cache_bit_width", 4)):
+        with pytest.raises(UnsupportedModelError, match=f"GroupQueryAttention node .*attribute {attribute}"):
+            kvpass.onnx.optimize(grouped_query_graph(fused, **{attribute: value}), budget=0.5)
     ids, mask = padded_batch()
     generator = kvpass.onnx.Generator(kvpass.onnx.optimize(graphs["GroupQueryAttention"], budget=0.5))
     with pytest.raises(UnsupportedModelError, match="left-padded batch is outside what the op computes"):

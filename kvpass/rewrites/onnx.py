@@ -10,14 +10,20 @@ function), tried against every node of an `onnx_ir` graph:
   (opset <= 22 exports), scale applied before or after the QK product.
 
 Rewriting (standard ops only, so any execution provider runs it): a site whose K/V are
-`Concat(past graph input, new)` graph outputs gets an `If` after its attention. When the
+`Concat(past graph input, new)` graph outputs (or, for `GroupQueryAttention`, the op's own
+past inputs and present outputs) gets an `If` after its attention. When the
 host's `keep` is below the cache length, its branch scores the cache with the method's
-statistic (the newest query's attention: a row of the Softmax output, or a one-query copy of
-the `Attention` node, never the whole L x T matrix; key norms; or slots), applies the shared
+statistic (the newest query's attention: a row of the Softmax output, a one-query copy of
+the `Attention` node, or for the com.microsoft ops, which keep their probabilities inside, a
+companion softmax of the op's own query and keys; never the whole L x T matrix; key norms;
+or slots), applies the shared
 selection rules of `kvpass.methods.selection` (head averaging, span max-pooling, +inf for
 sinks and the recent window), keeps the top `keep` with TopK (ties → earlier token), sorts
 the kept indices ascending and gathers compacted `present` K/V and int32 slots; otherwise
-the cache passes through, so steps between evictions (`evict_every` > 1) only append.
+the cache passes through, so steps between evictions (`evict_every` > 1) only append. The fused
+ops keep attending over the compacted cache: `MultiHeadAttention` reads its lengths off its
+inputs and its mask from `attention_bias`, `GroupQueryAttention` from `seqlens_k` and
+`total_sequence_length`, which the graph must compute from `attention_mask` (the physical cache).
 `keep`, `sinks`, `recent` and `seen` come from the host (input `kvpass_evict`, one row per
 pruned site), computed with `kvpass.plan.SiteSchedule`, so the keep count is the torch runtime's.
 The new tokens' slots are their places in the sequence (from `seen`), negative for padding (the
@@ -169,8 +175,9 @@ def _site_from_match(model: ir.Model, name: str, match, layer: int) -> Attention
         packed = heads + 2 * kv_heads if anchor.inputs[1] is None else heads  # query holds Q, K and V when packed
         head_dim = hidden // packed if hidden and packed else 0
         inputs, outputs = list(anchor.inputs) + [None] * 5, list(anchor.outputs) + [None] * 3
-        if all(v is not None and v in model.graph.inputs for v in inputs[3:5]) and \
-                all(v is not None and v in model.graph.outputs for v in outputs[1:3]):  # past in, present out
+        past, present = inputs[3:5], outputs[1:3]
+        if all(v is not None and v.is_graph_input() for v in past) and all(
+                v is not None and v.is_graph_output() for v in present):
             found.past_key, found.past_value, found.present_key, found.present_value = *inputs[3:5], *outputs[1:3]
         reads_cache = found.past_key is not None
         scale, masked, causal = attrs.get("scale") or None, True, True  # seqlens_k masks, causally
@@ -281,7 +288,7 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
             "it; run kvpass.onnx.optimize on the unfused export, or fuse to MultiHeadAttention (onnxscript's "
             "ort_fusions) or GroupQueryAttention")
     for site in sites:
-        if site.pattern == "ms_group_query_attention" and (reason := _grouped_query_refusal(model, site.match.anchor)):
+        if site.pattern == "ms_group_query_attention" and (reason := _grouped_query_refusal(site.match.anchor)):
             raise UnsupportedModelError(f"com.microsoft GroupQueryAttention node {site.name!r}: {reason}")
     for input_index, what in ((3, "a bias input"), (4, "a key_padding_mask input"), (6, "a past_key input")):
         named = [s.name for s in sites if s.pattern == "ms_multihead_attention"
@@ -312,12 +319,13 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
     ranking_function(method, ir.DataType.FLOAT, max(opset, MIN_OPSET))  # a scoring that does not export fails here
 
 
-_GQA_ATTRIBUTES = {"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotary": 0, "rotary_interleaved": None,
-                   "local_window_size": -1, "softcap": 0.0, "smooth_softmax": (-1, 0), "causal": 1, "qk_output": 0}
+_GQA_ATTRIBUTES = {"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotary": (0,), "rotary_interleaved": None,
+                   "local_window_size": (-1,), "softcap": (0.0,), "smooth_softmax": (-1, 0), "causal": (1,),
+                   "qk_output": (0,)}
 """The GroupQueryAttention attributes kvpass rewrites, with the values it supports (None: any)."""
 
 
-def _grouped_query_refusal(model: ir.Model, node: ir.Node) -> str | None:
+def _grouped_query_refusal(node: ir.Node) -> str | None:
     """Why kvpass cannot rewrite this GroupQueryAttention, or None. The op attends over `past ++ new`
     up to `seqlens_k` + 1 keys per row; kvpass feeds the compacted cache as past and the physical
     cache through `attention_mask`, so the lengths must be computed in the graph from it (not fed),
@@ -329,16 +337,18 @@ def _grouped_query_refusal(model: ir.Model, node: ir.Node) -> str | None:
                 "kept tokens, not the positions; apply rotary before the op (RotaryEmbedding with position_ids) "
                 "and set do_rotary=0")
     for key, value in attrs.items():
-        allowed = _GQA_ATTRIBUTES.get(key, "unknown")
-        if allowed is not None and value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
-            return f"attribute {key}={value} is not supported (kvpass rewrites {key}={allowed})"
+        if key not in _GQA_ATTRIBUTES:
+            return f"attribute {key} is not supported (kvpass rewrites {sorted(_GQA_ATTRIBUTES)})"
+        allowed = _GQA_ATTRIBUTES[key]
+        if allowed is not None and value not in allowed:
+            return f"attribute {key}={value} is not supported (kvpass rewrites {key} in {allowed})"
     if node.inputs[1] is None:
         return "packed QKV (no key input) is not supported; give query, key and value separately"
     extra = [index for index, value in enumerate(node.inputs) if index > 8 and value is not None]
     if extra:
         return f"inputs {extra} (position_ids, attention_bias, head_sink, quantization, ...) are not supported"
-    fed = [value.name for value in node.inputs[5:7] if value in model.graph.inputs or value.const_value is not None
-           or value.name in model.graph.initializers]
+    fed = [value.name for value in node.inputs[5:7] if value.is_graph_input() or value.is_initializer()
+           or value.const_value is not None or (value.producer() and value.producer().op_type == "Constant")]
     if fed:
         return (f"its lengths {fed} are fed or constant; kvpass feeds the physical cache through attention_mask, "
                 "so compute seqlens_k = ReduceSum(attention_mask) - 1 and total_sequence_length from it in the graph")
@@ -404,7 +414,8 @@ def _query_probs(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Va
     """The attention probabilities of the step's last `rows` queries [B, Hq, rows, T]: rows of the site's
     Softmax output, or, for a standard `Attention` node (which never materialises them), the same node
     run again on those queries with `qk_matmul_output_mode=3`: same scale, softcap, mask and precision,
-    and O(rows x T) memory at a prefill of any length. GQA is the node's own (K/V unrepeated)."""
+    and O(rows x T) memory at a prefill of any length. GQA is the node's own (K/V unrepeated). The
+    com.microsoft ops never output them: `_companion_probs` recomputes them from the op's inputs."""
     if site.match.probs is not None:
         return _last_rows(o, site.match.probs, rows)
     if site.pattern == "ms_multihead_attention":  # key [B, T, Hq x D], mask in attention_bias
