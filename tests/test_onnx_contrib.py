@@ -1,5 +1,5 @@
-"""kvpass.onnx over graphs fused for onnxruntime: com.microsoft MultiHeadAttention rewritten, the other
-fused attention ops refused by name."""
+"""kvpass.onnx over graphs fused for onnxruntime: com.microsoft MultiHeadAttention and GroupQueryAttention
+rewritten (the fused op kept over the compacted cache), what they cannot compute after compaction refused by name."""
 
 from __future__ import annotations
 
