@@ -262,12 +262,16 @@ def _contrib_attention_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
 
 
-def test_finds_com_microsoft_attention_and_refuses_to_prune_it() -> None:
+def test_finds_com_microsoft_attention_and_refuses_what_it_cannot_prune() -> None:
     model = _contrib_attention_model()
     report = kvpass.onnx.find_attention(model)
     assert [s.pattern for s in report] == ["ms_multihead_attention"] * 2 + ["ms_group_query_attention"]
     assert [s.head_dim for s in report] == [HEAD_DIM] * 3
-    with pytest.raises(UnsupportedModelError, match="com.microsoft"):
+    with pytest.raises(UnsupportedModelError, match=r"GroupQueryAttention node 'attention_2': its lengths \['seqlens', 'total'\] are fed"):
+        kvpass.onnx.optimize(model)
+    del model.graph.node[2:]
+    model.graph.output[0].name = "h1"
+    with pytest.raises(UnsupportedModelError, match=r"\['attention_0', 'attention_1'\] do not read a KV cache"):
         kvpass.onnx.optimize(model)
 
 

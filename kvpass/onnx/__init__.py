@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from kvpass.budget import parse_budget
 from kvpass.methods import Method
+from kvpass.onnx.ort_schemas import register_onnxruntime_schemas
 from kvpass.planning import Plan
 from kvpass.rewrites.onnx import find_sites
 from kvpass.site import SiteReport
@@ -46,6 +47,7 @@ def load(model: ModelLike) -> onnx.ModelProto:
             raise ValueError(f"model: {where!r} is not a readable ONNX file ({reason})") from error
     else:
         raise TypeError(f"model must be an onnx.ModelProto or a path, got {type(model).__name__}")
+    register_onnxruntime_schemas()  # graphs fused for onnxruntime use its SimplifiedLayerNormalization, ...
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as error:
@@ -87,9 +89,15 @@ def optimize(
     makes decoding over the pruned cache faster than the full one.
 
     The graph must take `position_ids` and carry its cache as `Concat(past input, new)` graph
-    outputs (what `kvpass.export_onnx` exports). Refused with a clear error: no attention,
-    attention-like subgraphs no pattern matches, com.microsoft fused ops, opset < 18, a method
-    whose torch scoring does not export to ONNX. Every built-in method exports; h2o's and snapkv's
+    outputs (what `kvpass.export_onnx` exports), or as a com.microsoft `GroupQueryAttention`'s past
+    inputs and present outputs. Graphs fused for onnxruntime keep their fused ops: `MultiHeadAttention`
+    over `Concat(past, new)` K/V (onnxscript's `ort_fusions` of an opset-18 export) and
+    `GroupQueryAttention` with `do_rotary=0` and its lengths computed from `attention_mask`; scores
+    come from a companion softmax of the op's inputs. Refused with a clear error: no attention,
+    attention-like subgraphs no pattern matches, com.microsoft `Attention`, `GroupQueryAttention`
+    with `do_rotary=1` (it rotates at `seqlens_k`, which counts kept tokens after compaction), packed
+    QKV or fed lengths, `MultiHeadAttention` taking past K/V, a bias or a key padding mask, opset < 18,
+    a method whose torch scoring does not export to ONNX. Every built-in method exports; h2o's and snapkv's
     running attention sums are carried as graph state (`kvpass_past_stat_i` in, `kvpass_present_stat_i`
     out), counted in the byte cap as in the torch runtime.
 

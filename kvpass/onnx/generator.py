@@ -166,6 +166,12 @@ class Generator:
             raise ValueError("attention_mask: padding after a row's real tokens; only left padding is supported")
         if not real[:, -1].all():
             raise ValueError("attention_mask: a row ends in padding (its next token would have nothing to follow)")
+        grouped = [site["name"] for site in self.sites if site.get("pattern") == "ms_group_query_attention"]
+        if not real.all() and grouped:
+            raise UnsupportedModelError(
+                f"attention_mask: the com.microsoft GroupQueryAttention nodes {grouped} take each row's keys as the "
+                "first seqlens_k + 1 of its cache (right padding), so a left-padded batch is outside what the op "
+                "computes, pruned or not; decode such rows one at a time")
         if not real.all() and not self.takes_mask:
             raise ValueError("attention_mask: this ONNX graph takes no attention_mask input, so it cannot hide "
                              "padding; export it again with kvpass.export_onnx")

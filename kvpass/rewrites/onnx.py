@@ -10,14 +10,20 @@ function), tried against every node of an `onnx_ir` graph:
   (opset <= 22 exports), scale applied before or after the QK product.
 
 Rewriting (standard ops only, so any execution provider runs it): a site whose K/V are
-`Concat(past graph input, new)` graph outputs gets an `If` after its attention. When the
+`Concat(past graph input, new)` graph outputs (or, for `GroupQueryAttention`, the op's own
+past inputs and present outputs) gets an `If` after its attention. When the
 host's `keep` is below the cache length, its branch scores the cache with the method's
-statistic (the newest query's attention: a row of the Softmax output, or a one-query copy of
-the `Attention` node, never the whole L x T matrix; key norms; or slots), applies the shared
+statistic (the newest query's attention: a row of the Softmax output, a one-query copy of
+the `Attention` node, or for the com.microsoft ops, which keep their probabilities inside, a
+companion softmax of the op's own query and keys; never the whole L x T matrix; key norms;
+or slots), applies the shared
 selection rules of `kvpass.methods.selection` (head averaging, span max-pooling, +inf for
 sinks and the recent window), keeps the top `keep` with TopK (ties → earlier token), sorts
 the kept indices ascending and gathers compacted `present` K/V and int32 slots; otherwise
-the cache passes through, so steps between evictions (`evict_every` > 1) only append.
+the cache passes through, so steps between evictions (`evict_every` > 1) only append. The fused
+ops keep attending over the compacted cache: `MultiHeadAttention` reads its lengths off its
+inputs and its mask from `attention_bias`, `GroupQueryAttention` from `seqlens_k` and
+`total_sequence_length`, which the graph must compute from `attention_mask` (the physical cache).
 `keep`, `sinks`, `recent` and `seen` come from the host (input `kvpass_evict`, one row per
 pruned site), computed with `kvpass.plan.SiteSchedule`, so the keep count is the torch runtime's.
 The new tokens' slots are their places in the sequence (from `seen`), negative for padding (the
@@ -72,6 +78,17 @@ def _contrib(op_type: str) -> Callable:
     return contrib_attention
 
 
+def _sequence_major(op, x):
+    """MultiHeadAttention's [B, T, H*D] key/value made from a [B, Hkv, T, D] cache (repeated for GQA,
+    Transpose, Reshape: onnxscript's `ort_fusions` write it), or taken as is."""
+    return pattern.OrValue([op.Reshape(op.Transpose(_repeat_kv(op, x)), pattern.ANY_VALUE), x])
+
+
+def _multihead_attention(op, q, k, v):
+    return op.MultiHeadAttention(q, _sequence_major(op, k), _sequence_major(op, v), _domain="com.microsoft",
+                                 _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["anchor"])
+
+
 def _decomposed(op, q, k, v, q_scale, k_scale, post_scale, post_div, mask, where_cond, where_fill, nan_fill):
     k_t = pattern.OrValue([
         op.Transpose(_repeat_kv(op, k)),
@@ -87,7 +104,7 @@ def _decomposed(op, q, k, v, q_scale, k_scale, post_scale, post_div, mask, where
 
 PATTERNS: dict[str, pattern.Pattern] = {
     "onnx_attention": pattern.Pattern(_onnx_attention, name="onnx_attention"),
-    "ms_multihead_attention": pattern.Pattern(_contrib("MultiHeadAttention"), name="ms_multihead_attention"),
+    "ms_multihead_attention": pattern.Pattern(_multihead_attention, name="ms_multihead_attention"),
     "ms_group_query_attention": pattern.Pattern(_contrib("GroupQueryAttention"), name="ms_group_query_attention"),
     "ms_attention": pattern.Pattern(_contrib("Attention"), name="ms_attention"),
     "eager_softmax_chain": pattern.Pattern(_decomposed, name="eager_softmax_chain"),
@@ -143,14 +160,34 @@ def _site_from_match(model: ir.Model, name: str, match, layer: int) -> Attention
     anchor = b["anchor"].producer()
     attrs = {key: attr.value for key, attr in anchor.attributes.items()}
     found = OnnxMatch(anchor, b.get("probs"))
-    if name.startswith("ms_"):
+    if name == "ms_multihead_attention":
+        heads, hidden = int(attrs.get("num_heads", 0)), _dim(b["q"], -1)
+        head_dim = hidden // heads if hidden and heads else 0
+        if b["k"] is not anchor.inputs[1] and b["v"] is not anchor.inputs[2]:  # laid out from [B, Hkv, T, D] caches
+            found.past_key, found.present_key = _cache_of(model, b["k"])
+            found.past_value, found.present_value = _cache_of(model, b["v"])
+        reads_cache = found.past_key is not None and found.past_value is not None
+        kv_heads = _dim(b["k"], 1) if reads_cache else heads
+        scale, masked = attrs.get("scale") or None, any(i is not None for i in anchor.inputs[4:6])
+        causal = bool(attrs.get("unidirectional", 0)) or reads_cache
+    elif name == "ms_group_query_attention":
+        heads, kv_heads, hidden = int(attrs.get("num_heads", 0)), int(attrs.get("kv_num_heads", 0)), _dim(b["q"], -1)
+        packed = heads + 2 * kv_heads if anchor.inputs[1] is None else heads  # query holds Q, K and V when packed
+        head_dim = hidden // packed if hidden and packed else 0
+        inputs, outputs = list(anchor.inputs) + [None] * 5, list(anchor.outputs) + [None] * 3
+        past, present = inputs[3:5], outputs[1:3]
+        if all(v is not None and v.is_graph_input() for v in past) and all(
+                v is not None and v.is_graph_output() for v in present):
+            found.past_key, found.past_value, found.present_key, found.present_value = *inputs[3:5], *outputs[1:3]
+        reads_cache = found.past_key is not None
+        scale, masked, causal = attrs.get("scale") or None, True, True  # seqlens_k masks, causally
+    elif name.startswith("ms_"):
         heads = int(attrs.get("num_heads", 0))
         kv_heads = int(attrs.get("kv_num_heads", heads))
         hidden = _dim(b["q"], -1)
         head_dim = hidden // heads if hidden and heads else 0
         scale, masked = attrs.get("scale") or None, any(i is not None for i in anchor.inputs[3:5])
-        causal = bool(attrs.get("unidirectional", 0)) or name == "ms_group_query_attention"
-        reads_cache = False
+        causal, reads_cache = bool(attrs.get("unidirectional", 0)), False
     else:
         q, k = b["q"], b["k"]
         heads, head_dim = _dim(q, 1) or int(attrs.get("q_num_heads", 0)), _dim(q, -1)
@@ -230,7 +267,7 @@ def rewrite_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: i
         schedule = plan.schedule(site, dtype_bytes)
         entry = {"name": site.name, "layer": site.layer, "kv_heads": site.num_kv_heads, "head_dim": site.head_dim,
                  **{key: getattr(site.match, key).name for key in ("past_key", "past_value", "present_key", "present_value")},
-                 "schedule": asdict(schedule), "row": None}
+                 "schedule": asdict(schedule), "row": None, "pattern": site.pattern}
         if schedule.prunes:
             entry["row"] = pruned.index(site)
             entry.update(_add_eviction(model, site, plan.method, mask, evict, entry["row"]))
@@ -244,11 +281,29 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
         raise UnsupportedModelError(
             f"the ONNX model uses opset {opset}; kvpass rewrites opset >= {MIN_OPSET} (convert it first with "
             f"onnx.version_converter.convert_version(model, {MIN_OPSET}))")
-    fused = [s.name for s in sites if s.pattern.startswith("ms_")]
-    if fused:
+    inside = [s.name for s in sites if s.pattern == "ms_attention"]
+    if inside:
         raise UnsupportedModelError(
-            f"com.microsoft fused attention ops {fused} keep their cache inside the op and expose no attention "
-            "scores, so kvpass cannot compact them; run kvpass.onnx.optimize on the unfused export instead")
+            f"com.microsoft Attention nodes {inside} keep their cache inside the op, so kvpass cannot compact "
+            "it; run kvpass.onnx.optimize on the unfused export, or fuse to MultiHeadAttention (onnxscript's "
+            "ort_fusions) or GroupQueryAttention")
+    for site in sites:
+        if site.pattern == "ms_group_query_attention" and (reason := _grouped_query_refusal(site.match.anchor)):
+            raise UnsupportedModelError(f"com.microsoft GroupQueryAttention node {site.name!r}: {reason}")
+    for input_index, what in ((3, "a bias input"), (4, "a key_padding_mask input"), (6, "a past_key input")):
+        named = [s.name for s in sites if s.pattern == "ms_multihead_attention"
+                 and len(s.match.anchor.inputs) > input_index and s.match.anchor.inputs[input_index] is not None]
+        if named:
+            raise UnsupportedModelError(
+                f"com.microsoft MultiHeadAttention nodes {named} take {what}; kvpass rewrites MultiHeadAttention "
+                "over Concat(past input, new) K/V with its mask as attention_bias (what onnxscript's ort_fusions "
+                "write); fuse the export that way, or prune the unfused export")
+    one_way = [s.name for s in sites if s.pattern == "ms_multihead_attention"
+               and s.match.anchor.attributes.get_int("unidirectional", 0)]
+    if one_way and method.stat is not Stat.NONE:
+        raise UnsupportedModelError(
+            f"com.microsoft MultiHeadAttention nodes {one_way} have unidirectional=1: the op masks inside itself, "
+            "and kvpass's scoring of its queries does not; fuse with the causal mask in attention_bias")
     not_cached = [s.name for s in sites if not s.reads_cache]
     if not_cached:
         raise UnsupportedModelError(
@@ -262,6 +317,42 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
             "mask to the node's own past_key input (none here), so new queries would not see the cache; export "
             "with an explicit attn_mask")
     ranking_function(method, ir.DataType.FLOAT, max(opset, MIN_OPSET))  # a scoring that does not export fails here
+
+
+_GQA_ATTRIBUTES = {"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotary": (0,), "rotary_interleaved": None,
+                   "local_window_size": (-1,), "softcap": (0.0,), "smooth_softmax": (-1, 0), "causal": (1,),
+                   "qk_output": (0,)}
+"""The GroupQueryAttention attributes kvpass rewrites, with the values it supports (None: any)."""
+
+
+def _grouped_query_refusal(node: ir.Node) -> str | None:
+    """Why kvpass cannot rewrite this GroupQueryAttention, or None. The op attends over `past ++ new`
+    up to `seqlens_k` + 1 keys per row; kvpass feeds the compacted cache as past and the physical
+    cache through `attention_mask`, so the lengths must be computed in the graph from it (not fed),
+    and positions must not come from them: `do_rotary=1` rotates at `seqlens_k`, which after
+    compaction counts kept tokens, not positions."""
+    attrs = {key: attr.value for key, attr in node.attributes.items()}
+    if attrs.get("do_rotary", 0):
+        return ("do_rotary=1 rotates Q/K at positions taken from seqlens_k, which after compaction counts the "
+                "kept tokens, not the positions; apply rotary before the op (RotaryEmbedding with position_ids) "
+                "and set do_rotary=0")
+    for key, value in attrs.items():
+        if key not in _GQA_ATTRIBUTES:
+            return f"attribute {key} is not supported (kvpass rewrites {sorted(_GQA_ATTRIBUTES)})"
+        allowed = _GQA_ATTRIBUTES[key]
+        if allowed is not None and value not in allowed:
+            return f"attribute {key}={value} is not supported (kvpass rewrites {key} in {allowed})"
+    if node.inputs[1] is None:
+        return "packed QKV (no key input) is not supported; give query, key and value separately"
+    extra = [index for index, value in enumerate(node.inputs) if index > 8 and value is not None]
+    if extra:
+        return f"inputs {extra} (position_ids, attention_bias, head_sink, quantization, ...) are not supported"
+    fed = [value.name for value in node.inputs[5:7] if value.is_graph_input() or value.is_initializer()
+           or value.const_value is not None or (value.producer() and value.producer().op_type == "Constant")]
+    if fed:
+        return (f"its lengths {fed} are fed or constant; kvpass feeds the physical cache through attention_mask, "
+                "so compute seqlens_k = ReduceSum(attention_mask) - 1 and total_sequence_length from it in the graph")
+    return None
 
 
 class _Ops:
@@ -323,9 +414,18 @@ def _query_probs(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Va
     """The attention probabilities of the step's last `rows` queries [B, Hq, rows, T]: rows of the site's
     Softmax output, or, for a standard `Attention` node (which never materialises them), the same node
     run again on those queries with `qk_matmul_output_mode=3`: same scale, softcap, mask and precision,
-    and O(rows x T) memory at a prefill of any length. GQA is the node's own (K/V unrepeated)."""
+    and O(rows x T) memory at a prefill of any length. GQA is the node's own (K/V unrepeated). The
+    com.microsoft ops never output them: `_companion_probs` recomputes them from the op's inputs."""
     if site.match.probs is not None:
         return _last_rows(o, site.match.probs, rows)
+    if site.pattern == "ms_multihead_attention":  # key [B, T, Hq x D], mask in attention_bias
+        anchor = site.match.anchor
+        keys = o("Transpose", o("Reshape", anchor.inputs[1], o.const([0, 0, site.num_heads, site.head_dim])),
+                 perm=[0, 2, 1, 3])
+        bias = anchor.inputs[5] if len(anchor.inputs) > 5 else None
+        return _companion_probs(o, site, keys, rows, bias=bias)
+    if site.pattern == "ms_group_query_attention":  # keys: the op's present [B, Hkv, T, D]; causal inside
+        return _companion_probs(o, site, cache_k, rows, causal=True)
     anchor = site.match.anchor
     q, _, _, *rest = anchor.inputs
     mask = rest[0] if rest else None
@@ -337,6 +437,34 @@ def _query_probs(o: _Ops, site: AttentionSite, cache_k: ir.Value, cache_v: ir.Va
     for unused in outputs[1:3]:  # present K/V: not asked for
         unused.name = ""
     return outputs[3]
+
+
+def _companion_probs(o: _Ops, site: AttentionSite, keys: ir.Value, rows: int | None, bias: ir.Value | None = None,
+                     causal: bool = False) -> ir.Value:
+    """softmax(Q K^T x scale + bias, causal) of the last `rows` queries [B, Hq, rows, T], in float32.
+
+    A com.microsoft fused op keeps its probabilities inside, so this companion recomputes them from
+    the op's own query [B, S, Hq x D] and `keys` [B, Hk, T, D] (Hk divides Hq: each group of Hq / Hk
+    query heads reads one key head), O(rows x T) at any prefill; the op still computes the layer's
+    output. `causal`: query i of the step's S sees keys up to T - S + i (the step's tokens are last)."""
+    query, keys = (o("Cast", value, to=ir.DataType.FLOAT) for value in (site.match.anchor.inputs[0], keys))
+    query = o("Reshape", _last_rows(o, query, rows, axis=1), o.const([0, 0, site.num_heads, site.head_dim]))
+    key_heads = o.dim(keys, 1)
+    grouped = o("Reshape", o("Transpose", query, perm=[0, 2, 1, 3]),
+                o("Concat", o.const([0]), key_heads, o.const([-1, site.head_dim]), axis=0))  # [B, Hk, g x rows, D]
+    scale = site.scale if site.scale is not None else site.head_dim**-0.5
+    logits = o("Mul", o("MatMul", grouped, o("Transpose", keys, perm=[0, 1, 3, 2])), o.const(np.float32(scale)))
+    logits = o("Reshape", logits, o.const([0, site.num_heads, -1, 0]))  # [B, Hq, rows, T]
+    if bias is not None:
+        logits = o("Add", logits, o("Cast", _last_rows(o, bias, rows), to=ir.DataType.FLOAT))
+    if causal:
+        length, scored = (o("Squeeze", o.dim(logits, axis), o.const([0])) for axis in (3, 2))
+        one = o.const(np.int64(1))
+        last_seen = o("Range", o("Sub", length, scored), length, one)  # the last key each scored query sees
+        key_index = o("Range", o.const(np.int64(0)), length, one)
+        visible = o("LessOrEqual", o("Unsqueeze", key_index, o.const([0])), o("Unsqueeze", last_seen, o.const([1])))
+        logits = o("Where", visible, logits, o.const(np.float32(-np.inf)))
+    return o("Softmax", logits, axis=-1)
 
 
 def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, mask: ir.Value | None,
