@@ -165,7 +165,7 @@ def test_bad_argument_exits_2_with_one_line(tiny) -> None:
     (["eval", "{tiny}", "--methods", "tova:span=two"], 2, "option 'span=two' must be key=number"),
     (["eval", "{tiny}", "--budgets", "1.5"], 2, "argument --budgets: expected a fraction of the full cache"),
     (["eval", "{sliding}"], 1, "eval needs a tokenizer with a chat template"),
-    (["export", "{sliding}", "out.onnx"], 1, "so there is no cache to prune"),
+    (["export", "{sliding}", "out.onnx"], 1, "exports full-attention caches only: layers [0] keep a sliding window"),
 ])
 def test_failures_exit_non_zero_with_one_line(tiny, tmp_path_factory, capsys, args, status, reason) -> None:
     sliding = tmp_path_factory.getbasetemp() / "sliding"

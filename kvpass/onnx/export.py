@@ -19,7 +19,8 @@ import onnx
 import torch
 
 from kvpass.budget import parse_budget
-from kvpass.hf_attention import set_attn_implementation
+from kvpass.errors import UnsupportedModelError
+from kvpass.hf_attention import cache_windows, set_attn_implementation
 from kvpass.methods import Method, get_method
 from kvpass.onnx import find_attention, optimize
 from kvpass.planning import Plan
@@ -84,6 +85,12 @@ def export_onnx(
     get_method(method)
     if plan is not None:
         refuse_ragged(plan, "kvpass's ONNX graphs (every site keeps one [B, Hkv, T, D] present K/V per layer)")
+    windowed = sorted(cache_windows(model))
+    if windowed:
+        raise UnsupportedModelError(
+            f"kvpass.export_onnx exports full-attention caches only: layers {windowed} keep a sliding window or "
+            "chunks, whose mask the exported step cannot take over the compacted cache; serve this model with "
+            "kvpass.optimize in torch")
     with _unoptimized(model):
         proto = _export_step(model, opset, _kv_heads(model, plan))
     if plan is not None:
