@@ -66,9 +66,16 @@ def attention(
     out = torch.empty_like(q)
     stats = torch.zeros(batch, hkv, lk, dtype=torch.float32, device=q.device)
     first_scored = first_scored_query(mode, lq, window) if not (softcap or sinks is not None) else 0
+    unscored = 0
+    if causal and plain_logits and lq == lk and first_scored > 1 and _plain(q_slots, k_slots):
+        # a plain causal prefill: the queries no statistic reads see only their own prefix, one fused SDPA call
+        unscored = first_scored
+        out[:, :, :unscored] = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, :unscored], k[:, :, :unscored], v[:, :, :unscored], is_causal=True, scale=scale,
+            enable_gqa=group > 1)
     k_rep = k.repeat_interleave(group, dim=1) if group > 1 else k
     v_rep = v.repeat_interleave(group, dim=1) if group > 1 else v
-    for start in range(0, lq, QUERY_CHUNK):
+    for start in range(unscored, lq, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, lq)
         visible = slot_mask(q_slots[:, start:stop], k_slots, causal)
         visible = visible.repeat_interleave(group, dim=1) if group > 1 else visible
