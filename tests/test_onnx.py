@@ -82,11 +82,12 @@ def test_budget_one_matches_unpruned_torch(exported, base) -> None:
 @pytest.mark.parametrize("method", [None, "knorm", "streaming_llm", "paged"])
 def test_half_budget_keeps_what_torch_keeps(exported, base, method) -> None:
     _, proto = exported
-    ids, new = prompt(), 12
+    ids, new = prompt(), 20  # past one serving period: the prefill's eviction, appends, one more eviction
     pruned = kvpass.onnx.optimize(proto, budget=0.5, method=method)
     generator = kvpass.onnx.Generator(pruned)
     tokens = generator.generate(ids, max_new_tokens=new)
-    expected, cache = torch_generate(kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method), ids, new)
+    twin = kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method, evict_every=kvpass.onnx.SERVING_EVICT_EVERY)
+    expected, cache = torch_generate(twin, ids, new)
     assert np.array_equal(tokens, expected)
     assert_same_cache(generator, cache, ids.shape[1] + new - 1)
 
@@ -120,12 +121,13 @@ EVERY_METHOD = [None, "tova", "knorm", "streaming_llm", "h2o", "snapkv", "random
 @pytest.mark.parametrize("method", EVERY_METHOD, ids=repr)
 def test_padded_batch_keeps_what_torch_keeps(exported, base, method) -> None:
     """Batch 3, left padding, every method: each row keeps the slots the torch path keeps for it,
-    padding first out, under the byte cap (h2o's and snapkv's running sums, carried by the graph, included)."""
+    padding first out, under the byte cap (h2o's and snapkv's running sums, carried by the graph, included).
+    Every step evicts (`evict_every=1`), so every decode step runs the graph's eviction branch."""
     _, proto = exported
     (ids, mask), new = padded_batch(), 12
-    generator = kvpass.onnx.Generator(kvpass.onnx.optimize(proto, budget=0.5, method=method))
+    generator = kvpass.onnx.Generator(kvpass.onnx.optimize(proto, budget=0.5, method=method, evict_every=1))
     tokens = generator.generate(ids, max_new_tokens=new, attention_mask=mask)
-    model = kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method)
+    model = kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method, evict_every=1)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
     assert np.array_equal(tokens, out.sequences.numpy())
     assert_same_cache(generator, out.past_key_values, ids.shape[1] + new - 1)
@@ -240,7 +242,8 @@ def test_pruned_model_is_valid_and_loads_fully_optimized(exported) -> None:
     names = {i.name for i in session.get_inputs()}
     assert {"kvpass_evict", "kvpass_past_slots_0", "kvpass_past_slots_1", "position_ids"} <= names
     dims = {o.name: o.shape for o in session.get_outputs()}
-    assert dims["present_k_0"][0] == "batch" and dims["present_k_0"][1:] == [KV_HEADS, "kept_0", HEAD_DIM]
+    assert dims["kvpass_evicted_key_0"][0] == "batch" and dims["kvpass_evicted_key_0"][1:] == [KV_HEADS, "kept_0", HEAD_DIM]
+    assert dims["present_k_0"][2] != "kept_0"  # the uncompacted cache, which steps that only append hand on
 
 
 def _contrib_attention_model() -> onnx.ModelProto:
@@ -380,7 +383,9 @@ def one_thread():
 
 @pytest.mark.slow
 def test_smollm2_onnx_tokens_match_torch(tmp_path, one_thread) -> None:
-    """About 3 minutes, most of it torch.onnx.export of 30 layers."""
+    """The default method and h2o (whose running sums the graph carries) at the serving default
+    `evict_every`, over a 1K-token prompt and 32 steps (two eviction periods). About 4 minutes, most
+    of it torch.onnx.export of 30 layers, done once: both methods prune the one exported graph."""
     from kvpass.eval.models import load_smollm2
 
     model, tokenizer = load_smollm2()
@@ -389,10 +394,15 @@ def test_smollm2_onnx_tokens_match_torch(tmp_path, one_thread) -> None:
     full = export_onnx(model, tmp_path / "full.onnx", budget=1.0)
     expected = model.generate(ids, max_new_tokens=32, do_sample=False).numpy()
     assert np.array_equal(kvpass.onnx.Generator(full, session_options=one_thread).generate(ids, 32), expected)
-    pruned = kvpass.onnx.optimize(full, budget=0.5)
-    generator = kvpass.onnx.Generator(pruned, session_options=one_thread)
-    tokens = generator.generate(ids, 32)
-    expected, cache = torch_generate(kvpass.optimize(model, budget=0.5), ids, 32)
-    assert np.array_equal(tokens, expected)
-    assert generator.cache[0][0].shape == tuple(cache.layers[0].site_cache.keys.shape)
-    np.testing.assert_array_equal(generator.cache[0][2], cache.layers[0].site_cache.slots.numpy())
+    for method in (None, "h2o"):
+        generator = kvpass.onnx.Generator(kvpass.onnx.optimize(full, budget=0.5, method=method),
+                                          session_options=one_thread)
+        tokens = generator.generate(ids, 32)
+        twin = kvpass.optimize(model, budget=0.5, method=method, evict_every=kvpass.onnx.SERVING_EVICT_EVERY)
+        expected, cache = torch_generate(twin, ids, 32)
+        assert np.array_equal(tokens, expected), method
+        assert generator.cache[0][0].shape == tuple(cache.layers[0].site_cache.keys.shape)
+        for layer in (0, 29):
+            np.testing.assert_array_equal(generator.cache[layer][2], cache.layers[layer].site_cache.slots.numpy())
+        if method == "h2o":
+            np.testing.assert_allclose(generator.stats[29], cache.layers[29].site_cache.stat.numpy(), rtol=1e-5)  # sums ~1e3

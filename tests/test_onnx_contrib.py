@@ -83,9 +83,9 @@ def test_budget_one_is_the_unpruned_fused_run(graphs, base, op) -> None:
 def test_half_budget_keeps_what_torch_keeps_through_the_fused_op(graphs, base, op, method) -> None:
     """The pruned graph still attends with the fused op, over the compacted cache; its companion scoring
     keeps the torch path's tokens (tova's, h2o's and snapkv's attention, knorm's norms), under the byte
-    cap at every step."""
+    cap at every step, each of which evicts."""
     ids, new = prompt(), 12
-    pruned = kvpass.onnx.optimize(graphs[op], budget=0.5, method=method)
+    pruned = kvpass.onnx.optimize(graphs[op], budget=0.5, method=method, evict_every=1)
     assert fused_ops(pruned) == fused_ops(graphs[op])
     generator = kvpass.onnx.Generator(pruned)
     generator.reset(1)
@@ -94,16 +94,17 @@ def test_half_budget_keeps_what_torch_keeps_through_the_fused_op(graphs, base, o
         chunk = generator.step(chunk)[:, -1:].argmax(-1)
         tokens.append(chunk)
         assert generator.cache_bytes() <= 0.5 * generator.full_cache_bytes()
-    expected, cache = torch_generate(kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method), ids, new)
+    expected, cache = torch_generate(kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method, evict_every=1),
+                                     ids, new)
     assert np.array_equal(np.concatenate(tokens, axis=1), expected)
     assert_same_cache(generator, cache, ids.shape[1] + new - 1)
 
 
 def test_padded_batch_through_multihead_attention(fused, base) -> None:
     (ids, mask), new = padded_batch(), 8
-    generator = kvpass.onnx.Generator(kvpass.onnx.optimize(fused, budget=0.5))
+    generator = kvpass.onnx.Generator(kvpass.onnx.optimize(fused, budget=0.5, evict_every=1))
     tokens = generator.generate(ids, max_new_tokens=new, attention_mask=mask)
-    out = kvpass.optimize(copy.deepcopy(base), budget=0.5).generate(
+    out = kvpass.optimize(copy.deepcopy(base), budget=0.5, evict_every=1).generate(
         ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
     assert np.array_equal(tokens, out.sequences.numpy())
     assert_same_cache(generator, out.past_key_values, ids.shape[1] + new - 1)

@@ -2,7 +2,8 @@
 
 The pruned graph uses standard ONNX ops only (TopK, GatherElements, MaxPool, ...), so any
 onnxruntime execution provider runs it; the Generator feeds the eviction sizes the torch
-runtime would use (`kvpass.plan.SiteSchedule`), so both paths keep the same tokens.
+runtime would use (`kvpass.plan.SiteSchedule`), so both paths keep the same tokens under the
+same plan (`evict_every` included: serving defaults to `SERVING_EVICT_EVERY`, the torch path to 1).
 
 Example:
     >>> import kvpass.onnx
@@ -28,6 +29,10 @@ from kvpass.rewrites.onnx import find_sites
 from kvpass.site import SiteReport
 from kvpass.transforms import Backend, RewriteTarget, Transform
 from kvpass.transforms.pipeline import apply, check_transforms, plan_transforms, shorthand_transforms, solve
+
+SERVING_EVICT_EVERY = 16
+"""`optimize`'s default `evict_every`: an onnxruntime decode step that evicts pays a TopK and a gather
+of the whole cache, so serving evicts every 16 steps (`benchmarks/onnx_serving.py`: ms/step against 1)."""
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -75,18 +80,22 @@ def optimize(
     plan: Plan | None = None,
     sinks: int = 4,
     recent: int = 32,
-    evict_every: int = 1,
+    evict_every: int = SERVING_EVICT_EVERY,
     **method_options: Any,
 ) -> onnx.ModelProto:
-    """A copy of `model` whose attention sites return compacted `present` K/V (same knobs as
-    `kvpass.optimize`; `budget` a fraction, or '2048 tokens' / '512MB' per sequence). Serve it
-    with `kvpass.onnx.Generator`, which feeds the eviction sizes.
+    """A copy of `model` whose attention sites evict to the budget (same knobs as `kvpass.optimize`;
+    `budget` a fraction, or '2048 tokens' / '512MB' per sequence). Serve it with
+    `kvpass.onnx.Generator`, which feeds the eviction sizes. A step that evicts returns the compacted
+    cache as `kvpass_evicted_key_i` / `kvpass_evicted_value_i` (empty on steps that only append, when
+    the graph's `present` K/V are the cache).
 
     `transforms`: ONNX graphs take `kvpass.Evict` only (remove heads in torch before export:
     `kvpass.export_onnx` of a head-pruned model gives a smaller graph). `evict_every=N` evicts at
     most every N steps, deep enough that the budget still holds while the cache grows in between;
     those steps skip scoring, TopK and the gathers (the graph's `If` just appends), which is what
-    makes decoding over the pruned cache faster than the full one.
+    makes decoding over the pruned cache faster than the full one: the default is
+    `SERVING_EVICT_EVERY` (16; `benchmarks/onnx_serving.py` measures it against 1), where the torch
+    `kvpass.optimize` evicts every step.
 
     The graph must take `position_ids` and carry its cache as `Concat(past input, new)` graph
     outputs (what `kvpass.export_onnx` exports), or as a com.microsoft `GroupQueryAttention`'s past
@@ -107,7 +116,8 @@ def optimize(
     """
     budget = parse_budget(budget)
     shorthand = {"sinks": sinks, "recent": recent, "evict_every": evict_every}
-    transforms = shorthand_transforms(transforms, plan, method, method_options, shorthand)
+    transforms = shorthand_transforms(transforms, plan, method, method_options, shorthand,
+                                      {"evict_every": SERVING_EVICT_EVERY})
     graph = _to_ir(load(model))
     report = _rewritable_sites(graph)
     if plan is not None:
@@ -133,7 +143,7 @@ def plan(
     transforms: list[Transform] | None = None,
     sinks: int = 4,
     recent: int = 32,
-    evict_every: int = 1,
+    evict_every: int = SERVING_EVICT_EVERY,
     **method_options: Any,
 ) -> Plan:
     """The plan `optimize` would apply to `model` (same arguments); `optimize(model, plan=...)` applies it.
@@ -147,7 +157,8 @@ def plan(
     """
     budget = parse_budget(budget)
     shorthand = {"sinks": sinks, "recent": recent, "evict_every": evict_every}
-    transforms = shorthand_transforms(transforms, None, method, method_options, shorthand)
+    transforms = shorthand_transforms(transforms, None, method, method_options, shorthand,
+                                      {"evict_every": SERVING_EVICT_EVERY})
     return _solve(_rewritable_sites(_to_ir(load(model))), budget, transforms)[0]
 
 

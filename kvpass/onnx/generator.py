@@ -91,6 +91,13 @@ class Generator:
         self.vocab_size: int | None = vocab if isinstance(vocab, int) else None
         """Token ids must be below it (None when the graph does not fix it)."""
         self.takes_mask = MASK_INPUT in types
+        self._shrink_arena = ort.RunOptions()
+        """A prefill's L x T buffers would stay in onnxruntime's memory arena for the whole decode: a
+        step of several tokens hands them back when it ends."""
+        self._shrink_arena.add_run_config_entry(
+            "memory.enable_memory_arena_shrinkage",
+            ";".join(device for provider, device in (("CPUExecutionProvider", "cpu:0"), ("CUDAExecutionProvider", "gpu:0"))
+                     if provider in self.session.get_providers()))
         self.cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self.stats: dict[int, np.ndarray] = {}
         """float32 [B, Hkv, T] per layer whose method sums attention over the steps (h2o, snapkv): the
@@ -131,7 +138,7 @@ class Generator:
         feeds = {"input_ids": input_ids, POSITION_INPUT: np.where(real, positions, 0)}
         if self.takes_mask:
             feeds[MASK_INPUT] = np.concatenate([self._held_mask(), real], axis=1).astype(np.int64)
-        rows = []
+        rows, evicting = [], {}
         for site in self.sites:
             keys, values, slots = self.cache[site["layer"]]
             feeds[site["past_key"]], feeds[site["past_value"]] = keys, values
@@ -139,16 +146,19 @@ class Generator:
                 feeds[site["past_slots"]] = slots
                 if "past_stat" in site:
                     feeds[site["past_stat"]] = self.stats[site["layer"]]
-                rows.append(evict_row(self.schedules[site["layer"]], keys.shape[2] + new, self.seen + new))
+                total = keys.shape[2] + new
+                rows.append(evict_row(self.schedules[site["layer"]], total, self.seen + new))
+                evicting[site["layer"]] = rows[-1][0] < total  # the graph's own test: keep < cache length
         if rows:
             feeds[EVICT_INPUT] = np.array(rows, dtype=np.int64).reshape(len(rows), 4)
-        out = dict(zip(self.output_names, self.session.run(None, feeds)))
+        out = dict(zip(self.output_names, self.session.run(None, feeds, self._shrink_arena if new > 1 else None)))
         self.seen += new
         self.padding = np.concatenate([self.padding, ~real], axis=1)
         self.next_position = self.next_position + real.sum(axis=1)
         for site in self.sites:
+            cache = "evicted" if evicting.get(site["layer"]) else "present"
             slots = out[site["present_slots"]] if site["row"] is not None else None
-            self.cache[site["layer"]] = (out[site["present_key"]], out[site["present_value"]], slots)
+            self.cache[site["layer"]] = (out[site[f"{cache}_key"]], out[site[f"{cache}_value"]], slots)
             if "present_stat" in site:
                 self.stats[site["layer"]] = out[site["present_stat"]]
         return out["logits"]

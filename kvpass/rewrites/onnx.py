@@ -19,8 +19,9 @@ companion softmax of the op's own query and keys; never the whole L x T matrix; 
 or slots), applies the shared
 selection rules of `kvpass.methods.selection` (head averaging, span max-pooling, +inf for
 sinks and the recent window), keeps the top `keep` with TopK (ties → earlier token), sorts
-the kept indices ascending and gathers compacted `present` K/V and int32 slots; otherwise
-the cache passes through, so steps between evictions (`evict_every` > 1) only append. The fused
+the kept indices ascending and gathers the compacted K/V (outputs `kvpass_evicted_{key,value}_i`)
+and int32 slots; otherwise those outputs are empty and the graph's own `present` K/V (past + new,
+never copied through the `If`) are the cache, so steps between evictions (`evict_every` > 1) only append. The fused
 ops keep attending over the compacted cache: `MultiHeadAttention` reads its lengths off its
 inputs and its mask from `attention_bias`, `GroupQueryAttention` from `seqlens_k` and
 `total_sequence_length`, which the graph must compute from `attention_mask` (the physical cache).
@@ -249,7 +250,7 @@ def _cache_of(model: ir.Model, value: ir.Value) -> tuple[ir.Value | None, ir.Val
 # ---------------------------------------------------------------- rewriting
 
 def rewrite_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: int) -> None:
-    """Rewrite `model` in place: every site with a budget below 1 returns compacted present K/V."""
+    """Rewrite `model` in place: every site with a budget below 1 also returns its compacted K/V when it evicts."""
     _check_rewritable(model, sites, plan.method)
     graph = model.graph
     position_ids = next((v for v in graph.inputs if v.name == POSITION_INPUT), None)
@@ -470,7 +471,11 @@ def _companion_probs(o: _Ops, site: AttentionSite, keys: ir.Value, rows: int | N
 def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, mask: ir.Value | None,
                   evict: ir.Value, row: int) -> dict[str, str]:
     """Append one site's slots (and carried statistic) and its evict-or-append `If`; returns the names
-    of the state inputs and outputs it added (`past_slots`, `present_slots`, `past_stat`, `present_stat`)."""
+    of the state inputs and outputs it added (`evicted_key`, `evicted_value`, `past_slots`, `present_slots`,
+    `past_stat`, `present_stat`).
+
+    `present` K/V stay the uncompacted cache (past + new). When the step evicts, the compacted cache
+    is `kvpass_evicted_{key,value}_i`; when it only appends, those are empty and `present` is the cache."""
     graph, x = model.graph, site.match
     o = _Ops(graph, f"kvpass/{site.layer}")
     cache_k, cache_v = x.present_key, x.present_value
@@ -497,23 +502,29 @@ def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, mask: ir
     model.functions[ranking.identifier()] = ranking
     model.opset_imports[ranking.domain] = 1
     evicted = o.branch("evict", lambda b: _select_and_compact(b, site, method, ranking, state, new_slots, keep, params))
-    appended = o.branch("append", lambda b: [b("Identity", value) for value in state])
-    present = o("If", evicting, outputs=len(state), then_branch=evicted, else_branch=appended)
+    # Between evictions the cache is the `present` Concat itself: passing it through the If would copy
+    # it every step (an outer value with other readers), so K/V leave the append branch empty.
+    appended = o.branch("append", lambda b: [*(_empty_tokens(b, value) for value in state[:2]),
+                                             *(b("Identity", value) for value in state[2:])])
+    outputs = o("If", evicting, outputs=len(state), then_branch=evicted, else_branch=appended)
 
-    for full, compact in zip((cache_k, cache_v), present[:2]):
-        name = full.name
-        full.name = f"{name}_uncompacted"
-        compact.name, compact.dtype = name, full.dtype
-        compact.shape = ir.Shape([full.shape[0] if full.shape else None, site.num_kv_heads, f"kept_{site.layer}",
-                                  site.head_dim])
-        graph.outputs[graph.outputs.index(full)] = compact
     names = {}
-    for kind, value, dtype in zip(("slots", "stat"), present[2:], (ir.DataType.INT32, ir.DataType.FLOAT)):
+    for kind, full, value in zip(("key", "value"), (cache_k, cache_v), outputs[:2]):
+        value.name, value.dtype = f"kvpass_evicted_{kind}_{site.layer}", full.dtype
+        value.shape = ir.Shape([batch, site.num_kv_heads, f"kept_{site.layer}", site.head_dim])
+        graph.outputs.append(value)
+        names[f"evicted_{kind}"] = value.name
+    for kind, value, dtype in zip(("slots", "stat"), outputs[2:], (ir.DataType.INT32, ir.DataType.FLOAT)):
         value.name, value.dtype = f"kvpass_present_{kind}_{site.layer}", dtype
-        value.shape = ir.Shape([None, site.num_kv_heads, f"kept_{site.layer}"])
+        value.shape = ir.Shape([batch, site.num_kv_heads, f"kept_{site.layer}"])
         graph.outputs.append(value)
         names[f"past_{kind}"], names[f"present_{kind}"] = f"kvpass_past_{kind}_{site.layer}", value.name
     return names
+
+
+def _empty_tokens(o: _Ops, cache: ir.Value) -> ir.Value:
+    """`cache` [B, H, T, D] with no tokens [B, H, 0, D]: what an If branch returns for a cache it leaves alone."""
+    return o("Slice", cache, o.const([0]), o.const([0]), o.const([2]))
 
 
 def _new_slots(o: _Ops, site: AttentionSite, params: ir.Value, mask: ir.Value | None) -> ir.Value:
