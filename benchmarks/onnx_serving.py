@@ -6,15 +6,17 @@ default (`kvpass.onnx.SERVING_EVICT_EVERY`); all run through `kvpass.onnx.Genera
 
 Rows: every prompt length, for batch 1 and for a left-padded batch of 3 (rows of the full length,
 7/8 and 3/4 of it, as a server batches requests of different lengths). For each row every model
-runs in a fresh worker process of its own, so the peak RSS printed is that model's alone (weights,
-prefill, cache). The workers prefill one after another, then decode in turns, one step each, so a
-change of load on a shared machine hits all alike. Figures: the mean decode-step latency over whole
-eviction periods (`--steps` rounded up to a multiple of the serving `evict_every`, so the steps that
-evict are counted), the most bytes the cache (K, V, slots and carried statistics) held from the
-prefill on, each as a ratio to the full cache of the same row, and the worker's peak RSS.
+runs alone, one after another, in a fresh worker process, so the peak RSS printed is that model's
+(weights, prefill, cache). The prompt is prefilled in chunks (`--prefill-chunk`, as servers do: the
+L x T attention of an unchunked 4K x 3 prefill already held ~6 GiB per model). Figures: the mean
+decode-step latency over whole eviction periods (`--steps` rounded up to a multiple of the serving
+`evict_every`, so the steps that evict are counted), the most bytes the cache (K, V, slots and
+carried statistics) held from the prefill on, each as a ratio to the full cache of the same row,
+and the worker's peak RSS. Run it on an otherwise idle machine: the models of a row are timed one
+after another.
 
 Run: HF_HUB_OFFLINE=1 python benchmarks/onnx_serving.py [--lengths 1024 2048 4096 8000] [--batches 1 3]
-     [--steps 16] [--budget 0.5] [--threads 1]
+     [--steps 16] [--budget 0.5] [--threads 1] [--prefill-chunk 2048]
 """
 
 from __future__ import annotations
@@ -36,23 +38,24 @@ from kvpass.eval.models import load_smollm2
 from kvpass.onnx.export import export_onnx
 
 
-def serve(path: Path, provider: str, threads: int, channel: Connection) -> None:
-    """A worker: one Generator, driven by ("prefill", ids, mask), ("step",) and ("stop",) messages.
-    Each answer is (seconds, cache bytes, peak RSS in bytes)."""
+def serve(path: Path, provider: str, threads: int, chunks: list[slice], ids: np.ndarray, mask: np.ndarray,
+          steps: int, channel: Connection) -> None:
+    """A worker: one Generator; prefills `ids` chunk by chunk, decodes `steps` greedy steps, and sends
+    back (mean seconds per step, most cache bytes from the prefill on, peak RSS in bytes)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     generator = kvpass.onnx.Generator(path, providers=[provider], session_options=options)
-    tokens = None
-    while (message := channel.recv())[0] != "stop":
+    generator.reset(ids.shape[0])
+    for chunk in chunks:
+        logits = generator.step(ids[:, chunk], mask[:, chunk])
+    held, spent = generator.cache_bytes(), 0.0
+    for _ in range(steps):
+        tokens = logits[:, -1:].argmax(-1).astype(np.int64)
         start = time.perf_counter()
-        if message[0] == "prefill":
-            _, ids, mask = message
-            generator.reset(ids.shape[0])
-            tokens = generator.step(ids, mask)[:, -1:].argmax(-1)
-        else:
-            tokens = generator.step(tokens.astype(np.int64))[:, -1:].argmax(-1)
-        seconds = time.perf_counter() - start
-        channel.send((seconds, generator.cache_bytes(), peak_rss()))
+        logits = generator.step(tokens)
+        spent += time.perf_counter() - start
+        held = max(held, generator.cache_bytes())
+    channel.send((spent / steps, held, peak_rss()))
 
 
 def peak_rss() -> int:
@@ -62,30 +65,33 @@ def peak_rss() -> int:
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
 
 
-def measure(paths: dict[str, Path], provider: str, threads: int, ids: np.ndarray, mask: np.ndarray,
-            steps: int) -> dict[str, tuple[float, int, int]]:
-    """(mean ms per decode step, most cache bytes from the prefill on, peak RSS) per model, each in its own process."""
+def measure(paths: dict[str, Path], provider: str, threads: int, chunks: list[slice], ids: np.ndarray,
+            mask: np.ndarray, steps: int) -> dict[str, tuple[float, int, int]]:
+    """(mean ms per decode step, most cache bytes, peak RSS) per model, each alone in a fresh process."""
     context = multiprocessing.get_context("spawn")
-    workers = {}
+    figures = {}
     for name, path in paths.items():
-        ours, theirs = context.Pipe()
-        process = context.Process(target=serve, args=(path, provider, threads, theirs), daemon=True)
-        process.start()
-        workers[name] = (process, ours)
-    held, spent, rss = {}, dict.fromkeys(paths, 0.0), {}
-    for name, (_, channel) in workers.items():  # one prefill at a time: their transient buffers never overlap
-        channel.send(("prefill", ids, mask))
-        _, held[name], rss[name] = channel.recv()
-    for _ in range(steps):
-        for name, (_, channel) in workers.items():
-            channel.send(("step",))
-            seconds, cached, rss[name] = channel.recv()
-            spent[name] += seconds
-            held[name] = max(held[name], cached)
-    for process, channel in workers.values():
-        channel.send(("stop",))
-        process.join()
-    return {name: (spent[name] / steps * 1e3, held[name], rss[name]) for name in paths}
+        ours, theirs = context.Pipe(duplex=False)
+        worker = context.Process(target=serve, args=(path, provider, threads, chunks, ids, mask, steps, theirs))
+        worker.start()
+        theirs.close()  # so that a worker that dies (out of memory) ends the wait with an error
+        try:
+            seconds, held, rss = ours.recv()
+        except EOFError:
+            raise SystemExit(f"{name}: the worker died (exit code {worker.join() or worker.exitcode}); "
+                             "out of memory? try a smaller --prefill-chunk") from None
+        worker.join()
+        figures[name] = (seconds * 1e3, held, rss)
+    return figures
+
+
+def prefill_chunks(mask: np.ndarray, size: int) -> list[slice]:
+    """Slices of at most about `size` tokens that cover the prompt, the last ones `size` long; the first
+    reaches past every row's padding (a chunk must end on a real token in every row)."""
+    length = mask.shape[1]
+    first_real = int((mask.argmax(axis=1)).max())
+    bounds = list(range(length, first_real, -size))[::-1]
+    return [slice(start, end) for start, end in zip([0, *bounds[:-1]], bounds)]
 
 
 def left_padded(corpus: np.ndarray, length: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,9 +112,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0: its default)")
+    parser.add_argument("--prefill-chunk", type=int, default=2048,
+                        help="prefill in chunks of this many tokens, as a server does (the L x T attention of one "
+                             "8K x 3 chunk would not fit in 24 GiB)")
     args = parser.parse_args()
-    if args.steps < 1 or args.threads < 0 or min(args.batches) < 1 or min(args.lengths) < 64:
-        parser.error("--steps and --batches must be >= 1, --lengths >= 64, --threads >= 0")
+    if args.steps < 1 or args.threads < 0 or min(args.batches) < 1 or min(args.lengths) < 64 or args.prefill_chunk < 1:
+        parser.error("--steps, --batches and --prefill-chunk must be >= 1, --lengths >= 64, --threads >= 0")
     serving = kvpass.onnx.SERVING_EVICT_EVERY
     steps = -(-args.steps // serving) * serving
 
@@ -128,14 +137,16 @@ def main() -> None:
     del full
     providers = [p for p in ("CPUExecutionProvider", "CUDAExecutionProvider") if p in ort.get_available_providers()]
     print(f"SmolLM2-135M fp32, budget {args.budget}, default method, {steps} decode steps (mean), "
-          f"onnxruntime {ort.__version__}, {args.threads or 'default'} intra-op thread(s), one process per model and row")
+          f"onnxruntime {ort.__version__}, {args.threads or 'default'} intra-op thread(s), prefill in chunks of "
+          f"{args.prefill_chunk}, one process per model and row, one after another")
     print(f"{'provider':<22}{'batch':>6}{'prompt':>7}  {'cache':<37}{'ms/step':>8}{'x full':>8}"
           f"{'KV MB':>8}{'x full':>8}{'peak RSS GiB':>13}")
     for provider in providers:
         for batch in args.batches:
             for length in args.lengths:
                 ids, mask = left_padded(corpus, length, batch)
-                figures = measure(paths, provider, args.threads, ids, mask, steps)
+                chunks = prefill_chunks(mask, args.prefill_chunk)
+                figures = measure(paths, provider, args.threads, chunks, ids, mask, steps)
                 full_ms, full_bytes, _ = figures["full"]
                 for name, (ms, held, rss) in figures.items():
                     print(f"{provider:<22}{batch:>6}{length:>7}  {name:<37}{ms:>8.2f}{ms / full_ms:>8.2f}"

@@ -221,5 +221,6 @@ def test_smollm2_export_then_serve_onnx(tmp_path) -> None:
     out = tmp_path / "smollm2.onnx"
     exported = run_json("export", "smollm2", str(out), "--budget", "0.5")
     assert out.is_file() and len(exported["kvpass"]["sites"]) == 30
+    assert {site["schedule"]["evict_every"] for site in exported["kvpass"]["sites"]} == {16}  # the serving default
     served = run_json("serve-onnx", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "4")
     assert len(served["tokens"]) == 4 and served["kv_bytes"] <= 0.5 * served["full_kv_bytes"]

@@ -41,13 +41,16 @@ def tokenizer_dir(onnx_path: Path) -> Path:
 
 
 def run(args: argparse.Namespace, ui: UI) -> dict[str, Any]:
+    from kvpass.onnx import SERVING_EVICT_EVERY
+
     budget, plan = budget_and_plan(args)
     if args.out.suffix.lower() != ".onnx":
         raise ValueError(f"OUT: {str(args.out)!r} should end in .onnx")
     if not args.out.parent.is_dir():
         raise FileNotFoundError(f"OUT: no such directory {str(args.out.parent)!r}")
     options = {"plan": plan} if plan is not None else {
-        "budget": budget, "transforms": transforms_from(args, default_allocation="uniform")}
+        "budget": budget, "transforms": transforms_from(args, default_allocation="uniform",
+                                                        default_evict_every=SERVING_EVICT_EVERY)}
     if args.model.kind == "onnx":
         import onnx
 

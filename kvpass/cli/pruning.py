@@ -31,7 +31,8 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, plan_file: bool, allo
     parser.add_argument("--allocation", choices=ALLOCATIONS, help=allocation_help)
     parser.add_argument("--sinks", type=int, help="first tokens always kept (default 4)")
     parser.add_argument("--recent", type=int, help="latest tokens always kept (default 32)")
-    parser.add_argument("--evict-every", type=positive_int, help="evict at most every N steps (default 1)")
+    parser.add_argument("--evict-every", type=positive_int,
+                        help="evict at most every N steps (default 1; export: 16, the ONNX serving default)")
     if plan_file:
         parser.add_argument("--plan", type=Path, metavar="PLAN.json", help="apply a plan saved by `kvpass plan -o`")
 
@@ -57,7 +58,7 @@ def method_argument(text: str) -> str:
     return text
 
 
-def transforms_from(args: argparse.Namespace, default_allocation: str) -> list[Transform]:
+def transforms_from(args: argparse.Namespace, default_allocation: str, default_evict_every: int = 1) -> list[Transform]:
     """The transforms the arguments ask for: `--transform`s as written, or one `Evict` from the shorthand."""
     given = [name for name in EVICT_SHORTHAND if getattr(args, name, None) is not None]
     if args.transform:
@@ -69,6 +70,7 @@ def transforms_from(args: argparse.Namespace, default_allocation: str) -> list[T
         return list(args.transform)
     options: dict[str, Any] = {name: getattr(args, name) for name in given}
     options.setdefault("allocation", default_allocation)
+    options.setdefault("evict_every", default_evict_every)
     return [Evict(options.pop("method", None), **options)]
 
 

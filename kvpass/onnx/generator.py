@@ -91,13 +91,6 @@ class Generator:
         self.vocab_size: int | None = vocab if isinstance(vocab, int) else None
         """Token ids must be below it (None when the graph does not fix it)."""
         self.takes_mask = MASK_INPUT in types
-        self._shrink_arena = ort.RunOptions()
-        """A prefill's L x T buffers would stay in onnxruntime's memory arena for the whole decode: a
-        step of several tokens hands them back when it ends."""
-        self._shrink_arena.add_run_config_entry(
-            "memory.enable_memory_arena_shrinkage",
-            ";".join(device for provider, device in (("CPUExecutionProvider", "cpu:0"), ("CUDAExecutionProvider", "gpu:0"))
-                     if provider in self.session.get_providers()))
         self.cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self.stats: dict[int, np.ndarray] = {}
         """float32 [B, Hkv, T] per layer whose method sums attention over the steps (h2o, snapkv): the
@@ -151,7 +144,7 @@ class Generator:
                 evicting[site["layer"]] = rows[-1][0] < total  # the graph's own test: keep < cache length
         if rows:
             feeds[EVICT_INPUT] = np.array(rows, dtype=np.int64).reshape(len(rows), 4)
-        out = dict(zip(self.output_names, self.session.run(None, feeds, self._shrink_arena if new > 1 else None)))
+        out = dict(zip(self.output_names, self.session.run(None, feeds)))
         self.seen += new
         self.padding = np.concatenate([self.padding, ~real], axis=1)
         self.next_position = self.next_position + real.sum(axis=1)
