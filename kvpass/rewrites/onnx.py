@@ -516,7 +516,7 @@ def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, mask: ir
         names[f"evicted_{kind}"] = value.name
     for kind, value, dtype in zip(("slots", "stat"), outputs[2:], (ir.DataType.INT32, ir.DataType.FLOAT)):
         value.name, value.dtype = f"kvpass_present_{kind}_{site.layer}", dtype
-        value.shape = ir.Shape([batch, site.num_kv_heads, f"kept_{site.layer}"])
+        value.shape = ir.Shape([batch, site.num_kv_heads, f"cache_{site.layer}"])  # kept, or past + new
         graph.outputs.append(value)
         names[f"past_{kind}"], names[f"present_{kind}"] = f"kvpass_past_{kind}_{site.layer}", value.name
     return names
