@@ -348,6 +348,14 @@ def test_bad_inputs_name_the_problem(tmp_path, exported) -> None:
         kvpass.onnx.optimize(proto, plan=moving)
     with pytest.raises(ValueError, match="no kvpass metadata"):
         kvpass.onnx.Generator(no_attention)
+    older = kvpass.onnx.optimize(proto, budget=0.5)
+    entry = next(p for p in older.metadata_props if p.key == "kvpass")
+    meta = json.loads(entry.value)
+    for site in meta["sites"]:
+        del site["evicted_key"], site["evicted_value"]
+    entry.value = json.dumps(meta)
+    with pytest.raises(ValueError, match=r"path_or_model: the pruned sites .* older kvpass's rewrite"):
+        kvpass.onnx.Generator(older)
     generator = kvpass.onnx.Generator(proto)
     for mask, reason in [([[1, 1, 0, 1]] * 2, "only left padding"), ([[0, 0, 0, 0], [1] * 4], "ends in padding"),
                          ([[1, 1, 1]] * 2, "shape"), ([[2, 1, 1, 1]] * 2, "0/1")]:

@@ -75,6 +75,10 @@ class Generator:
             raise ValueError("path_or_model: no kvpass metadata in this ONNX model; produce it with "
                              "kvpass.onnx.optimize or kvpass.export_onnx")
         self.sites = json.loads(meta)["sites"]
+        stale = [site["name"] for site in self.sites if site["row"] is not None and "evicted_key" not in site]
+        if stale:
+            raise ValueError(f"path_or_model: the pruned sites {stale} return their compacted cache as `present` "
+                             "(an older kvpass's rewrite); prune the unpruned graph again with kvpass.onnx.optimize")
         self.schedules = {site["layer"]: SiteSchedule(**site["schedule"]) for site in self.sites}
         self.providers = default_providers() if providers is None else list(providers)
         """The execution providers asked for, in order (`session.get_providers()`: those onnxruntime took)."""
