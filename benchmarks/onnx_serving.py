@@ -78,8 +78,9 @@ def measure(paths: dict[str, Path], provider: str, threads: int, chunks: list[sl
         try:
             seconds, held, rss = ours.recv()
         except EOFError:
-            raise SystemExit(f"{name}: the worker died (exit code {worker.join() or worker.exitcode}); "
-                             "out of memory? try a smaller --prefill-chunk") from None
+            worker.join()
+            raise SystemExit(f"{name}: the worker died (exit code {worker.exitcode}); out of memory? "
+                             "try a smaller --prefill-chunk") from None
         worker.join()
         figures[name] = (seconds * 1e3, held, rss)
     return figures
@@ -95,8 +96,8 @@ def prefill_chunks(mask: np.ndarray, size: int) -> list[slice]:
 
 
 def left_padded(corpus: np.ndarray, length: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """[batch, length] ids and mask: row r holds the last (1 - r/8) x length tokens of a distinct
-    stretch of the corpus, left-padded with id 0."""
+    """[batch, length] ids and mask: row r holds the first (1 - r/8) x length tokens of the corpus'
+    r-th stretch of `length` tokens, left-padded with id 0."""
     ids, mask = np.zeros((batch, length), np.int64), np.zeros((batch, length), np.int64)
     for row in range(batch):
         real = length - row * length // 8
