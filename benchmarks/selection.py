@@ -129,6 +129,7 @@ def main() -> None:
 
 
 def report(rows: list[dict], args) -> None:
+    timing_only = args.timing_only or not any("score" in row for row in rows)  # a --timing-only run's rows
     groups = defaultdict(list)
     for row in rows:
         groups[(row["setting"], row["budget"])].append(row)
@@ -137,13 +138,13 @@ def report(rows: list[dict], args) -> None:
              if row["setting"] == "evict"}
     print(f"\nSmolLM2-135M-Instruct, {args.split} split, {args.samples} samples per task, ~{args.length} tokens, "
           f"{args.threads} thread(s); prefill ratio: median of (setting / unmodified model) on the same prompt")
-    header = "| setting | budget | " + ("" if args.timing_only else " | ".join(tasks) + " | mean | ") \
+    header = "| setting | budget | " + ("" if timing_only else " | ".join(tasks) + " | mean | ") \
         + "prefill vs full | prefill vs evict | KV bytes | chosen layers |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for (setting, budget), group in groups.items():
         cells = []
-        if not args.timing_only:
+        if not timing_only:
             for task in tasks:
                 scores = [row["score"] for row in group if row["task"] == task]
                 cells.append(f"{100 * statistics.mean(scores):.0f}" if scores else "-")
