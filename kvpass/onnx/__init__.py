@@ -33,6 +33,8 @@ from kvpass.transforms.pipeline import apply, check_transforms, plan_transforms,
 SERVING_EVICT_EVERY = 16
 """`optimize`'s default `evict_every`: an onnxruntime decode step that evicts pays a TopK and a gather
 of the whole cache, so serving evicts every 16 steps (`benchmarks/onnx_serving.py`: ms/step against 1)."""
+_SERVING_DEFAULTS = {"evict_every": SERVING_EVICT_EVERY}
+"""The shorthand defaults of `optimize` and `plan` that differ from `kvpass.Evict`'s."""
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -116,8 +118,7 @@ def optimize(
     """
     budget = parse_budget(budget)
     shorthand = {"sinks": sinks, "recent": recent, "evict_every": evict_every}
-    transforms = shorthand_transforms(transforms, plan, method, method_options, shorthand,
-                                      {"evict_every": SERVING_EVICT_EVERY})
+    transforms = shorthand_transforms(transforms, plan, method, method_options, shorthand, _SERVING_DEFAULTS)
     graph = _to_ir(load(model))
     report = _rewritable_sites(graph)
     if plan is not None:
@@ -157,8 +158,7 @@ def plan(
     """
     budget = parse_budget(budget)
     shorthand = {"sinks": sinks, "recent": recent, "evict_every": evict_every}
-    transforms = shorthand_transforms(transforms, None, method, method_options, shorthand,
-                                      {"evict_every": SERVING_EVICT_EVERY})
+    transforms = shorthand_transforms(transforms, None, method, method_options, shorthand, _SERVING_DEFAULTS)
     return _solve(_rewritable_sites(_to_ir(load(model))), budget, transforms)[0]
 
 
