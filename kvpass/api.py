@@ -31,6 +31,7 @@ from kvpass.transforms.pipeline import (
     shorthand_transforms,
     solve,
 )
+from kvpass.runtime.interface_adapter import adapt_self_computing
 from kvpass.validation import integer
 
 
@@ -122,6 +123,8 @@ def optimize(
     what = type(model).__name__
     report.require_rewritable(what)
     backend = module_backend(model, report)
+    if backend is Backend.HF:
+        adapt_self_computing(model, report)
     dtype_bytes = next(model.parameters()).element_size()
     if plan is not None:
         plan.check_model(list(report), dtype_bytes)
@@ -205,7 +208,10 @@ def plan(
         report = find_attention(model, *args, **kwargs)
     what = type(model).__name__
     report.require_rewritable(what)
-    transforms = check_transforms(transforms, report, module_backend(model, report), what)
+    backend = module_backend(model, report)
+    if backend is Backend.HF:  # calibration reads attention through transformers' interface
+        adapt_self_computing(model, report)
+    transforms = check_transforms(transforms, report, backend, what)
     return solve(model, report, budget, transforms, dtype_bytes=next(model.parameters()).element_size(),
                  seq_len=seq_len if seq_len is not None else _context_length(model), calibration=calibration,
                  tokenizer=tokenizer)

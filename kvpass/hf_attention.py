@@ -8,19 +8,50 @@ modules: calibration and sweeps use it to observe attention, the runtime to rewr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import get_layer_types_and_kwargs
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
 
-def register(name: str, function: Callable) -> None:
-    """Make `function` available as attention implementation `name` (with SDPA-style masks)."""
+REGISTERED: set[str] = set()
+"""Attention implementations registered through `register` (kvpass's runtime, calibration, oracles)."""
+
+_EAGER_MASKS: dict[int, weakref.ref] = {}
+"""id(config) -> config, for the models `use_eager_masks` marked."""
+
+
+def register(name: str, function: Callable, masks: Callable | None = None) -> None:
+    """Make `function` available as attention implementation `name`, with the masks of `masks` (a transformers
+    mask function; default: SDPA-style, or eager for the models marked by `use_eager_masks`)."""
     AttentionInterface.register(name, function)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, masks or _mask)
+    REGISTERED.add(name)
+
+
+def use_eager_masks(configs: Iterable[Any], enabled: bool = True) -> None:
+    """Under kvpass's implementations, models with these configs get eager (additive float) masks rather than
+    SDPA-style ones: their modules compute attention themselves and add the mask to their logits."""
+    for config in configs:
+        if enabled:
+            _EAGER_MASKS[id(config)] = weakref.ref(config)
+        else:
+            _EAGER_MASKS.pop(id(config), None)
+
+
+def uses_eager_masks(config: Any) -> bool:
+    reference = _EAGER_MASKS.get(id(config))
+    return reference is not None and reference() is config
+
+
+def _mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
+    masks = eager_mask if uses_eager_masks(config) else sdpa_mask
+    return masks(*args, config=config, **kwargs)
 
 
 def set_attn_implementation(model: torch.nn.Module, implementation: str) -> str:

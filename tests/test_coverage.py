@@ -25,12 +25,15 @@ SUPPORTED = [
     "cohere2",      # 3 sliding layers per full one
     "jetmoe",       # routed queries (mixture of attention heads), KV heads repeated whole rather than grouped
     "roc_bert",     # a BERT decoder with an encoder-decoder cache: the oracle reads its self-attention part
+    # modules that compute attention themselves, outside transformers' attention interface:
+    "bloom",        # ALiBi through baddbmm, batch and heads folded into one dimension
+    "codegen",      # no **kwargs; its causal mask is a buffer sliced by the cache's length
+    "falcon",       # multi-query, logits scaled in place (`scores /= sqrt(d)`), an SDPA branch it leaves
 ]
 # Mistral (every layer sliding), Gemma 3 (5 sliding per full) and GPT-OSS (sink logits, alternating
 # layers) are built from their configs in tests/test_failure_classes.py.
 REFUSED = {
-    "bloom": "computes attention itself",             # ALiBi attention outside transformers' attention interface
-    "falcon": "computes attention itself",
+    "prophetnet": "does not give [batch, heads, q, k] scores",  # n-gram streams: a 5-d score einsum
     "diffllama": "several attentions per forward",    # differential attention: two per layer
     "mamba": "recurrent state",                       # state-space
     "qwen3_next": "recurrent state",                  # linear attention beside full attention

@@ -331,12 +331,16 @@ def masked_full_oracle_mismatch(base, pruned, ids, steps: int = DECODE_STEPS, at
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     from kvpass import hf_attention
+    from kvpass.runtime.interface_adapter import adapt_self_computing
 
     implementation = base.config._attn_implementation
     original = AttentionInterface._global_mapping.get(implementation)
-    if original is None:  # eager: each modeling file has its own eager function
-        module = next(m for m in base.modules() if hasattr(m, "layer_idx") and hasattr(m, "config"))
-        original = sys.modules[type(module).__module__].eager_attention_forward
+    if original is None:  # eager: each modeling file has its own eager function (or none: its modules compute
+        # attention themselves, and the adapter kvpass gives them reaches the interface's SDPA)
+        module = next((m for m in base.modules() if hasattr(m, "layer_idx") and hasattr(m, "config")), None)
+        original = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None) if module else None
+        original = original or AttentionInterface._global_mapping["sdpa"]
+    adapt_self_computing(base, pruned.kvpass_sites)
     visible: dict[int, torch.Tensor] = {}
     tiled = {base.get_submodule(site.name).layer_idx for site in pruned.kvpass_sites if site.kv_tiled}
 
@@ -356,8 +360,7 @@ def masked_full_oracle_mismatch(base, pruned, ids, steps: int = DECODE_STEPS, at
                 attention_mask = attention_mask[..., :key.shape[-2]].masked_fill(~keep, torch.finfo(query.dtype).min)
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
-    AttentionInterface.register(ORACLE, oracle)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ORACLE, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    hf_attention.register(ORACLE, oracle, masks=ALL_MASK_ATTENTION_FUNCTIONS[implementation])
     with torch.no_grad():
         full_cache, pruned_cache = prefill(base, ids), prefill(pruned, ids)
         token, seen = ids[:, -1:] * 0 + 5, ids.shape[1]

@@ -95,8 +95,9 @@ SCORE_OPS: dict[Any, ArgRule] = {
 }
 """Producers of the score matrix q·kᵀ (also used, with probs as q, to find the probs·v product)."""
 
-SCALE_OPS = {aten.mul.Tensor: False, aten.mul.Scalar: False, aten.div.Tensor: True, aten.div.Scalar: True}
-"""Multiplications by a constant; the flag says the constant divides."""
+SCALE_OPS = {aten.mul.Tensor: False, aten.mul.Scalar: False, aten.div.Tensor: True, aten.div.Scalar: True,
+             aten.mul_.Tensor: False, aten.mul_.Scalar: False, aten.div_.Tensor: True, aten.div_.Scalar: True}
+"""Multiplications by a constant (in place too: `scores /= sqrt(d)`); the flag says the constant divides."""
 
 MASK_OPS: dict[Any, tuple[str, ...]] = {
     aten.add.Tensor: ("self", "other"),
@@ -197,12 +198,25 @@ def _numel(node: Node) -> int:
 
 
 def _walk_up(node: Node, through: frozenset) -> tuple[Node, list[Node]]:
-    """Follow the data input (first argument) up through `through` ops; return the top and the path."""
+    """Follow the data input (first argument) up through `through` ops and whole-axis slices (`x[:, :, None]`
+    records one); return the top and the path."""
     path = []
-    while _is_call(node, through) and isinstance(node.args[0], Node):
+    while (_is_call(node, through) or _whole_slice(node)) and isinstance(node.args[0], Node):
         path.append(node)
         node = node.args[0]
     return node, path
+
+
+def _whole_slice(node: Node) -> bool:
+    """A slice that keeps its whole axis (start 0, to the end, step 1): a relabelling, like a view."""
+    if not _is_call(node, {aten.slice.Tensor}) or not isinstance(node.args[0], Node):
+        return False
+    args = _arguments(node)
+    shape = _shape(node.args[0])
+    dim = args.get("dim", 0)
+    end = args.get("end")
+    return (args.get("start") in (None, 0) and args.get("step", 1) == 1 and bool(shape)
+            and (end is None or (isinstance(end, int) and end >= shape[dim])))
 
 
 def _constant(arg: Any) -> float | None:
