@@ -29,6 +29,7 @@ SUPPORTED = [
     "bloom",        # ALiBi through baddbmm, batch and heads folded into one dimension
     "codegen",      # no **kwargs; its causal mask is a buffer sliced by the cache's length
     "falcon",       # multi-query, logits scaled in place (`scores /= sqrt(d)`), an SDPA branch it leaves
+    "bigbird_pegasus",  # decoder attention flagged is_causal=False, masked causally by its model (eager)
 ]
 # Mistral (every layer sliding), Gemma 3 (5 sliding per full) and GPT-OSS (sink logits, alternating
 # layers) are built from their configs in tests/test_failure_classes.py.

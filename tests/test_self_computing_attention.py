@@ -28,8 +28,8 @@ class SelfComputingAttention(LlamaAttention):
     """Llama's projections and RoPE, then attention computed by hand, as older modeling files do: keys and
     values repeated for GQA, batch and heads folded for `bmm`, a per-head linear bias over the cache's logical
     positions, the model's mask added, softmax, `bmm` with the values; returns the probabilities too.
-    `variant`: 'reads_cache' also uses the cached keys beyond attention, 'mixes_probs' uses the
-    probabilities beyond weighting the values."""
+    `variant`: 'branches' changes its bias once the cache passes 30 tokens, 'sdpa' calls SDPA itself (with the model's mask) instead, 'reads_cache' also uses the cached keys
+    beyond attention, 'mixes_probs' uses the probabilities beyond weighting the values."""
 
     variant = ""
 
@@ -43,7 +43,13 @@ class SelfComputingAttention(LlamaAttention):
         k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
         heads, total = q.shape[1], k.shape[-2]
         slopes = 0.5 ** torch.arange(1, heads + 1, dtype=torch.float32)
+        if self.variant == "branches" and total > 30:  # code that branches on the cache's length
+            slopes = slopes / 2
         bias = (slopes[:, None] * torch.arange(total, dtype=torch.float32)[None, :]).repeat(batch, 1)[:, None, :]
+        if self.variant == "sdpa":  # the module's own call of SDPA, its mask sliced to the cache's length
+            mask = None if attention_mask is None else attention_mask[:, :, :, :total]
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), None
         q_folded = (q * self.scaling).reshape(batch * heads, length, self.head_dim)
         scores = torch.baddbmm(bias, q_folded, k.reshape(batch * heads, total, self.head_dim).transpose(1, 2))
         if attention_mask is not None:
@@ -74,8 +80,9 @@ def prompt(length: int = 28) -> torch.Tensor:
     return torch.randint(3, 120, (1, length), generator=torch.Generator().manual_seed(1))
 
 
-def test_a_self_computing_module_is_pruned_and_decodes_as_the_masked_full_oracle() -> None:
-    base, ids = self_computing_llama(), prompt()
+@pytest.mark.parametrize("variant", ["", "sdpa", "branches"])
+def test_a_self_computing_module_is_pruned_and_decodes_as_the_masked_full_oracle(variant: str) -> None:
+    base, ids = self_computing_llama(variant), prompt()
     model = kvpass.optimize(copy.deepcopy(base), budget=1.0)
     assert all(isinstance(model.get_submodule(s.name).forward, InterfaceAdapter) for s in model.kvpass_sites)
     assert torch.equal(greedy(model, ids, steps=6), greedy(base, ids, steps=6))

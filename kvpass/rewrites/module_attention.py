@@ -28,8 +28,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from kvpass.errors import UnsupportedModelError
-from kvpass.rewrites.fx import (REPEAT_OPS, SIZE_OPS, SOFTMAX_OPS, TRANSPARENT_OPS, _find_scores, _is_call,
-                                _walk_up_scaled)
+from kvpass.rewrites.fx import (REPEAT_OPS, SDPA_OPS, SIZE_OPS, SOFTMAX_OPS, TRANSPARENT_OPS, _arguments,
+                                _find_scores, _is_call, _walk_up_scaled)
 from kvpass.site import AttentionSite
 
 aten = torch.ops.aten
@@ -64,12 +64,9 @@ def rewrite_module_attention(gm: GraphModule, site: AttentionSite, attend: Modul
         graph.erase_node(cat)
     anchor, out = node[match.anchor], node[match.out]
     if site.pattern == "sdpa":
-        arguments = anchor.kwargs
-        bias, causal = arguments.get("attn_mask"), bool(arguments.get("is_causal", False))
-        if len(anchor.args) > 3:
-            bias = anchor.args[3]
-        if len(anchor.args) > 5:
-            causal = bool(anchor.args[5])
+        rule, arguments = SDPA_OPS[anchor.target], _arguments(anchor)
+        bias = arguments.get(rule.mask) if rule.mask else None
+        causal = bool(arguments.get(rule.causal, False))
     else:
         producer = _find_scores(anchor.args[0]).producer
         with graph.inserting_before(producer):
@@ -78,8 +75,8 @@ def rewrite_module_attention(gm: GraphModule, site: AttentionSite, attend: Modul
         graph.erase_node(producer)
         bias, causal = anchor.args[0], False  # the bias carries the model's causality
     q = node[match.q]
-    scale = (site.scale if site.scale is not None else site.head_dim ** -0.5) / _walk_up_scaled(q)[1]  # less
-    # what q carries already (scaled, then viewed)
+    # the site's scale, less what q carries already (scaled before it was viewed into heads)
+    scale = (site.scale if site.scale is not None else site.head_dim ** -0.5) / _walk_up_scaled(q)[1]
     with graph.inserting_before(out):
         call = graph.call_function(_in_layout(attend, site.num_heads, causal, scale, len(_shape_of(out))),
                                    (q, k_new, v_new, bias))

@@ -208,7 +208,9 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             f"attention module {type(module).__name__} routes to kvpass but was not rewritten by kvpass.optimize"
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    declared_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # With no mask, causality is the module's own flag, or the graph's verdict on the model's own masks (a module
+    # flagged non-causal whose model masks it causally: its SDPA path drops the causality its eager path has)
+    declared_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True) or binding.site.causal
     if kvpass_layer is None:  # use_cache=False: attention over this call's tokens, nothing is kept
         layer_cache = CompactedKV(replace(binding.schedule, fraction=1.0, window=None, shared=None), binding.method,
                                   binding.site.group_size)

@@ -38,8 +38,9 @@ from kvpass.rewrites.module_attention import rewrite_module_attention
 from kvpass.runtime.hf import CACHE_KEYWORDS, find_cache
 from kvpass.site import AttentionSite
 
-MAX_SIGNATURES = 16
-"""Traces one module keeps (one per distinct call signature: prefill, decode, no cache, ...) before refusing."""
+MAX_TRACES = 16
+"""Traces one module keeps (one per call signature: prefill, decode, no cache, ...; and per range of sizes its
+code branches on, which torch.export guards) before refusing."""
 
 KVPASS_KEYWORDS = "kvpass_"
 """Keywords kvpass's hooks add to an attention module's call, for the attention function (never the module)."""
@@ -64,13 +65,13 @@ class InterfaceAdapter:
 
     Example:
         >>> adapter = InterfaceAdapter(module, site, model.config)   # doctest: +SKIP
-        >>> adapter.install()                                          # module(...) now reaches the interface
+        >>> adapter.install()  # module(...) now reaches the interface  # doctest: +SKIP
     """
 
     def __init__(self, module: torch.nn.Module, site: AttentionSite, config: Any):
         self.module, self.site = module, site
         self.config = getattr(module, "config", config)
-        self.graphs: dict[tuple, torch.fx.GraphModule] = {}
+        self.graphs: dict[tuple, list[torch.fx.GraphModule]] = {}
         self.kv_shape: tuple[int, int, int] | None = None
         """(KV heads, key dim, value dim) the module hands its cache, learned from its first call (they differ
         from the site's once heads are pruned)."""
@@ -110,9 +111,16 @@ class InterfaceAdapter:
         past_keys, past_values = (torch.empty(tensors[0].shape[0], heads, seen, dim, dtype=parameter.dtype,
                                               device="meta") for dim in (key_dim, value_dim))
         key = _signature(leaves, past_keys)
-        graph = self.graphs.get(key) or self._trace(key, own, leaves, spec, past_keys, past_values)
         token = _CURRENT_CALL.set(_Call(self.module, cache, function, keywords))
         try:  # the past as the module would read it, [B, Hkv, seen, D], on the meta device: sizes, no data
+            for graph in self.graphs.get(key, []):
+                try:
+                    return graph(past_keys, past_values, tensors)
+                except AssertionError as error:  # its guards (checked before anything runs) reject these sizes
+                    if not str(error).startswith("Guard failed"):
+                        raise
+            graph = self._trace(own, leaves, spec, past_keys, past_values)
+            self.graphs.setdefault(key, []).append(graph)
             return graph(past_keys, past_values, tensors)
         finally:
             _CURRENT_CALL.reset(token)
@@ -122,13 +130,13 @@ class InterfaceAdapter:
         layers = getattr(cache, "layers", ())
         return layers[self.module.layer_idx].get_seq_length() if len(layers) > self.module.layer_idx else 0
 
-    def _trace(self, key: tuple, own, leaves: list, spec: Any, past_keys: torch.Tensor,
+    def _trace(self, own, leaves: list, spec: Any, past_keys: torch.Tensor,
                past_values: torch.Tensor) -> torch.fx.GraphModule:
         name = self.site.name
-        if len(self.graphs) >= MAX_SIGNATURES:
+        if sum(map(len, self.graphs.values())) >= MAX_TRACES:
             raise UnsupportedModelError(
-                f"{name} computes attention itself and was called with more than {MAX_SIGNATURES} signatures: "
-                "kvpass traces one graph per signature and stops there")
+                f"{name} computes attention itself and needed more than {MAX_TRACES} traces (one per call signature "
+                "and per range of sizes its code branches on): kvpass stops there")
         device = next(self.module.parameters()).device
         examples = [torch.zeros(past.shape, dtype=past.dtype, device=device) for past in (past_keys, past_values)]
         tensors = tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
@@ -146,9 +154,7 @@ class InterfaceAdapter:
                 f"attention over the {kv_heads} KV heads of {key_dim} features it caches"
                 + (f" ({reasons})" if reasons else ""))
         site = replace(report[0], name=name)  # the trace names modules relative to the step
-        graph = rewrite_module_attention(captured.graph_module, site, _through_interface())
-        self.graphs[key] = graph
-        return graph
+        return rewrite_module_attention(captured.graph_module, site, _through_interface())
 
 
 class _Step(torch.nn.Module):
