@@ -66,6 +66,16 @@ def test_finds_one_site_per_layer(exported) -> None:
         assert site.reads_cache and site.causal and site.scale == pytest.approx(HEAD_DIM**-0.5)
 
 
+def test_attention_reads_grouped_heads_from_the_cache_without_repeating_it(exported) -> None:
+    """The exporter repeats K/V to the query heads before opset-23 `Attention`; the op reads GQA itself, so
+    kvpass feeds it the cache (`Concat(past, new)`) directly. Parity tests below run the result."""
+    opset, proto = exported
+    produced = {output: node for node in proto.graph.node for output in node.output}
+    attention = [node for node in proto.graph.node if node.op_type == "Attention"]
+    assert len(attention) == (LAYERS if opset >= 23 else 0)
+    assert all(produced[node.input[index]].op_type == "Concat" for node in attention for index in (1, 2))
+
+
 def test_budget_one_matches_unpruned_torch(exported, base) -> None:
     _, proto = exported
     ids = prompt()

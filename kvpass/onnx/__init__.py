@@ -26,6 +26,7 @@ from kvpass.methods import Method
 from kvpass.onnx.ort_schemas import register_onnxruntime_schemas
 from kvpass.planning import Plan
 from kvpass.rewrites.onnx import find_sites
+from kvpass.rewrites.onnx_gqa import drop_gqa_repeats
 from kvpass.site import SiteReport
 from kvpass.transforms import Backend, RewriteTarget, Transform
 from kvpass.transforms.pipeline import apply, check_transforms, plan_transforms, shorthand_transforms, solve
@@ -99,6 +100,9 @@ def optimize(
     `SERVING_EVICT_EVERY` (16; `benchmarks/onnx_serving.py` measures it against 1), where the torch
     `kvpass.optimize` evicts every step.
 
+    A GQA repeat of the cache in front of a standard `Attention` (what the exporter writes for `repeat_kv`)
+    is removed: the op reads grouped K/V heads itself (`kvpass.rewrites.onnx_gqa`).
+
     The graph must take `position_ids` and carry its cache as `Concat(past input, new)` graph
     outputs (what `kvpass.export_onnx` exports), or as a com.microsoft `GroupQueryAttention`'s past
     inputs and present outputs. Graphs fused for onnxruntime keep their fused ops: `MultiHeadAttention`
@@ -120,6 +124,7 @@ def optimize(
     shorthand = {"sinks": sinks, "recent": recent, "evict_every": evict_every}
     transforms = shorthand_transforms(transforms, plan, method, method_options, shorthand, _SERVING_DEFAULTS)
     graph = _to_ir(load(model))
+    drop_gqa_repeats(graph)  # the standard Attention reads grouped heads itself: no per-step copy of the cache
     report = _rewritable_sites(graph)
     if plan is not None:
         plan.check_model(list(report), np.dtype(report[0].dtype).itemsize)
