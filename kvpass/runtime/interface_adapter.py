@@ -154,7 +154,7 @@ class InterfaceAdapter:
                 f"attention over the {kv_heads} KV heads of {key_dim} features it caches"
                 + (f" ({reasons})" if reasons else ""))
         site = replace(report[0], name=name)  # the trace names modules relative to the step
-        return rewrite_module_attention(captured.graph_module, site, _through_interface())
+        return rewrite_module_attention(captured.graph_module, site, attend_through_interface)
 
 
 class _Step(torch.nn.Module):
@@ -223,21 +223,17 @@ def _signature(leaves: list, past: torch.Tensor) -> tuple:
     return (describe(past), *map(describe, leaves))
 
 
-def _through_interface():
-    """The call that replaces `site`'s cache update and attention: update the call's cache with the new K/V,
-    then run the registered attention function over what the cache returns."""
-    def attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, bias: torch.Tensor | None,
-               causal: bool, scale: float) -> torch.Tensor:
-        call = _CURRENT_CALL.get()
-        keys, values = k_new, v_new
-        if call.cache is not None:
-            keys, values = call.cache.update(k_new, v_new, call.module.layer_idx)
-        out, _ = call.function(call.module, q, keys, values, bias, dropout=0.0, scaling=scale,
-                               is_causal=causal if bias is None else False, **call.keywords)
-        return out.transpose(1, 2)  # the interface returns [B, L, H, D]
-
-    attend.__name__ = "kvpass_attention_through_interface"
-    return attend
+def attend_through_interface(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, bias: torch.Tensor | None,
+                             causal: bool, scale: float) -> torch.Tensor:
+    """What replaces a traced module's cache update and attention (`ModuleAttention`): update the call's cache
+    with the new K/V, then run the registered attention function over what the cache returns."""
+    call = _CURRENT_CALL.get()
+    keys, values = k_new, v_new
+    if call.cache is not None:
+        keys, values = call.cache.update(k_new, v_new, call.module.layer_idx)
+    out, _ = call.function(call.module, q, keys, values, bias, dropout=0.0, scaling=scale,
+                           is_causal=causal if bias is None else False, **call.keywords)
+    return out.transpose(1, 2)  # the interface returns [B, L, H, D]
 
 
 def adapt_self_computing(model: torch.nn.Module, sites: list[AttentionSite]) -> list[str]:
