@@ -20,6 +20,7 @@ from kvpass.methods import Method
 from kvpass.planning import Plan
 from kvpass.rewrites.fx import find_sites
 from kvpass.rewrites.vision_boundary import find_vision_boundary
+from kvpass.runtime.interface_adapter import adapt_self_computing
 from kvpass.site import SiteReport
 from kvpass.stats import remember_calls
 from kvpass.transforms import Backend, RewriteTarget, Transform
@@ -31,7 +32,6 @@ from kvpass.transforms.pipeline import (
     shorthand_transforms,
     solve,
 )
-from kvpass.runtime.interface_adapter import adapt_self_computing
 from kvpass.validation import integer
 
 
@@ -99,7 +99,10 @@ def optimize(
     `tokenizer`: prompts for the transforms that calibrate (head importance, adaptive
     allocation); built-in prompts otherwise.
 
-    Hugging Face causal LMs keep `generate` (greedy, sampling, batched with left padding);
+    Hugging Face causal LMs keep `generate` (greedy, sampling, batched with left padding); their
+    attention modules that compute attention themselves (BLOOM, GPT-J, XGLM, ...) get an adapter as
+    their forward, which runs their own code unchanged under the model's own implementation and
+    reaches transformers' attention interface under kvpass's (`kvpass.runtime.interface_adapter`);
     models whose forward carries its own cache tensors keep their signature and return
     compacted caches (pass `example_inputs`); models with no KV cache (encoders) take
     structural transforms only, at `budget=1.0`. `kvpass.stats(model)` reports the last call.

@@ -326,7 +326,9 @@ def masked_full_oracle_mismatch(base, pruned, ids, steps: int = DECODE_STEPS, at
     with, at every layer, the keys the pruned cache evicted masked out; else what differed.
 
     The oracle wraps the base model's attention function: each call gets an extra mask built from the
-    logical slots the pruned model's cache layer holds for that layer (per KV head)."""
+    logical slots the pruned model's cache layer holds for that layer (per KV head). Modules of `base` that
+    compute attention themselves get kvpass's interface adapter for it (their own code still runs under the
+    model's own implementation)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
