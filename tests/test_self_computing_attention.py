@@ -163,3 +163,12 @@ def test_heads_pruned_after_it_was_traced_are_traced_again() -> None:
     assert kv_features(model) < kv_features(base)
     assert kvpass.cache_bytes(prefill(model, ids)) <= 0.5 * kvpass.cache_bytes(prefill(base, ids))
     assert greedy(model, ids, steps=4).shape == (1, ids.shape[1] + 4)
+
+
+def test_a_compiled_forward_generates_the_eager_tokens() -> None:
+    """`torch.compile` leaves the adapter's traced call out of its graphs and runs it between them."""
+    model = kvpass.optimize(self_computing_llama(), budget=0.5, method="tova", sinks=2, recent=4)
+    ids = prompt()
+    eager = greedy(model, ids, steps=5)
+    model.forward = torch.compile(model.forward, dynamic=True)
+    assert torch.equal(greedy(model, ids, steps=5), eager)

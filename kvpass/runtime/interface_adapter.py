@@ -91,7 +91,12 @@ class InterfaceAdapter:
         implementation = self.config._attn_implementation
         if implementation not in hf_attention.REGISTERED:
             return own(*args, **kwargs)
-        function = AttentionInterface._global_mapping[implementation]
+        return self._run_traced(own, AttentionInterface._global_mapping[implementation], args, kwargs, keywords)
+
+    @torch.compiler.disable
+    def _run_traced(self, own, function, args: tuple, kwargs: dict, keywords: dict) -> Any:
+        """The module's call through its traced rewrite (kept out of `torch.compile`: a compiled model runs it
+        eagerly, between its compiled parts)."""
         cache = find_cache(args, kwargs)
         if cache is None:  # traced as a call on an empty cache that is then dropped (never a different code path)
             keyword = next((name for name in CACHE_KEYWORDS if name in kwargs and kwargs[name] is None), None)
