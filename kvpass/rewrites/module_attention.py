@@ -39,8 +39,10 @@ ModuleAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 `bias` [B, 1 | Hq, L, past + L] over logical positions (float added to the logits, or bool: visible) or
 None, `scale` the softmax scale still to apply to q·kᵀ; out [B, Hq, L, D]."""
 
-CARRIER_READERS = TRANSPARENT_OPS | REPEAT_OPS | SIZE_OPS | {aten.slice.Tensor, aten.select.int, operator.getitem}
-"""Ops that may consume a length carrier: they relabel it or read its sizes (all free on a meta tensor)."""
+RELABELLING_OPS = TRANSPARENT_OPS | REPEAT_OPS | {aten.slice.Tensor, aten.select.int, operator.getitem}
+"""Ops that view a length carrier another way (free on a meta tensor)."""
+CARRIER_READERS = RELABELLING_OPS | SIZE_OPS
+"""Ops that may consume a length carrier: they relabel it or read its sizes."""
 
 
 def rewrite_module_attention(gm: GraphModule, site: AttentionSite, attend: ModuleAttention) -> GraphModule:
@@ -78,7 +80,7 @@ def rewrite_module_attention(gm: GraphModule, site: AttentionSite, attend: Modul
     # the site's scale, less what q carries already (scaled before it was viewed into heads)
     scale = (site.scale if site.scale is not None else site.head_dim ** -0.5) / _walk_up_scaled(q)[1]
     with graph.inserting_before(out):
-        call = graph.call_function(_in_layout(attend, site.num_heads, causal, scale, len(_shape_of(out))),
+        call = graph.call_function(_in_layout(attend, site.num_heads, causal, scale, _rank(out)),
                                    (q, k_new, v_new, bias))
     out.replace_all_uses_with(call)
     _drop_returned_probabilities(graph, anchor)
@@ -93,20 +95,15 @@ def rewrite_module_attention(gm: GraphModule, site: AttentionSite, attend: Modul
 def _drop_returned_probabilities(graph: torch.fx.Graph, softmax: Node) -> None:
     """Modules that return their attention probabilities (for `output_attentions`) return None instead: the
     pruned model's attention covers the kept keys only, and a full-length map of them is not kept."""
-    returned, frontier = set(), [softmax]
-    while frontier:
-        for user in frontier.pop().users:
-            if _is_call(user, TRANSPARENT_OPS):
-                returned.add(user)
-                frontier.append(user)
-    returned.add(softmax)
+    views = [user for user in _users_through(softmax, TRANSPARENT_OPS) if _is_call(user, TRANSPARENT_OPS)]
+    returned = {softmax, *views}
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = torch.utils._pytree.tree_map(lambda a: None if a in returned else a, output.args)
 
 
-def _shape_of(node: Node) -> tuple:
+def _rank(node: Node) -> int:
     value = node.meta.get("val")
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+    return value.dim() if isinstance(value, torch.Tensor) else 0
 
 
 def _check_rewritten(graph: torch.fx.Graph, site: AttentionSite) -> None:
@@ -119,20 +116,20 @@ def _check_rewritten(graph: torch.fx.Graph, site: AttentionSite) -> None:
                 "values): kvpass cannot give probabilities over keys it evicted")
     for n in graph.nodes:
         if n.target is length_carrier:
-            for user in _carrier_users(n):
+            for user in _users_through(n, RELABELLING_OPS):
                 if user.target not in CARRIER_READERS and not isinstance(user.target, ZeroLogits):
                     raise UnsupportedModelError(
                         f"{site.name} reads its cached keys or values beyond attention ({user.target}): kvpass "
                         "cannot run it over a compacted cache")
 
 
-def _carrier_users(carrier: Node) -> list[Node]:
-    """Users of a carrier and of its relabellings."""
-    found, frontier = [], [carrier]
+def _users_through(node: Node, through: frozenset) -> list[Node]:
+    """The users of `node`, and theirs wherever a user is one of the `through` ops."""
+    found, frontier = [], [node]
     while frontier:
         for user in frontier.pop().users:
             found.append(user)
-            if _is_call(user, TRANSPARENT_OPS | REPEAT_OPS | {aten.slice.Tensor, aten.select.int, operator.getitem}):
+            if _is_call(user, through):
                 frontier.append(user)
     return found
 
@@ -164,7 +161,8 @@ class ZeroLogits:
         self.__name__ = "kvpass_zero_logits"
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
-        on_meta = torch.utils._pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        on_meta = torch.utils._pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t,
+                                               (args, kwargs))
         shape = self.op(*on_meta[0], **on_meta[1]).shape
         real = next(t for t in torch.utils._pytree.tree_leaves(args)
                     if isinstance(t, torch.Tensor) and t.device.type != "meta")

@@ -34,7 +34,8 @@ def drop_gqa_repeats(model: ir.Model) -> int:
 
 
 def _repeated_source(value: ir.Value | None, query: ir.Value | None) -> ir.Value | None:
-    """The [B, Hkv, T, D] value `value` repeats to the query's heads (Unsqueeze axis 2 → Expand → Reshape), or None."""
+    """The [B, Hkv, T, D] value that `value` repeats to the query's heads (Unsqueeze axis 2 → Expand → Reshape),
+    or None."""
     reshape = value.producer() if value is not None else None
     expand = _producer(reshape, "Reshape", 0)
     unsqueeze = _producer(expand, "Expand", 0)

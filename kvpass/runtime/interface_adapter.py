@@ -148,7 +148,8 @@ class InterfaceAdapter:
         try:
             captured = capture(_Step(own, leaves, spec), (*examples, tensors), {}, dynamic=True)
         except KVPassError as error:
-            raise UnsupportedModelError(f"{name} computes attention itself and kvpass cannot trace it: {error}") from error
+            raise UnsupportedModelError(
+                f"{name} computes attention itself and kvpass cannot trace it: {error}") from error
         report = find_sites(captured.graph_module)
         kv_heads, key_dim, _ = self.kv_shape
         if len(report) != 1 or (report[0].num_kv_heads, report[0].head_dim) != (kv_heads, key_dim):
