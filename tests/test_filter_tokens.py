@@ -39,9 +39,11 @@ def kept_positions(cache, layer: int) -> torch.Tensor:
 
 
 def oracle(base, layer: int, hidden: torch.Tensor, zeroed: torch.Tensor):
-    """`base` whose attention at `layer` hides the keys in `hidden` from every query (their own
-    included) and gives the queries in `zeroed` a zero output: what filtering promises, written as masks."""
+    """`base` whose attention at `layer` hides keys and gives the queries in `zeroed` a zero output:
+    what filtering promises, written as masks. `hidden` bool [T]: keys no query sees (their own
+    included); or int [T]: the first query position that no longer sees each key."""
     model = copy.deepcopy(base)
+    hidden_from = torch.where(hidden, 0, len(hidden)) if hidden.dtype == torch.bool else hidden
 
     def attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
         group = query.shape[1] // key.shape[1]
@@ -49,7 +51,7 @@ def oracle(base, layer: int, hidden: torch.Tensor, zeroed: torch.Tensor):
         length = key.shape[-2]
         visible = torch.ones(length, length, dtype=torch.bool).tril()
         if module.layer_idx == layer:
-            visible &= ~hidden[None, :]
+            visible &= torch.arange(length)[:, None] < hidden_from[None, :length]
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scaling)
         if module.layer_idx == layer:
             out[:, :, zeroed] = 0
@@ -87,24 +89,30 @@ def test_ratio_zero_is_the_identity(family) -> None:
 @pytest.mark.parametrize("fusion", ["joint", "random"])
 def test_filtered_tokens_skip_attention_exactly(family, fusion) -> None:
     """Prefill and decode against the oracle; the filtered layer's cache holds exactly the kept
-    tokens, with the keys and values the unmodified model computes for them."""
+    tokens, with the keys and values the unmodified model computes for them. A filtered decode token
+    attends and stays visible for `recent` steps, then leaves the cache."""
     base = tiny(family)
-    ratio, length, steps = 0.5, 48, 12
+    ratio, length, steps, recent = 0.5, 48, 24, 4
     model = kvpass.optimize(copy.deepcopy(base), budget=1.0, transforms=[
-        kvpass.FilterTokens(ratio, layers=[FILTERED], warmup=4, fusion=fusion), kvpass.Evict()])
+        kvpass.FilterTokens(ratio, layers=[FILTERED], warmup=4, recent=recent, fusion=fusion), kvpass.Evict()])
     ids, continuation = prompt(length), prompt(steps, seed=2)
     cache, logits = decode(model, ids, continuation)
     kept = kept_positions(cache, FILTERED)
     total = length + steps
     hidden = torch.ones(total, dtype=torch.bool)
     hidden[kept] = False
-    assert int(hidden[:length].sum()) == round(ratio * length) and not hidden[:4].any()
+    assert int(hidden[:length].sum()) == round(ratio * length)
+    assert not hidden[:4].any() and not hidden[length - recent:length].any() and not hidden[-recent:].any()
+    assert 0 < int(hidden[length:].sum()) < steps - recent  # some decode tokens left, not all
     figures = kvpass.stats(model)["FilterTokens"]["layers"]
     assert list(figures) == [model.kvpass_plan.sites[FILTERED].name]
     assert figures[model.kvpass_plan.sites[FILTERED].name]["filtered"] == int(hidden.sum())
     zeroed = torch.zeros(total, dtype=torch.bool)
-    zeroed[:length] = hidden[:length]  # decode steps still attend (over what is cached); they are only not cached
-    reference, attend = oracle(base, FILTERED, hidden, zeroed)
+    zeroed[:length] = hidden[:length]  # decode steps still attend (over what is cached)
+    positions = torch.arange(total)
+    hidden_from = torch.where(positions < length, 0, positions + recent + 1)
+    hidden_from = torch.where(hidden, hidden_from, total)
+    reference, attend = oracle(base, FILTERED, hidden_from, zeroed)
     everything = torch.cat([ids, continuation], 1)
     with attention_implementation(reference, "filter_oracle", attend), torch.no_grad():
         expected = reference(everything, use_cache=False).logits
@@ -122,7 +130,7 @@ def test_filtered_tokens_skip_attention_exactly(family, fusion) -> None:
 def test_keeping_keys_and_values_only_skips_queries() -> None:
     base = tiny("llama")
     model = kvpass.optimize(copy.deepcopy(base), budget=1.0, transforms=[
-        kvpass.FilterTokens(0.5, layers=[FILTERED], warmup=4, drop_kv=False), kvpass.Evict()])
+        kvpass.FilterTokens(0.5, layers=[FILTERED], warmup=4, recent=4, drop_kv=False), kvpass.Evict()])
     ids = prompt(40)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -135,7 +143,7 @@ def test_keeping_keys_and_values_only_skips_queries() -> None:
     with attention_implementation(reference, "filter_oracle", attend), torch.no_grad():
         unfiltered = reference(ids).logits
     skipped = (logits - unfiltered).abs().amax(-1)[0] > 1e-5
-    assert int(skipped.sum()) == 20 and not skipped[:4].any()
+    assert int(skipped.sum()) == 20 and not skipped[:4].any() and not skipped[-4:].any()
     zeroed_model, zeroed_attend = oracle(base, FILTERED, torch.zeros(40, dtype=torch.bool), skipped)
     with attention_implementation(zeroed_model, "filter_oracle", zeroed_attend), torch.no_grad():
         torch.testing.assert_close(logits, zeroed_model(ids).logits, rtol=0, atol=2e-5)
@@ -186,7 +194,8 @@ def test_filters_among_tokens_pruned_before_the_attention() -> None:
     base = tiny("llama")
     length, keep = 48, 24
     model = kvpass.optimize(copy.deepcopy(base), budget=1.0, transforms=[
-        kvpass.SelectLayer(layer=0, keep=keep, window=4), kvpass.FilterTokens(0.5, layers=[FILTERED], warmup=2),
+        kvpass.SelectLayer(layer=0, keep=keep, window=4),
+        kvpass.FilterTokens(0.5, layers=[FILTERED], warmup=2, recent=2),
         kvpass.Evict()])
     ids = prompt(length)
     cache = DynamicCache(config=model.config)
@@ -258,26 +267,26 @@ def test_eviction_takes_the_budget_filtering_leaves() -> None:
     plan = model.kvpass_plan
     budgets = [plan.budgets[site.name] for site in plan.sites]
     assert budgets[FILTERED] == 0.5 and budgets[0] == pytest.approx(0.9)
-    assert plan.reserved_bytes == {plan.sites[FILTERED].name: 2 * 2 * 16 * 4 + 8}
+    assert plan.reserved_bytes == {plan.sites[FILTERED].name: 2 * 2 * 16 * 4 + 12 + 32}  # anchors, threshold, step, count, queue
     assert plan.kv_bytes(1000) <= 0.7 * plan.full_kv_bytes(1000)
 
 
 def test_composes_with_head_pruning_and_eviction() -> None:
     base = tiny("llama")
     model = kvpass.optimize(copy.deepcopy(base), budget=0.3, transforms=[
-        kvpass.FilterTokens(0.5), kvpass.PruneHeads(0.25, importance="random"), kvpass.Evict()])
+        kvpass.FilterTokens(0.5, recent=4), kvpass.PruneHeads(0.25, importance="random"), kvpass.Evict()])
     cache, _ = decode(model, prompt(80), prompt(20, seed=5))
     figures = kvpass.stats(model)
     assert figures["PruneHeads"]["kv_heads_removed"] == 1
     assert figures["kv_bytes"] <= 0.3 * figures["full_kv_bytes"]
     assert 0.4 < figures["FilterTokens"]["fraction"] < 0.6
     heads = 2 - len(model.kvpass_plan.pruned_heads.get(model.kvpass_plan.sites[FILTERED].name, []))
-    assert model.kvpass_plan.reserved_bytes[model.kvpass_plan.sites[FILTERED].name] == 2 * heads * 16 * 4 + 8
+    assert model.kvpass_plan.reserved_bytes[model.kvpass_plan.sites[FILTERED].name] == 2 * heads * 16 * 4 + 12 + 4
 
 
 def test_batch_rows_decide_alone_and_padding_is_never_filtered() -> None:
     model = kvpass.optimize(tiny("llama"), budget=1.0, transforms=[
-        kvpass.FilterTokens(0.5, layers=[FILTERED], warmup=4), kvpass.Evict()])
+        kvpass.FilterTokens(0.5, layers=[FILTERED], warmup=4, recent=4), kvpass.Evict()])
     short, long = prompt(30, seed=6), prompt(50, seed=7)
     batch = torch.cat([torch.cat([torch.zeros(1, 20, dtype=torch.long), short], 1), long])
     mask = (batch != 0).long()

@@ -150,6 +150,20 @@ class CompactedKV:
         self.pending = k_new.shape[-2]
         return self.keys, self.values
 
+    def forget(self, column: int, key_padding: torch.Tensor | None = None) -> None:
+        """Let go of the cached token at `column` (every batch row and head; token filtering's deferred
+        decode decisions): the tensors shrink by it, and slots are stored from then on, since they have
+        a gap. `key_padding` [B, seen]: the sequence's padding, to label the slots when none were stored."""
+        batch, hkv, total, _ = self.keys.shape
+        if self.pending or not 0 <= column < total:
+            raise RuntimeError(f"CompactedKV.forget: column {column} of {total} cached tokens, {self.pending} pending")
+        if self.slots is None:
+            self.slots = self._past_slots(batch, hkv, total, self.keys.device, key_padding)
+        for name in ("keys", "values", "slots", "stat"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, torch.cat([tensor[:, :, :column], tensor[:, :, column + 1:]], dim=2))
+
     def attend(
         self, q: torch.Tensor, scale: float, causal: bool = True, key_padding: torch.Tensor | None = None,
         model_mask: torch.Tensor | None = None, softcap: float = 0.0, sinks: torch.Tensor | None = None,

@@ -183,7 +183,8 @@ class TokenFilter(Protocol):
     """Attention at a site that leaves some of the call's tokens out (`kvpass_filter`): returns the output
     [B, Hq, L, D] for every query, having appended to `cache` what it keeps and called `attend(query,
     positions=...)` with `TokenPositions` saying where those tokens sit. `positions`: the call's own (tokens
-    pruned before the attention; None: the next L); `padding` [B, L]: which new tokens are padding."""
+    pruned before the attention; None: the next L); `padding` [B, seen + L]: which tokens of the sequence so far
+    are padding (the model's mask; None: none are)."""
 
     def __call__(self, cache: CompactedKV, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  positions: TokenPositions | None, padding: torch.Tensor | None,
@@ -256,8 +257,7 @@ def kvpass_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         padding = _key_padding(attention_mask)
         attend = partial(layer_cache.attend, scale=scale, causal=causal, key_padding=padding, **options)
         if kvpass_filter is not None:
-            new_padding = None if padding is None else padding[:, -key.shape[-2]:]
-            out = kvpass_filter(layer_cache, query, key, value, positions, new_padding, attend)
+            out = kvpass_filter(layer_cache, query, key, value, positions, padding, attend)
         else:
             out = attend(query, positions=positions)
     if binding.site.kv_tiled:

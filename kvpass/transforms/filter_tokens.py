@@ -9,7 +9,7 @@ attention. The scoring and its fusion rule are in `kvpass.kernels.similarity`; t
 in `kvpass.runtime.token_filter`.
 
 Planning: the filter's saving is a target (each input keeps `1 - ratio` of its tokens in the
-filtered layers), not a bound (decode steps use the prefill's threshold), and its anchors take
+filtered layers), not a bound (decode steps track it with a moving threshold), and its anchors take
 bytes of their own. It therefore runs with `kvpass.Evict` (whose attention runs the filter and
 whose plan holds the byte cap): below budget 1 the filtered sites' eviction caps sit at
 `1 - ratio` (eviction enforces at every step what filtering only targets), the anchors are
@@ -42,7 +42,9 @@ class FilterTokens(Transform):
 
     `layers`: "tail" (the deeper half of the attention sites), a fraction of depth (0.25: the
     deepest quarter), or a list of site indices (`AttentionSite.layer`). `warmup`: the first
-    tokens are never filtered (nor Evict's sinks). `fusion`: how key and value similarity to the
+    tokens are never filtered (nor Evict's sinks). `recent`: a filtered decode token leaves the
+    layer's cache this many steps later (the next tokens still read their immediate context), and
+    a prefill's last `recent` tokens are not filtered. `fusion`: how key and value similarity to the
     anchors combine ('joint': variance-aware, see `kvpass.kernels.similarity`; 'key', 'value':
     ablations; 'random': a control at the same ratio, seeded by `seed`). `gamma`: the anchors'
     moving-average factor. `ratio=0` changes nothing. `kvpass.stats(model)["FilterTokens"]`
@@ -64,6 +66,7 @@ class FilterTokens(Transform):
     ratio: float
     layers: Any = "tail"
     warmup: int = 16
+    recent: int = 32
     fusion: str = "joint"
     gamma: float = 0.9
     drop_kv: bool = True
@@ -77,6 +80,8 @@ class FilterTokens(Transform):
                           meaning="the share of tokens filtered in the chosen layers"),
             "layers": _layer_spec(self.layers),
             "warmup": integer(self.warmup, "FilterTokens: warmup", minimum=0, meaning="first tokens never filtered"),
+            "recent": integer(self.recent, "FilterTokens: recent", minimum=0,
+                              meaning="decode steps a filtered token stays cached"),
             "gamma": real(self.gamma, "FilterTokens: gamma", 0.0, 1.0, low_open=True, high_open=True,
                           meaning="the anchors' moving-average factor"),
             "drop_kv": boolean(self.drop_kv, "FilterTokens: drop_kv"),
@@ -117,7 +122,7 @@ class FilterTokens(Transform):
         for site in sites:
             kv_heads = site.num_kv_heads - len(context.pruned_heads.get(site.name, ()))
             context.reserved_bytes[site.name] = context.reserved_bytes.get(site.name, 0) + \
-                FilterState.bytes_per_sequence(kv_heads, site.head_dim, anchors=self.fusion != "random")
+                FilterState.bytes_per_sequence(kv_heads, site.head_dim, self.fusion != "random", self.recent)
             if self.drop_kv:
                 context.kept_fraction[site.name] = min(context.kept_fraction.get(site.name, 1.0), 1.0 - self.ratio)
 
@@ -162,7 +167,7 @@ def _filter_tokens_hf(transform: FilterTokens, target: RewriteTarget) -> None:
     in_force = lambda: getattr(target.model, "kvpass_plan", None) is plan  # noqa: E731
     for site in transform.filtered_sites(list(target.sites)):
         token_filter = TokenFilter(transform.name, site.layer, transform.ratio, transform.fusion, transform.gamma,
-                                   max(transform.warmup, plan.sinks), transform.drop_kv, transform.seed)
+                                   max(transform.warmup, plan.sinks), transform.recent, transform.drop_kv, transform.seed)
 
         def hand_filter(module, args, kwargs, token_filter=token_filter):
             return (args, {**kwargs, FILTER_KEYWORD: token_filter}) if in_force() else None
