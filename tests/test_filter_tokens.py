@@ -267,7 +267,8 @@ def test_eviction_takes_the_budget_filtering_leaves() -> None:
     plan = model.kvpass_plan
     budgets = [plan.budgets[site.name] for site in plan.sites]
     assert budgets[FILTERED] == 0.5 and budgets[0] == pytest.approx(0.9)
-    assert plan.reserved_bytes == {plan.sites[FILTERED].name: 2 * 2 * 16 * 4 + 12 + 32}  # anchors, threshold, step, count, queue
+    # anchors, then threshold, decode step and count, then the decode queue
+    assert plan.reserved_bytes == {plan.sites[FILTERED].name: 2 * 2 * 16 * 4 + 12 + 32}
     assert plan.kv_bytes(1000) <= 0.7 * plan.full_kv_bytes(1000)
 
 

@@ -167,7 +167,8 @@ def _filter_tokens_hf(transform: FilterTokens, target: RewriteTarget) -> None:
     in_force = lambda: getattr(target.model, "kvpass_plan", None) is plan  # noqa: E731
     for site in transform.filtered_sites(list(target.sites)):
         token_filter = TokenFilter(transform.name, site.layer, transform.ratio, transform.fusion, transform.gamma,
-                                   max(transform.warmup, plan.sinks), transform.recent, transform.drop_kv, transform.seed)
+                                   max(transform.warmup, plan.sinks), transform.recent, transform.drop_kv,
+                                   transform.seed)
 
         def hand_filter(module, args, kwargs, token_filter=token_filter):
             return (args, {**kwargs, FILTER_KEYWORD: token_filter}) if in_force() else None
