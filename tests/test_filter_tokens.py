@@ -231,6 +231,25 @@ def test_cache_keeps_earlier_padding_when_a_call_has_gaps() -> None:
     assert cache.slots[0, 0].tolist() == [-1, 1, 2, 3, 5] and cache.seen == 6
 
 
+def test_forget_takes_a_position_out_only_where_every_row_and_head_holds_it() -> None:
+    """How a filtered decode token leaves the cache: by its position, wherever eviction put it."""
+    cache = CompactedKV(SiteSchedule(1.0, 2 * 2 * 8 * 4, 0), None, 1)
+    k = torch.randn(1, 2, 5, 8)
+    cache.extend(k, k)
+    cache.attend(torch.randn(1, 2, 5, 8), 1.0)
+    assert cache.slots is None and cache.forget(2)
+    assert cache.slots[0].tolist() == [[0, 1, 3, 4]] * 2
+    torch.testing.assert_close(cache.keys, k[:, :, [0, 1, 3, 4]])
+    assert not cache.forget(2) and cache.keys.shape[-2] == 4  # gone already
+    cache.slots = torch.tensor([[[0, 1, 3, 4], [0, 3, 4, 1]]], dtype=torch.int32)  # heads in different orders
+    assert cache.forget(1)
+    assert cache.slots[0].tolist() == [[0, 3, 4], [0, 3, 4]]
+    torch.testing.assert_close(cache.keys[:, 0], k[:, 0, [0, 3, 4]])  # each head drops its own column
+    torch.testing.assert_close(cache.keys[:, 1], k[:, 1, [0, 1, 3]])
+    cache.slots = torch.tensor([[[0, 3, 4], [0, 4, 5]]], dtype=torch.int32)  # head 1 no longer holds 3
+    assert not cache.forget(3) and cache.keys.shape[-2] == 3
+
+
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 def test_achieved_ratio_over_prefill_and_decode(ratio) -> None:
     """Within 2 points per layer over a long prefill plus 256 decode steps at the frozen threshold."""
@@ -244,16 +263,17 @@ def test_achieved_ratio_over_prefill_and_decode(ratio) -> None:
         assert abs(figures["fraction"] - ratio) <= 0.02, figures
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(budget=st.floats(0.15, 0.9), ratio=st.sampled_from([0.25, 0.5, 0.75]), length=st.integers(1, 60),
-       drop_kv=st.booleans())
-def test_byte_cap_holds_with_eviction_at_every_step(budget, ratio, length, drop_kv) -> None:
+       drop_kv=st.booleans(), recent=st.integers(0, 12))
+def test_byte_cap_holds_with_eviction_at_every_step(budget, ratio, length, drop_kv, recent) -> None:
+    """Also while filtered decode tokens leave the cache (`recent` below and above eviction's window of 8)."""
     model = kvpass.optimize(copy.deepcopy(TINY_LLAMA), budget=budget, transforms=[
-        kvpass.FilterTokens(ratio, layers="tail", warmup=4, drop_kv=drop_kv), kvpass.Evict(recent=8)])
+        kvpass.FilterTokens(ratio, layers="tail", warmup=4, recent=recent, drop_kv=drop_kv), kvpass.Evict(recent=8)])
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(prompt(length), past_key_values=cache, use_cache=True)
-        for step in range(12):
+        for step in range(24):
             figures = kvpass.stats(model)
             assert figures["kv_bytes"] <= budget * figures["full_kv_bytes"], (step, figures)
             model(prompt(1, seed=step), past_key_values=cache, use_cache=True)

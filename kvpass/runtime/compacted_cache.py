@@ -150,19 +150,26 @@ class CompactedKV:
         self.pending = k_new.shape[-2]
         return self.keys, self.values
 
-    def forget(self, column: int, key_padding: torch.Tensor | None = None) -> None:
-        """Let go of the cached token at `column` (every batch row and head; token filtering's deferred
-        decode decisions): the tensors shrink by it, and slots are stored from then on, since they have
-        a gap. `key_padding` [B, seen]: the sequence's padding, to label the slots when none were stored."""
-        batch, hkv, total, _ = self.keys.shape
-        if self.pending or not 0 <= column < total:
-            raise RuntimeError(f"CompactedKV.forget: column {column} of {total} cached tokens, {self.pending} pending")
-        if self.slots is None:
-            self.slots = self._past_slots(batch, hkv, total, self.keys.device, key_padding)
-        for name in ("keys", "values", "slots", "stat"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, torch.cat([tensor[:, :, :column], tensor[:, :, column + 1:]], dim=2))
+    def forget(self, position: int, key_padding: torch.Tensor | None = None) -> bool:
+        """Let go of the token at logical `position` (token filtering's deferred decode decisions): the
+        tensors shrink by it in every batch row and head, and slots are stored from then on, since they have
+        a gap. Nothing changes, and False is returned, unless every row and head holds it (an eviction may
+        have taken it already). `key_padding` [B, seen]: the sequence's padding, to label the slots when none
+        were stored."""
+        batch, hkv, total, dim = self.keys.shape
+        if self.pending:
+            raise RuntimeError("CompactedKV.forget called between extend and attend")
+        slots = self._past_slots(batch, hkv, total, self.keys.device, key_padding)
+        held = slots == position
+        if not bool((held.sum(-1) == 1).all()):
+            return False
+        index = torch.sort(held.int(), dim=-1, stable=True).indices[..., :total - 1]  # the others, in order
+        self.slots = slots.gather(-1, index)
+        self.keys = self.keys.gather(2, index[..., None].expand(-1, -1, -1, dim))
+        self.values = self.values.gather(2, index[..., None].expand(-1, -1, -1, self.values.shape[-1]))
+        if self.stat is not None:
+            self.stat = self.stat.gather(-1, index)
+        return True
 
     def attend(
         self, q: torch.Tensor, scale: float, causal: bool = True, key_padding: torch.Tensor | None = None,

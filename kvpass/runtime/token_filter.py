@@ -78,7 +78,7 @@ class FilterState:
     step: torch.Tensor | None
     """[B] float32: `DECODE_STEP` x the standard deviation of the last multi-token call's eligible scores."""
     queued: torch.Tensor | None
-    """[B, n] bool, n <= recent: the decisions on the newest n decode tokens, which are the cache's last n."""
+    """[B, n] bool, n <= recent: the decisions on the newest n decode tokens, oldest first."""
     tokens: int = 0
     """Non-padding tokens decided so far, summed over the rows."""
     filtered: int = 0
@@ -143,7 +143,7 @@ class TokenFilter:
         scores, eligible = self._score(cache, state, key, value, valid)
         state.tokens += int(valid.sum())
         if length > 1:
-            state.queued = state.queued[:, :0]  # the queued decode tokens stay: the call's tokens come after them
+            state.queued = state.queued[:, :0]  # a new prompt: the queued decode tokens stay
             newest = valid.flip(-1).cumsum(-1).flip(-1) <= self.recent
             filtered = self._quantile(scores, eligible & ~newest, valid, state)
             state.filtered += int(filtered.sum())
@@ -209,13 +209,13 @@ class TokenFilter:
 
     def _queue(self, cache: CompactedKV, state: FilterState, filtered: torch.Tensor,
                padding: torch.Tensor | None) -> None:
-        """Queue a decode token's decision [B]; the one `recent` steps older leaves the cache when every row
-        filtered it. `padding` [B, seen]: the sequence's, for the cache's slots."""
+        """Queue a decode token's decision [B] (the step's token sits at position `cache.seen - 1`); the one
+        `recent` steps older leaves the cache when every row filtered it. `padding` [B, seen]: the sequence's,
+        for the cache's slots."""
         queue = torch.cat([state.queued, filtered[:, None]], dim=-1)
         if queue.shape[-1] > self.recent:
             leaving, queue = queue[:, 0], queue[:, 1:]
-            if bool(leaving.all()):
-                cache.forget(cache.keys.shape[-2] - self.recent - 1, padding)
+            if bool(leaving.all()) and cache.forget(cache.seen - 1 - self.recent, padding):
                 state.filtered += int(leaving.sum())
         state.queued = queue
 
