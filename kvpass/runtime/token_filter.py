@@ -24,14 +24,15 @@ it); with `drop_kv` (default) its key and value are never stored either, so no q
 layer sees it. `drop_kv=False` keeps the filtered tokens' keys and values and skips only their
 queries (`TokenPositions.queries`).
 
-A decode step's token always attends (it is the token being generated) and is cached; with
-`drop_kv`, a filtered one leaves the layer's cache `recent` steps later (`CompactedKV.forget`),
-when it is no longer among the newest tokens, so the next tokens still see their immediate
-context, as every eviction method's recent window lets them. Dropping filtered decode tokens at
-once cost far more: on SmolLM2 (dev text, ratio 0.5) the continuation perplexity was 39.6 with
-immediate drops and 30.7 with none, against 27.5 unfiltered, and joint fusion, which drops runs
-of alike tokens together, fell behind random. In a batch a decode token leaves when every row
-filtered it; a row that filtered it alone keeps it (the figures count what left).
+A decode step's token always attends (it is the token being generated). With `drop_kv`, a
+filtered one is cached and leaves the layer's cache `recent` steps later (`CompactedKV.forget`),
+so the next tokens still see their immediate context, as every eviction method's recent window
+lets them; with `recent=0` it is never cached, so no query of the layer sees its key, its own
+included. Dropping filtered decode tokens at once cost far more: on SmolLM2 (dev text, ratio
+0.5) the continuation perplexity was 39.6 with immediate drops and 30.7 with none, against 27.5
+unfiltered, and joint fusion, which drops runs of alike tokens together, fell behind random. In a
+batch a decode token leaves when every row filtered it; a row that filtered it alone keeps it
+(the figures count what left). Without `drop_kv` a decode step filters nothing.
 
 Tokens are eligible unless they are padding, among a row's first `protected` tokens (warm-up and
 attention sinks; padding does not count), among a multi-token call's last `recent` tokens (the
@@ -146,20 +147,24 @@ class TokenFilter:
             state.queued = state.queued[:, :0]  # a new prompt: the queued decode tokens stay
             newest = valid.flip(-1).cumsum(-1).flip(-1) <= self.recent
             filtered = self._quantile(scores, eligible & ~newest, valid, state)
+        else:
+            filtered = eligible & (scores >= state.threshold[:, None])
+            state.threshold = state.threshold + torch.where(
+                eligible[:, 0], state.step * (filtered[:, 0].float() - self.ratio), 0.0)
+        if length == 1 and self.drop_kv and self.recent:  # cached now, leaves `recent` steps later if filtered
+            cache.extend(key, value)
+            out = attend(query, positions=positions)
+            self._queue(cache, state, filtered[:, 0], padding)
+        elif length == 1 and not self.drop_kv:  # its query attends and its key stays: nothing to filter
+            cache.extend(key, value)
+            out = attend(query, positions=positions)
+        else:
             state.filtered += int(filtered.sum())
             if bool(filtered.any()):
                 out = self._attend_kept(cache, query, key, value, call, filtered, attend)
             else:
                 cache.extend(key, value)
                 out = attend(query, positions=positions)
-        else:
-            filtered = eligible[:, 0] & (scores[:, 0] >= state.threshold)
-            state.threshold = state.threshold + torch.where(
-                eligible[:, 0], state.step * (filtered.float() - self.ratio), 0.0)
-            cache.extend(key, value)
-            out = attend(query, positions=positions)
-            if self.drop_kv:
-                self._queue(cache, state, filtered, padding)
         if not cache.schedule.holds_reserve(cache.seen):
             state.release()
         return out
@@ -222,15 +227,14 @@ class TokenFilter:
     def _attend_kept(self, cache: CompactedKV, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      positions: TokenPositions, filtered: torch.Tensor,
                      attend: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """A multi-token call: append the tokens the cache keeps and attend with the queries that attend; zeros
-        for the others.
+        """Append the tokens the cache keeps and attend with the queries that attend; zeros for the others.
         `positions`: the call's, offsets and padding [B, L] spelled out.
 
         Batch rows keep different tokens but share one tensor: each row's entries are its kept
         tokens in order, padded to the longest row with invisible entries (as padding)."""
         everything = torch.ones_like(filtered)
         stored, stored_real = _rows(~filtered if self.drop_kv else everything)
-        asked, asked_real = _rows(~filtered)
+        asked, asked_real = _rows(~filtered if key.shape[-2] > 1 else everything)  # a decode step attends
         invisible = ~stored_real | positions.padding.gather(-1, stored)
         cache.extend(_take(key, stored), _take(value, stored))
         out = attend(_take(query, asked), positions=TokenPositions(
