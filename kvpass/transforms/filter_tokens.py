@@ -43,8 +43,8 @@ class FilterTokens(Transform):
     `layers`: "tail" (the deeper half of the attention sites), a fraction of depth (0.25: the
     deepest quarter), or a list of site indices (`AttentionSite.layer`). `warmup`: the first
     tokens are never filtered (nor Evict's sinks). `recent`: a filtered decode token leaves the
-    layer's cache this many steps later (the next tokens still read their immediate context), and
-    a prefill's last `recent` tokens are not filtered. `fusion`: how key and value similarity to the
+    layer's cache this many steps later (the next tokens still read their immediate context; 0: it
+    is never cached, so no query sees it), and a prefill's last `recent` tokens are not filtered. `fusion`: how key and value similarity to the
     anchors combine ('joint': variance-aware, see `kvpass.kernels.similarity`; 'key', 'value':
     ablations; 'random': a control at the same ratio, seeded by `seed`). `gamma`: the anchors'
     moving-average factor. `ratio=0` changes nothing. `kvpass.stats(model)["FilterTokens"]`
