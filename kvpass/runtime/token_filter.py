@@ -151,13 +151,12 @@ class TokenFilter:
             filtered = eligible & (scores >= state.threshold[:, None])
             state.threshold = state.threshold + torch.where(
                 eligible[:, 0], state.step * (filtered[:, 0].float() - self.ratio), 0.0)
-        if length == 1 and self.drop_kv and self.recent:  # cached now, leaves `recent` steps later if filtered
+        if length == 1 and (self.recent or not self.drop_kv):
+            # a decode token is cached now: it leaves `recent` steps later if filtered (without drop_kv, never)
             cache.extend(key, value)
             out = attend(query, positions=positions)
-            self._queue(cache, state, filtered[:, 0], padding)
-        elif length == 1 and not self.drop_kv:  # its query attends and its key stays: nothing to filter
-            cache.extend(key, value)
-            out = attend(query, positions=positions)
+            if self.drop_kv:
+                self._queue(cache, state, filtered[:, 0], padding)
         else:
             state.filtered += int(filtered.sum())
             if bool(filtered.any()):
