@@ -55,7 +55,7 @@ def test_assert_identity(base, monkeypatch) -> None:
 def test_assert_cache_within(base, monkeypatch) -> None:
     monkeypatch.setattr(CompactedKV, "_evict", lambda self, k_slots: None)  # keeps every token, claims a budget
     with pytest.raises(AssertionError, match=r"KV cache over budget 0.3 after call 0 of 5 \(0: the 64-token prompt; "
-                                             r"64 tokens seen\): it holds 33,792 bytes, the cap is 9,830 \(the "
+                                             r"64 tokens seen\): it holds 32,768 bytes, the cap is 9,830 \(the "
                                              r"unmodified cache holds 32,768\)\..*model.layers.0.self_attn: 64 tokens"):
         assert_cache_within(base, 0.3, prompt_len=64, steps=4)
 
@@ -109,8 +109,7 @@ def test_golden_summary_of_a_decode_step(base, kvpass_golden, monkeypatch, tmp_p
         self.keys = self.keys.clone()
 
     monkeypatch.setattr(CompactedKV, "_evict", copies)
-    with pytest.raises(AssertionError, match=r"changed from its golden summary (.|\n)*\n \s+aten.cat.default x5\n"
-                                             r"\+\s+aten.clone.default x1\n"):
+    with pytest.raises(AssertionError, match=r"changed from its golden summary (.|\n)*\n\+\s+aten.clone.default x1\n"):
         assert_golden(graph_summary(kvpass.optimize(copy.deepcopy(base), budget=0.5)), tmp_path / "golden.txt")
 
 
