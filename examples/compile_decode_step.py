@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     base, _, ids = load(args.tiny)
-    model = kvpass.optimize(copy.deepcopy(base), budget=args.budget, sinks=4, recent=16)
+    # TOVA evicts a token as soon as the cache is over its budget, so a step that evicts comes within a few
+    # steps; the default method (paged) frees whole 16-token pages and evicts only every 16 steps or so.
+    model = kvpass.optimize(copy.deepcopy(base), budget=args.budget, method="tova", sinks=4, recent=16)
     captured: list[str] = []
 
     def backend(graph_module: torch.fx.GraphModule, example_inputs):

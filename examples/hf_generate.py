@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model, tokenizer, ids = load(args.tiny)
-    model = kvpass.optimize(model, budget=args.budget)          # in place; the default transform is Evict(tova, span=2)
+    model = kvpass.optimize(model, budget=args.budget)          # in place; the default transform is Evict("paged")
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=model.generation_config.eos_token_id or 0)

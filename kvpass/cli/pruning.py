@@ -27,7 +27,7 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, plan_file: bool, allo
                         help="a transform, repeatable: \"PruneHeads(0.1)\", \"Evict('tova', span=2)\"; "
                              "without it, Evict with the options below")
     parser.add_argument("--method", type=method_argument, help=f"eviction method: {', '.join(sorted(METHODS))} "
-                                                                "(default: tova with span=2)")
+                                                                "(default: paged, 16-token pages)")
     parser.add_argument("--allocation", choices=ALLOCATIONS, help=allocation_help)
     parser.add_argument("--sinks", type=int, help="first tokens always kept (default 4)")
     parser.add_argument("--recent", type=int, help="latest tokens always kept (default 32)")
