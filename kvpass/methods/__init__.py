@@ -26,11 +26,12 @@ METHODS: dict[str, type[Method]] = {
 
 DEFAULT_METHOD = "paged"
 DEFAULT_OPTIONS: dict = {}
-"""`method=None` means PagedEviction (16-token pages scored by ||V|| / ||K||): chosen on the
-development split of the varied task suite, where it kept the most of the full cache's
-answers in both modes. Its scores need no attention weights, so compressing the context
-before the question arrives costs it nothing, while attention-scored methods (the former
-default, TOVA with span 2) lose most answers there. See README "Choosing a method"."""
+"""`method=None` means PagedEviction (16-token pages scored by ||V|| / ||K||), chosen on the
+development split of the varied task suite, where it kept the most of the full cache's answers
+over both modes. Its scores need no attention weights, so it does not matter whether the question
+is in the cache yet: on the test split it keeps more than TOVA when the context is compressed
+before the question, and less when the question is there (then `Evict("tova", span=2)`, the
+former default, or "tova_units" do better). See README "Choosing a method"."""
 
 
 def get_method(method: str | Method | None = None, **options) -> Method:
