@@ -14,6 +14,7 @@ import torch
 
 from kvpass.memory import cache_bytes
 from kvpass.planning import Plan
+from kvpass.runtime.call_arguments import given_cache, output_cache
 from kvpass.transforms.pipeline import plan_transforms
 
 PLAN_ATTRIBUTE = "_kvpass_plan"
@@ -33,7 +34,7 @@ def remember_calls(model: torch.nn.Module, plan: Plan) -> None:
     def remember(module, args, kwargs, output) -> None:
         if torch.compiler.is_compiling():  # a compiled whole-model call is not recorded
             return
-        cache = kwargs.get("past_key_values") or getattr(output, "past_key_values", None)
+        cache = given_cache(kwargs) or output_cache(output)
         if cache is not None and hasattr(cache, "layers"):
             setattr(cache, PLAN_ATTRIBUTE, plan)
             module.__dict__[LAST_STATS_ATTRIBUTE] = _figures(cache, plan, transforms)

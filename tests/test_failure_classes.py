@@ -276,9 +276,9 @@ class ToyAttention(LlamaAttention):
 
     variant = ""
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None,
                 layer_past=None, **kwargs):
-        cache = past_key_values if past_key_values is not None else layer_past
+        cache = next((given for given in (cache, past_key_values, layer_past) if given is not None), None)
         cache = getattr(self, "stash", cache) if self.variant == "hidden_cache" else cache
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
@@ -318,7 +318,8 @@ class Rewired(nn.Module):
         super().__init__()
         self.inner, self.how = attention, how
 
-    def forward(self, past_key_values=None, **kwargs):
+    def forward(self, cache=None, past_key_values=None, **kwargs):  # `cache=` from transformers 5.24 on
+        past_key_values = cache if cache is not None else past_key_values
         if self.how == "layer_past":
             return self.inner(layer_past=past_key_values, **kwargs)
         if self.how == "hidden_cache":

@@ -8,6 +8,7 @@ next decode step); two passes equal feeding only the selected tokens at their ow
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -101,6 +102,22 @@ def test_propagation_shortens_deeper_layers_and_their_caches():
     figures = kvpass.stats(model)
     assert figures["SelectLayer"] == {"layer": 2, "row_layers": [2, 2], "prompt_tokens": LENGTH, "tokens_kept": KEEP}
     assert figures["kv_bytes"] == cache_bytes(cache) < figures["full_kv_bytes"]
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_the_cache_is_found_under_either_keyword_a_caller_uses(keyword: str):
+    """transformers 5.24 renamed the cache argument `past_key_values=` to `cache=` (still taking the old
+    name until 5.40): selection, its stats and the cache it shortens follow whichever name the call used."""
+    base, ids = tiny_llama(), prompt()
+    if keyword not in inspect.signature(base.forward).parameters and keyword == "cache":
+        pytest.skip(f"transformers {transformers.__version__} takes the cache as past_key_values= only")
+    model, cache = selecting(kvpass.SelectLayer(layer=2, keep=KEEP, window=WINDOW), base=base), DynamicCache()
+    with torch.no_grad():
+        logits = model(ids, **{keyword: cache}, use_cache=True).logits
+    assert logits.shape[1] == KEEP
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [LENGTH] * 3 + [KEEP] * 3
+    assert kvpass.stats(model)["SelectLayer"]["layer"] == 2
+    assert kvpass.stats(model)["kv_bytes"] == cache_bytes(cache)
 
 
 def test_one_pass_equals_dense_model_masking_unselected_keys_then_decodes_at_the_right_positions():

@@ -33,7 +33,9 @@ class SelfComputingAttention(LlamaAttention):
 
     variant = ""
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None,
+                **kwargs):  # the cache comes as `cache=` from transformers 5.24 on, `past_key_values=` before
+        past_key_values = cache if cache is not None else past_key_values
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
         q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))

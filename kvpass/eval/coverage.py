@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from kvpass.runtime.call_arguments import cache_argument, output_cache
+
 SIZES: dict[str, tuple[int, tuple[str, ...]]] = {
     "hidden": (64, ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "model_dim", "emb_dim", "embedding_size",
                     "word_embed_proj_dim", "attention_hidden_size", "hidden_dim", "n_embed")),
@@ -259,7 +261,7 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor):
     """The cache a model returns after `ids` (None for a model that keeps none)."""
     with torch.no_grad():
         output = model(ids, use_cache=True)
-    return getattr(output, "past_key_values", None)
+    return output_cache(output)
 
 
 def check(model_type: str) -> Verdict:
@@ -380,8 +382,8 @@ def masked_full_oracle_mismatch(base, pruned, ids, steps: int = DECODE_STEPS, at
                         visible[index] = keep
                 if not any(hasattr(layer, "site_cache") for layer in getattr(self_attention, "layers", [])):
                     return f"decode step {step}: the pruned model's cache holds no kvpass layer to compare"
-                got = pruned(token, past_key_values=pruned_cache, use_cache=True).logits[:, -1]
-                want = base(token, past_key_values=full_cache, use_cache=True).logits[:, -1]
+                got = pruned(token, **cache_argument(pruned, pruned_cache), use_cache=True).logits[:, -1]
+                want = base(token, **cache_argument(base, full_cache), use_cache=True).logits[:, -1]
                 if not torch.allclose(got, want, atol=atol, rtol=1e-4):
                     return f"decode step {step}: logits differ from the masked-full oracle by " \
                            f"{(got - want).abs().max().item():.2e}"

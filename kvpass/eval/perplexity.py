@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from kvpass.runtime.call_arguments import cache_argument
 from kvpass.eval import corpus
 from kvpass.eval.sweep import cache_from_recording, record_prefill
 
@@ -55,7 +56,7 @@ def perplexities(model, windows: list[torch.Tensor], context: int, plans: dict) 
         for label, plan in plans.items():
             cache = cache_from_recording(model, recording, plan)
             with torch.no_grad():
-                logits = model(continuation, past_key_values=cache, use_cache=True).logits
+                logits = model(continuation, **cache_argument(model, cache), use_cache=True).logits
             totals[label] += negative_log_likelihood(logits[:, :-1], continuation[:, 1:])
         count += continuation.shape[-1] - 1
     return {label: math.exp(total / count) for label, total in totals.items()}

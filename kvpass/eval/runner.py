@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpass.runtime.call_arguments import cache_argument
 from kvpass.eval.sweep import cache_from_recording, record_prefixes
 from kvpass.eval.tasks import Sample, encode, score
 
@@ -37,7 +38,7 @@ class Result:
 def generate(model, tokenizer, prompt_ids: torch.Tensor, cache, max_new_tokens: int) -> str:
     """Greedy continuation of `prompt_ids` [1, L] from `cache` (which holds a prefix of it), as text."""
     with torch.no_grad():
-        out = model.generate(prompt_ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+        out = model.generate(prompt_ids, **cache_argument(model, cache), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=model.config.eos_token_id)
     return tokenizer.decode(out[0, prompt_ids.shape[-1]:], skip_special_tokens=True)
 

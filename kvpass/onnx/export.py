@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import torch
 
+from kvpass.runtime.call_arguments import cache_argument, output_cache
 from kvpass.budget import parse_budget
 from kvpass.errors import UnsupportedModelError
 from kvpass.hf_attention import cache_windows, set_attn_implementation
@@ -45,8 +46,8 @@ class _DecodeStep(torch.nn.Module):
         for layer in range(len(past) // 2):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+                         **cache_argument(self.model, cache), use_cache=True)
+        return (out.logits, *[t for layer in output_cache(out).layers for t in (layer.keys, layer.values)])
 
 
 def export_onnx(

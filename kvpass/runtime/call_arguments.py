@@ -39,3 +39,44 @@ def call_with(module: torch.nn.Module, arguments: dict[str, Any]) -> tuple[tuple
         elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             positional.extend(arguments.pop(name, ()))
     return tuple(positional), arguments
+
+
+MODEL_CACHE_KEYWORDS = ("cache", "past_key_values")
+"""The keywords a transformers model, decoder layer or output carries its cache under: `cache` from
+transformers 5.24 on, `past_key_values` before (5.24 still takes it, deprecated, until 5.40)."""
+
+
+def cache_keyword(module: torch.nn.Module, arguments: dict[str, Any] | None = None) -> str:
+    """The keyword this call carries its cache under: the one `arguments` already use, else the one
+    `module`'s forward names (so kvpass passes a cache the way the installed transformers expects).
+
+    Example:
+        >>> class Layer(torch.nn.Module):
+        ...     def forward(self, hidden_states, past_key_values=None):
+        ...         return hidden_states
+        >>> cache_keyword(Layer()), cache_keyword(Layer(), {"cache": object()})
+        ('past_key_values', 'cache')
+    """
+    for name in MODEL_CACHE_KEYWORDS:
+        if (arguments or {}).get(name) is not None:
+            return name
+    parameters = inspect.signature(module.forward).parameters
+    return next((name for name in MODEL_CACHE_KEYWORDS if name in parameters), "past_key_values")
+
+
+def given_cache(arguments: dict[str, Any]) -> Any:
+    """The cache a call was given under either keyword (None when it was given none)."""
+    return next((arguments[name] for name in MODEL_CACHE_KEYWORDS if arguments.get(name) is not None), None)
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model output returns, read under the name it was stored by (reading the old name
+    from a 5.24 output would log a deprecation warning)."""
+    if isinstance(output, dict):  # transformers' ModelOutput: only the fields that were set are keys
+        return given_cache(output)
+    return next((value for name in MODEL_CACHE_KEYWORDS if (value := getattr(output, name, None)) is not None), None)
+
+
+def cache_argument(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """`cache` as the keyword argument `model` takes it under (spread it into the call: `**cache_argument(...)`)."""
+    return {cache_keyword(model): cache}

@@ -19,6 +19,7 @@ import torch
 from kvpass.errors import KVPassError, UnsupportedModelError
 from kvpass.planning import Plan
 from kvpass.runtime import hf
+from kvpass.runtime.call_arguments import cache_keyword, output_cache
 from kvpass.runtime.reallocation import ReallocationPolicy
 from kvpass.site import SiteReport
 
@@ -140,8 +141,8 @@ def _run_probe(model: torch.nn.Module, modules: dict, bindings: dict[str, hf.Sit
     ids = (torch.arange(PROBE_LENGTH + 1) * 7 % max(vocab - 1, 1) + 1).unsqueeze(0).to(next(model.parameters()).device)
     try:
         with torch.no_grad():
-            past = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
-            model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
+            past = output_cache(model(input_ids=ids[:, :-1], use_cache=True))
+            model(input_ids=ids[:, -1:], **{cache_keyword(model): past}, use_cache=True)
     finally:
         for hook in hooks:
             hook.remove()

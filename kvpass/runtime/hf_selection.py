@@ -27,14 +27,16 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from kvpass.errors import UnsupportedModelError
+from kvpass.runtime.call_arguments import MODEL_CACHE_KEYWORDS, cache_keyword, given_cache
 from kvpass.runtime.compacted_cache import TokenPositions
 from kvpass.runtime.hf import POSITIONS_KEYWORD
 from kvpass.runtime.layer_selection import rank_variance_ratio, selected_tokens, window_scores
 
 SELECTION_ATTRIBUTE = "_kvpass_selection"
 """Where a cache keeps the `SelectionState` of the prefill that filled it."""
-LAYER_KEYWORDS = ("attention_mask", "position_ids", "position_embeddings", "past_key_values")
-"""What a decoder layer must take as keywords for its inputs to be narrowed to the selected tokens."""
+LAYER_KEYWORDS = ("attention_mask", "position_ids", "position_embeddings")
+"""What a decoder layer must take as keywords (with its cache, under either of `MODEL_CACHE_KEYWORDS`) for its
+inputs to be narrowed to the selected tokens."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,8 @@ def decoder_layers(model: torch.nn.Module, sites: int) -> tuple[torch.nn.Module,
     for index, layer in enumerate(layers):
         parameters = inspect.signature(layer.forward).parameters
         missing = [name for name in LAYER_KEYWORDS if name not in parameters]
+        if not any(name in parameters for name in MODEL_CACHE_KEYWORDS):
+            missing.append(" or ".join(MODEL_CACHE_KEYWORDS))
         if missing:
             raise UnsupportedModelError(f"SelectLayer: decoder layer {index} ({type(layer).__name__}) takes no "
                                         f"{missing}: kvpass narrows those inputs to the selected tokens")
@@ -138,7 +142,7 @@ def install(model: torch.nn.Module, rule: SelectionRule, sites: int, plan: Any) 
 
 
 def _state(kwargs: dict) -> SelectionState | None:
-    state = getattr(kwargs.get("past_key_values"), SELECTION_ATTRIBUTE, None)
+    state = getattr(given_cache(kwargs), SELECTION_ATTRIBUTE, None)
     return state if state is not None and state.active else None
 
 
@@ -146,11 +150,11 @@ def _prefill_starts(rule: SelectionRule, in_force: Callable[[], bool]) -> Callab
     def hook(module, args, kwargs):
         if not in_force():
             return None
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)
         use_cache = kwargs.get("use_cache")
         if cache is None and (use_cache if use_cache is not None else module.config.use_cache):
             cache = DynamicCache(config=module.config)  # the one the decoder would make: selection needs it
-            kwargs = {**kwargs, "past_key_values": cache}
+            kwargs = {**kwargs, cache_keyword(module, kwargs): cache}
         if cache is None or not hasattr(cache, "layers") or cache.get_seq_length() != 0:
             return None
         current = getattr(cache, SELECTION_ATTRIBUTE, None)

@@ -33,7 +33,7 @@ import torch
 from kvpass.anchors import VisionBoundary
 from kvpass.errors import UnsupportedModelError
 from kvpass.runtime.attention_recorder import AttentionRows, record_during
-from kvpass.runtime.call_arguments import bind_call, call_with
+from kvpass.runtime.call_arguments import bind_call, cache_keyword, call_with, given_cache, output_cache
 from kvpass.runtime.compacted_cache import TokenPositions
 from kvpass.runtime.hf import POSITIONS_ATTRIBUTE
 from kvpass.runtime.patch_selection import Selection, contextual_groups, representatives, token_budget, top_scores
@@ -163,7 +163,7 @@ class PatchPruning:
         embeddings = arguments.get("inputs_embeds")
         if embeddings is None:
             return None
-        call.length, call.cache = embeddings.shape[1], arguments.get("past_key_values")
+        call.length, call.cache = embeddings.shape[1], given_cache(arguments)
         if call.token_ids is not None:  # image tokens are known by their ids only
             call.image_mask = self._image_rows(call.token_ids, embeddings)
         if call.image_mask is None:
@@ -171,7 +171,7 @@ class PatchPruning:
         if call.cache is None:  # the kept tokens' positions travel on the call's cache
             from transformers import DynamicCache
 
-            call.cache = arguments["past_key_values"] = DynamicCache(config=getattr(module, "config", None))
+            call.cache = arguments[cache_keyword(module, arguments)] = DynamicCache(config=getattr(module, "config", None))
         if self.options.method == "fastv":
             return call_with(module, arguments)
         call.encoding = self._encoding(call)
@@ -217,7 +217,7 @@ class PatchPruning:
 
     def _leave_language_model(self, module, args, output):
         call = CALL.get()
-        cache = call.cache if call is not None and call.cache is not None else getattr(output, "past_key_values", None)
+        cache = call.cache if call is not None and call.cache is not None else output_cache(output)
         if call is None or cache is None:
             return
         if hasattr(cache, POSITIONS_ATTRIBUTE):

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kvpass.runtime.call_arguments import cache_argument
 from kvpass.memory import cache_bytes
 
 
@@ -74,7 +75,7 @@ class Decoder:
                 logits, *cache = self.model(ids, positions, *self.cache)
                 self.cache = tuple(cache)
             else:
-                logits = self.model(ids, past_key_values=self.cache, use_cache=True).logits
+                logits = self.model(ids, **cache_argument(self.model, self.cache), use_cache=True).logits
         self.seen += ids.shape[1]
         return logits
 

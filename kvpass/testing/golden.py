@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from kvpass.runtime.call_arguments import cache_argument
 from kvpass.rewrites.fx import module_stack
 
 STANDARD_NAMESPACES = ("aten", "prims")
@@ -104,19 +105,19 @@ def _decode_step_graph(model: torch.nn.Module, prompt_len: int) -> tuple[torch.f
             self.model, self.cache = model, cache
 
         def forward(self, token):
-            return self.model(token, past_key_values=self.cache, use_cache=True).logits
+            return self.model(token, **cache_argument(self.model, self.cache), use_cache=True).logits
 
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = (torch.arange(prompt_len) % (vocab - 1) + 1)[None]
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_argument(model, cache), use_cache=True)
         token, evicts = ids[:, -1:], False
         for _ in range(64):
             evicts = any(_evicts_next(layer, cache.get_seq_length()) for layer in cache.layers)
             if evicts:
                 break
-            model(token, past_key_values=cache, use_cache=True)
+            model(token, **cache_argument(model, cache), use_cache=True)
         graph = torch.export.export(DecodeStep(model, cache), (token,), strict=False).graph
     return graph, "decode step that evicts" if evicts else "decode step, no eviction due within 64 steps"
 

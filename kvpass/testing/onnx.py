@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpass.runtime.call_arguments import output_cache
 from kvpass.testing.decoding import distinct_prompt
 
 
@@ -49,7 +50,7 @@ def assert_onnx_parity(model: torch.nn.Module, budget: float | str = 0.5, *, ste
         new = slice(ids.shape[1], None)
         problems.append(f"greedy tokens differ: torch {torch_tokens[0, new].tolist()}, onnxruntime "
                         f"{onnx_tokens[0, new].tolist()}")
-    for layer, torch_layer in enumerate(out.past_key_values.layers):
+    for layer, torch_layer in enumerate(output_cache(out).layers):
         keys, _, slots = generator.cache[layer]
         held = torch_layer.keys.shape[-2]
         if keys.shape[2] != held:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kvpass.runtime.call_arguments import cache_argument
 from kvpass.testing.decoding import distinct_prompt, is_hf_causal_lm
 
 ORACLE = "kvpass_masked_oracle"
@@ -53,16 +54,16 @@ def assert_oracle(model: torch.nn.Module, method: Any = None, budget: float | st
     visible: dict[str, torch.Tensor] = {}
     layer_of = {reference.get_submodule(site.name): site.name for site in pruned.kvpass_sites}
     with torch.no_grad():
-        logits = pruned(ids, past_key_values=pruned_cache, use_cache=True).logits[:, -1]
-        expected = reference(ids, past_key_values=full_cache, use_cache=True).logits[:, -1]
+        logits = pruned(ids, **cache_argument(pruned, pruned_cache), use_cache=True).logits[:, -1]
+        expected = reference(ids, **cache_argument(reference, full_cache), use_cache=True).logits[:, -1]
         _compare(logits, expected, atol, "the prompt's own logits (eviction must not change them)", pruned_cache)
         for step in range(steps):
             seen = pruned_cache.get_seq_length()
             visible.update({layer.site.name: _visible(layer.site_cache, seen) for layer in pruned_cache.layers})
             token = logits.argmax(-1, keepdim=True)
-            logits = pruned(token, past_key_values=pruned_cache, use_cache=True).logits[:, -1]
+            logits = pruned(token, **cache_argument(pruned, pruned_cache), use_cache=True).logits[:, -1]
             with attention_implementation(reference, ORACLE, _masked_attention(layer_of, visible)):
-                expected = reference(token, past_key_values=full_cache, use_cache=True,
+                expected = reference(token, **cache_argument(reference, full_cache), use_cache=True,
                                      position_ids=torch.full_like(token, seen)).logits[:, -1]
             _compare(logits, expected, atol, f"decode step {step} ({seen} tokens seen)", pruned_cache)
 
