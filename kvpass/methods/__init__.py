@@ -14,6 +14,7 @@ from kvpass.methods.base import Method, Observation, Stat
 from kvpass.methods.h2o import H2O
 from kvpass.methods.knorm import KNorm
 from kvpass.methods.paged import Paged
+from kvpass.methods.paged_tova import PagedTOVA
 from kvpass.methods.random import Random
 from kvpass.methods.snapkv import SnapKV
 from kvpass.methods.streaming_llm import StreamingLLM
@@ -21,7 +22,7 @@ from kvpass.methods.tova import TOVA
 from kvpass.methods.units import UnitTOVA
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, TOVA, KNorm, Random, Paged, UnitTOVA)
+    cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, TOVA, KNorm, Random, Paged, UnitTOVA, PagedTOVA)
 }
 
 DEFAULT_METHOD = "paged"

@@ -1,0 +1,56 @@
+"""Pages scored by two signals at once: ||V|| / ||K|| (PagedEviction) and the newest query's attention (TOVA).
+
+On the varied suite the two fail in opposite modes: ||V|| / ||K|| needs no query, so it holds
+when the context is compressed before the question arrives, and misses what the question asks
+for once it is there; TOVA's attention is the reverse. Their scales are unrelated (a norm ratio
+against a probability), so each is turned into its quantile among the layer's cached tokens
+and the two quantiles are averaged, weighted by `attention_weight`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpass.methods.base import Method, Observation, Stat
+from kvpass.validation import real
+
+
+@dataclass
+class PagedTOVA(Method):
+    """16-token pages ranked by the mean of two quantiles per token: its ||V|| / ||K|| and the
+    newest query's attention to it (one keep set per layer).
+
+    Example:
+        >>> import torch
+        >>> from kvpass.methods.base import Observation
+        >>> keys = torch.ones(1, 1, 4, 2)
+        >>> values = torch.tensor([4., 3, 2, 1])[None, None, :, None].expand(1, 1, 4, 2)  # ratio ranks 3, 2, 1, 0
+        >>> stat = torch.tensor([[[0.1, 0.2, 0.3, 0.4]]])                                  # attention ranks 0, 1, 2, 3
+        >>> slots = torch.arange(4).expand(1, 1, 4)
+        >>> scores = PagedTOVA(attention_weight=0.25).score(Observation(keys, values, slots, stat, 4, 1))
+        >>> [round(score, 4) for score in scores[0, 0].tolist()]
+        [0.75, 0.5833, 0.4167, 0.25]
+    """
+
+    name = "paged_tova"
+    stat = Stat.LAST_QUERY
+    shared_keep_set: bool = True
+    page_size: int = 16
+    attention_weight: float = 0.5
+    """Weight of the attention quantile; the ||V|| / ||K|| quantile gets the rest."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.attention_weight = real(self.attention_weight, "PagedTOVA: attention_weight", 0.0, 1.0,
+                                     meaning="weight of the attention quantile")
+
+    def score(self, obs: Observation) -> torch.Tensor:
+        ratio = obs.values.float().norm(dim=-1) / obs.keys.float().norm(dim=-1).clamp_min(1e-6)
+        weight = self.attention_weight
+        return (1 - weight) * _quantiles(ratio) + weight * _quantiles(obs.stat.float())
+
+
+def _quantiles(scores: torch.Tensor) -> torch.Tensor:
+    """Each token's rank among the layer's cached tokens (per row and head), scaled to [0, 1]."""
+    length = scores.shape[-1]
+    return scores.argsort(-1).argsort(-1).float() / max(length - 1, 1)
