@@ -125,7 +125,7 @@ def padded_batch(lengths=(120, 90, 100)) -> tuple[torch.Tensor, torch.Tensor]:
 
 EVERY_METHOD = [None, "tova", "knorm", "streaming_llm", "h2o", "snapkv", "random", "paged",
                 get_method("knorm", span=2), get_method("h2o", page_size=4), get_method("random", seed=7),
-                get_method("snapkv", window=8, kernel=3), get_method("paged", page_size=8)]
+                get_method("snapkv", window=8, kernel=3), get_method("paged", page_size=8), "paged_tova"]
 
 
 @pytest.mark.parametrize("method", EVERY_METHOD, ids=repr)
