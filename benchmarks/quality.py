@@ -27,7 +27,7 @@ from kvpass.eval.perplexity import perplexities, windows
 from kvpass.eval.report import FULL, accuracy_table, label, save_jsonl
 from kvpass.eval.runner import MODES, evaluate
 from kvpass.eval.settings import make_plans
-from kvpass.eval.tasks import COUNTED_TASKS, TASKS, make_sample, seeds, token_counter
+from kvpass.eval.tasks import COUNTED_TASKS, TASKS, grid_seeds, make_sample, seeds, token_counter
 
 PROFILES = {
     "smoke": dict(samples=2, methods=["default", "tova", "paged"], budgets=[0.5, 0.25], perplexity_windows=1,
@@ -69,7 +69,7 @@ def main() -> None:
 
     jobs = [(task, seed, args.length, None) for seed in seeds(args.split, args.samples) for task in args.tasks]
     jobs += [("niah", seed, length, depth) for length in args.niah_lengths for depth in args.niah_depths
-             for seed in seeds(args.split, args.samples, start=10_000)]
+             for seed in grid_seeds(args.split, args.samples)]
     rows, grid_rows = [], []
     started = time.perf_counter()
     for task, seed, length, depth in tqdm(jobs, desc="samples", unit="sample"):

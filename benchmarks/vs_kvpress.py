@@ -32,7 +32,7 @@ from kvpass.eval.models import load_smollm2, smollm2_gguf_path
 from kvpass.eval.report import FULL, accuracy_table, label, load_jsonl, mean_scores, retention, save_jsonl
 from kvpass.eval.runner import MODES, Result, evaluate
 from kvpass.eval.settings import make_plans
-from kvpass.eval.tasks import COUNTED_TASKS, encode, make_sample, score, seeds, token_counter
+from kvpass.eval.tasks import COUNTED_TASKS, encode, grid_seeds, is_grid_seed, make_sample, score, seeds, token_counter
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-kvpress"
@@ -113,7 +113,7 @@ def main() -> None:
                for seed in seeds(args.split, args.samples, args.start) for task in args.tasks]
     samples += [make_sample("niah", args.split, seed, length, count_tokens, depth)
                 for length in args.niah_lengths for depth in args.niah_depths
-                for seed in seeds(args.split, args.samples, 10_000 + args.start)]
+                for seed in grid_seeds(args.split, args.samples, args.start)]
     prompts = [encode(tokenizer, s) for s in samples]
 
     started = time.perf_counter()
@@ -136,7 +136,7 @@ def main() -> None:
 
 def report(rows: list[dict], args, version: str | None) -> None:
     """The side-by-side table, retention per setting and mode, and the plots."""
-    grid = [r for r in rows if r["task"] == "niah" and abs(r["length"] - args.length) > 0.2 * args.length]
+    grid = [r for r in rows if is_grid_seed(r["seed"])]
     suite = [r for r in rows if r not in grid]
     tasks = [t for t in dict.fromkeys(r["task"] for r in suite)]
     counted = [t for t in COUNTED_TASKS if t in tasks]
@@ -153,7 +153,7 @@ def report(rows: list[dict], args, version: str | None) -> None:
     print(f"(cells hold {min(n for _, n in means.values())}-{max(n for _, n in means.values())} samples)")
     if args.out:
         plots.accuracy_vs_budget(suite, f"{args.out}_accuracy.png", counted)
-        niah_rows = [r for r in rows if r["task"] == "niah"]
+        niah_rows = grid or [r for r in suite if r["task"] == "niah"]  # the grid alone when one was asked for
         best = best_press(suite, args.modes[-1], counted)
         for setting in (FULL, label("default", min(args.budgets)), best):
             if setting and any(r["setting"] == setting for r in niah_rows):

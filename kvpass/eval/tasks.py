@@ -235,6 +235,26 @@ def seeds(split: str, count: int, start: int = 0) -> list[int]:
     return [SPLIT_OFFSETS[split] + start + i for i in range(count)]
 
 
+GRID_SEED_START = 10_000
+"""Within a split, seeds from here on are the NIAH grid's (one per depth x length cell and sample),
+so a grid never reuses a suite sample and its rows are told apart from the suite's by seed alone."""
+
+
+def grid_seeds(split: str, count: int, start: int = 0) -> list[int]:
+    """`count` seeds of `split` for the NIAH grid (see `GRID_SEED_START`).
+
+    Example:
+        >>> grid_seeds("test", 1), is_grid_seed(grid_seeds("test", 1)[0]), is_grid_seed(seeds("test", 1)[0])
+        ([1010000], True, False)
+    """
+    return seeds(split, count, GRID_SEED_START + start)
+
+
+def is_grid_seed(seed: int) -> bool:
+    """Whether `seed` is one of its split's NIAH grid seeds."""
+    return seed - SPLIT_OFFSETS[split_of(seed)] >= GRID_SEED_START
+
+
 def split_of(seed: int) -> str:
     """The split a seed belongs to."""
     if seed < 0:
