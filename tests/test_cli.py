@@ -124,7 +124,7 @@ def test_tables_for_people(tiny, capsys) -> None:
     assert "2 attention sites in" in out and "model.layers.1.self_attn" in out and "unsupported: none" in out
     assert main(["plan", str(tiny), "--budget", "0.5", "--allocation", "uniform"]) == 0
     out = capsys.readouterr().out
-    assert "budget per attention site" in out and "uniform, paged, budget 0.5" in out and "predicted KV cache" in out
+    assert "budget per attention site" in out and "uniform, paged_tova, budget 0.5" in out and "predicted KV cache" in out
 
 
 @pytest.mark.parametrize("command", ["plan", "optimize", "export"])

@@ -149,7 +149,7 @@ def test_method_options_are_checked_when_given(method, options, message) -> None
 
 
 def test_unknown_method_options_are_named_for_the_default_method_too() -> None:
-    with pytest.raises(TypeError, match=r"method 'paged' takes options .*not \['windw'\]"):
+    with pytest.raises(TypeError, match=r"method 'paged_tova' takes options .*not \['windw'\]"):
         kvpass.Evict(windw=3)
 
 

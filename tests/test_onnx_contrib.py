@@ -111,15 +111,18 @@ def test_padded_batch_through_multihead_attention(fused, base) -> None:
 
 
 def test_multihead_attention_masking_inside_is_refused_for_scored_methods(fused) -> None:
-    """unidirectional=1 masks inside the op, where the companion scoring cannot see it; knorm and paged need no scores."""
+    """unidirectional=1 masks inside the op, where the companion scoring cannot see it; knorm and paged need no
+    scores, while the default (paged_tova) weighs in attention too, so it is refused like tova."""
     model = ir.from_proto(fused)
     for node in (n for n in model.graph if n.op_type == "MultiHeadAttention"):
         node.attributes["unidirectional"] = ir.AttrInt64("unidirectional", 1)
     proto = ir.to_proto(model)
     with pytest.raises(UnsupportedModelError, match="MultiHeadAttention nodes .* unidirectional=1"):
         kvpass.onnx.optimize(proto, budget=0.5, method="tova")
+    with pytest.raises(UnsupportedModelError, match="MultiHeadAttention nodes .* unidirectional=1"):
+        kvpass.onnx.optimize(proto, budget=0.5)
     kvpass.onnx.optimize(proto, budget=0.5, method="knorm")
-    kvpass.onnx.optimize(proto, budget=0.5)  # the default, paged, scores norms too
+    kvpass.onnx.optimize(proto, budget=0.5, method="paged")
 
 
 def test_multihead_attention_keeping_its_cache_inside_is_refused_by_name(fused) -> None:

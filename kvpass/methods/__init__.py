@@ -25,14 +25,14 @@ METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, TOVA, KNorm, Random, Paged, UnitTOVA, PagedTOVA)
 }
 
-DEFAULT_METHOD = "paged"
+DEFAULT_METHOD = "paged_tova"
 DEFAULT_OPTIONS: dict = {}
-"""`method=None` means PagedEviction (16-token pages scored by ||V|| / ||K||), chosen on the
-development split of the varied task suite, where it kept the most of the full cache's answers
-over both modes. Its scores need no attention weights, so it does not matter whether the question
-is in the cache yet: on the test split it keeps more than TOVA when the context is compressed
-before the question, and less when the question is there (then `Evict("tova", span=2)`, the
-former default, or "tova_units" do better). See README "Choosing a method"."""
+"""`method=None` means PagedTOVA: 16-token pages ranked by ||V|| / ||K|| (weight 0.75) and the newest
+query's attention (weight 0.25), as quantiles. Chosen on the development split of the varied task
+suite, where it kept the most of the full cache's answers over both modes and both budgets: the
+norm ratio needs no query, so it holds when the context is compressed before the question
+arrives, and the attention finds what the question asks for once it is there. See README
+"Choosing a method"."""
 
 
 def get_method(method: str | Method | None = None, **options) -> Method:
