@@ -304,7 +304,8 @@ def _check_rewritable(model: ir.Model, sites: SiteReport, method: Method) -> Non
     if one_way and method.stat is not Stat.NONE:
         raise UnsupportedModelError(
             f"com.microsoft MultiHeadAttention nodes {one_way} have unidirectional=1: the op masks inside itself, "
-            "and kvpass's scoring of its queries does not; fuse with the causal mask in attention_bias")
+            f"and kvpass's scoring of its queries does not (method {method.name!r} reads attention); fuse with the "
+            "causal mask in attention_bias, or choose a method that reads none (method='paged' or 'knorm')")
     not_cached = [s.name for s in sites if not s.reads_cache]
     if not_cached:
         raise UnsupportedModelError(
