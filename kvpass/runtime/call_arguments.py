@@ -47,7 +47,7 @@ transformers 5.24 on, `past_key_values` before (5.24 still takes it, deprecated,
 
 
 def cache_keyword(module: torch.nn.Module, arguments: dict[str, Any] | None = None) -> str:
-    """The keyword this call carries its cache under: the one `arguments` already use, else the one
+    """The keyword this call carries its cache under: the one `arguments` already name, else the one
     `module`'s forward names (so kvpass passes a cache the way the installed transformers expects).
 
     Example:
@@ -57,9 +57,10 @@ def cache_keyword(module: torch.nn.Module, arguments: dict[str, Any] | None = No
         >>> cache_keyword(Layer()), cache_keyword(Layer(), {"cache": object()})
         ('past_key_values', 'cache')
     """
-    for name in MODEL_CACHE_KEYWORDS:
-        if (arguments or {}).get(name) is not None:
-            return name
+    given = arguments or {}
+    named = sorted((name for name in MODEL_CACHE_KEYWORDS if name in given), key=lambda name: given[name] is None)
+    if named:  # one holding a cache first; one passed as None is replaced, not joined by the other name
+        return named[0]
     parameters = inspect.signature(module.forward).parameters
     return next((name for name in MODEL_CACHE_KEYWORDS if name in parameters), "past_key_values")
 
