@@ -47,11 +47,15 @@ class PagedTOVA(Method):
 
     def score(self, obs: Observation) -> torch.Tensor:
         ratio = obs.values.float().norm(dim=-1) / obs.keys.float().norm(dim=-1).clamp_min(1e-6)
-        weight = self.attention_weight
-        return (1 - weight) * _quantiles(ratio) + weight * _quantiles(obs.stat.float())
+        weight, real = self.attention_weight, obs.slots >= 0
+        return (1 - weight) * _quantiles(ratio, real) + weight * _quantiles(obs.stat.float(), real)
 
 
-def _quantiles(scores: torch.Tensor) -> torch.Tensor:
-    """Each token's rank among the layer's cached tokens (per row and head), scaled to [0, 1]."""
-    length = scores.shape[-1]
-    return scores.argsort(-1).argsort(-1).float() / max(length - 1, 1)
+def _quantiles(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Each real token's rank among the real cached tokens of its row and head, scaled to [0, 1].
+
+    Padding ranks below every real token (and gets a negative quantile the selector discards):
+    its keys and values differ between runtimes, so it must not move the real tokens' ranks."""
+    ranks = torch.where(real, scores, float("-inf")).argsort(-1).argsort(-1)
+    padding = (~real).sum(-1, keepdim=True)
+    return (ranks - padding).float() / (real.sum(-1, keepdim=True) - 1).clamp_min(1)
