@@ -111,7 +111,8 @@ def test_adaptive_gives_diffuse_layers_more_and_spends_everything() -> None:
 def test_cache_bytes_of_real_generation_match_the_plan(base, calibrated) -> None:
     model = copy.deepcopy(base)
     # TOVA evicts token by token; paged methods (the default, paged_tova, among them) free whole pages while
-    # decoding and so may hold up to a page more than after a prefill of the same length (its byte cap is checked step by step in test_optimize.py)
+    # decoding and so may hold up to a page more than after a prefill of the same length (their byte cap is
+    # checked step by step in test_optimize.py)
     plan = kvpass.plan(model, budget=0.4, method="tova", calibration=calibrated, sinks=2, recent=8)
     kvpass.optimize(model, plan=plan)
     ids = prompt(length=150)

@@ -38,8 +38,8 @@ def generate_torch(ui: UI, label: str, model: torch.nn.Module, tokenizer: Any, i
     cache = DynamicCache(config=model.config)
     with ui.stage(f"generating ({label})", total=max_new_tokens) as advance, torch.no_grad():
         start = time.perf_counter()
-        out = model.generate(ids.to(device), **cache_argument(model, cache), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=_pad_token(model, tokenizer), streamer=Progress(advance))
+        out = model.generate(ids.to(device), **cache_argument(model, cache), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=_pad_token(model, tokenizer), streamer=Progress(advance))
         seconds = time.perf_counter() - start
     new = out[0, ids.shape[-1]:].tolist()
     return {"text": tokenizer.decode(new, skip_special_tokens=True), "tokens": new,

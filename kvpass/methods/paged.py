@@ -18,4 +18,9 @@ class Paged(Method):
     page_size: int = 16
 
     def score(self, obs: Observation) -> torch.Tensor:
-        return obs.values.float().norm(dim=-1) / obs.keys.float().norm(dim=-1).clamp_min(1e-6)
+        return value_key_ratio(obs)
+
+
+def value_key_ratio(obs: Observation) -> torch.Tensor:
+    """||V|| / ||K|| of every cached token, [B, Hkv, T]."""
+    return obs.values.float().norm(dim=-1) / obs.keys.float().norm(dim=-1).clamp_min(1e-6)

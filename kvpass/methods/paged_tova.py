@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpass.methods.base import Method, Observation, Stat
+from kvpass.methods.paged import value_key_ratio
 from kvpass.validation import real
 
 
@@ -46,9 +47,8 @@ class PagedTOVA(Method):
                                      meaning="weight of the attention quantile")
 
     def score(self, obs: Observation) -> torch.Tensor:
-        ratio = obs.values.float().norm(dim=-1) / obs.keys.float().norm(dim=-1).clamp_min(1e-6)
         weight, real = self.attention_weight, obs.slots >= 0
-        return (1 - weight) * _quantiles(ratio, real) + weight * _quantiles(obs.stat.float(), real)
+        return (1 - weight) * _quantiles(value_key_ratio(obs), real) + weight * _quantiles(obs.stat.float(), real)
 
 
 def _quantiles(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

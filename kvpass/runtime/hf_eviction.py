@@ -19,7 +19,7 @@ import torch
 from kvpass.errors import KVPassError, UnsupportedModelError
 from kvpass.planning import Plan
 from kvpass.runtime import hf
-from kvpass.runtime.call_arguments import cache_keyword, output_cache
+from kvpass.runtime.call_arguments import cache_argument, output_cache
 from kvpass.runtime.reallocation import ReallocationPolicy
 from kvpass.site import SiteReport
 
@@ -142,7 +142,7 @@ def _run_probe(model: torch.nn.Module, modules: dict, bindings: dict[str, hf.Sit
     try:
         with torch.no_grad():
             past = output_cache(model(input_ids=ids[:, :-1], use_cache=True))
-            model(input_ids=ids[:, -1:], **{cache_keyword(model): past}, use_cache=True)
+            model(input_ids=ids[:, -1:], **cache_argument(model, past), use_cache=True)
     finally:
         for hook in hooks:
             hook.remove()

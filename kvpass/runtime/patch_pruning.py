@@ -171,7 +171,8 @@ class PatchPruning:
         if call.cache is None:  # the kept tokens' positions travel on the call's cache
             from transformers import DynamicCache
 
-            call.cache = arguments[cache_keyword(module, arguments)] = DynamicCache(config=getattr(module, "config", None))
+            call.cache = DynamicCache(config=getattr(module, "config", None))
+            arguments[cache_keyword(module, arguments)] = call.cache
         if self.options.method == "fastv":
             return call_with(module, arguments)
         call.encoding = self._encoding(call)
