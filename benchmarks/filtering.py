@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recent", type=int, default=kvpass.FilterTokens.recent,
+                        help="decode steps a filtered decode token stays cached (FilterTokens' recent)")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -125,7 +127,8 @@ def main() -> None:
 
     def filtered(ratio: float, fusion: str) -> torch.nn.Module:
         return kvpass.optimize(copy.deepcopy(base), budget=1.0,
-                               transforms=[kvpass.FilterTokens(ratio, fusion=fusion, seed=args.seed), kvpass.Evict()])
+                               transforms=[kvpass.FilterTokens(ratio, fusion=fusion, recent=args.recent,
+                                                                   seed=args.seed), kvpass.Evict()])
 
     if not args.skip_quality:
         windows = text_windows(tokenizer, args.context + args.continuation, args.windows)
@@ -148,7 +151,7 @@ def main() -> None:
             joint = None
             for fusion in FUSIONS:
                 model = filtered(ratio, fusion)
-                row = measure(f"FilterTokens({ratio}, {fusion})", model, ratio)
+                row = measure(f"FilterTokens({ratio}, {fusion}, recent={args.recent})", model, ratio)
                 joint = joint or row
                 del model
             budget = math.floor(joint["kv_kept"] * 1000) / 1000

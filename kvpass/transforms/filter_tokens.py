@@ -66,7 +66,7 @@ class FilterTokens(Transform):
     ratio: float
     layers: Any = "tail"
     warmup: int = 16
-    recent: int = 32
+    recent: int = 0
     fusion: str = "joint"
     gamma: float = 0.9
     drop_kv: bool = True
