@@ -40,6 +40,7 @@ from kvpass.eval import corpus, tasks
 from kvpass.eval.models import load_smollm2
 from kvpass.eval.perplexity import windows as text_windows
 from kvpass.eval.runner import generate
+from kvpass.runtime.call_arguments import cache_argument
 
 FUSIONS = ("joint", "key", "value", "random")
 
@@ -51,13 +52,13 @@ def perplexity(model, windows: list[torch.Tensor], context: int) -> dict[str, fl
     for window in windows:
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            logits = model(window[:, :context], past_key_values=cache, use_cache=True).logits[0].float()
+            logits = model(window[:, :context], **cache_argument(model, cache), use_cache=True).logits[0].float()
             prefill_nll += torch.nn.functional.cross_entropy(logits[:-1], window[0, 1:context], reduction="mean").item()
             last = logits[-1:]
             for position in range(context, window.shape[1]):
                 decode_nll += torch.nn.functional.cross_entropy(last, window[0, position:position + 1]).item()
                 count += 1
-                last = model(window[:, position:position + 1], past_key_values=cache,
+                last = model(window[:, position:position + 1], **cache_argument(model, cache),
                              use_cache=True).logits[0, -1:].float()
         figures = kvpass.stats(cache) if hasattr(model, "kvpass_plan") else None
         kept.append(figures["kv_bytes"] / figures["full_kv_bytes"] if figures else 1.0)
@@ -97,7 +98,8 @@ def prefill_seconds(models: dict[str, torch.nn.Module], ids: torch.Tensor, repea
         for name, model in models.items():
             start = time.perf_counter()
             with torch.no_grad():
-                model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+                model(ids, **cache_argument(model, DynamicCache(config=model.config)), use_cache=True,
+                      logits_to_keep=1)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 

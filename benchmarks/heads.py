@@ -39,6 +39,7 @@ from kvpass.eval.tasks import (
     seeds,
     token_counter,
 )
+from kvpass.runtime.call_arguments import cache_argument
 
 
 def prune(base, fraction: float, importance: str, seed: int, calibration):
@@ -71,11 +72,11 @@ def speed(model, ids: torch.Tensor, steps: int = 16) -> tuple[float, float]:
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         start = time.perf_counter()
-        token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(ids, **cache_argument(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(steps):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_argument(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
         decode = time.perf_counter() - start
     return ids.shape[-1] / prefill, steps / decode
 

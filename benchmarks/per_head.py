@@ -31,6 +31,7 @@ from kvpass.eval.report import FULL, accuracy_table, save_jsonl
 from kvpass.eval.runner import MODES, evaluate
 from kvpass.eval.sweep import cache_from_recording, record_prefill
 from kvpass.eval.tasks import COUNTED_TASKS, make_sample, seeds, token_counter
+from kvpass.runtime.call_arguments import cache_argument
 
 
 def plans(model, tokenizer, budgets, fractions, seeds_, head_floor) -> dict[str, kvpass.Plan]:
@@ -103,10 +104,10 @@ def decode_speed(model, recording, plan, first_token, steps: int) -> tuple[float
     cache = cache_from_recording(model, recording, plan)
     token, peak = first_token, kvpass.cache_bytes(cache)
     with torch.no_grad():
-        model(token, past_key_values=cache, use_cache=True)  # warm-up step, not timed
+        model(token, **cache_argument(model, cache), use_cache=True)  # warm-up step, not timed
         start = time.perf_counter()
         for _ in range(steps):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_argument(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
             peak = max(peak, kvpass.cache_bytes(cache))
         elapsed = time.perf_counter() - start
     return steps / elapsed, peak

@@ -26,6 +26,7 @@ from kvpass.calibration import calibrate
 from kvpass.eval.models import load_smollm2
 from kvpass.eval.passkey import PasskeySample, is_correct, make_sample
 from kvpass.eval.sweep import cache_from_recording, record_prefill
+from kvpass.runtime.call_arguments import cache_argument
 
 HAYSTACK = [
     "The committee postponed its vote until the spring session.",
@@ -62,7 +63,7 @@ def make_needle(tokenizer, target_tokens: int, depth: float, rng: random.Random)
 
 def answer(model, sample: PasskeySample, cache=None) -> torch.Tensor:
     with torch.no_grad():
-        out = model.generate(sample.prompt_ids, past_key_values=cache, max_new_tokens=12, do_sample=False,
+        out = model.generate(sample.prompt_ids, **cache_argument(model, cache), max_new_tokens=12, do_sample=False,
                              pad_token_id=model.config.eos_token_id)
     return out[0, sample.prompt_ids.shape[-1]:]
 

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 import kvpass
 from kvpass.eval.models import load_smollm2
 from kvpass.eval.tasks import COUNTED_TASKS, encode, make_sample, score, seeds, token_counter
+from kvpass.runtime.call_arguments import cache_argument
 
 
 def settings(layers: int) -> dict[str, list]:
@@ -47,7 +48,7 @@ def prefill(model, ids: torch.Tensor):
     cache = DynamicCache()
     started = time.perf_counter()
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(ids, **cache_argument(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     return logits, cache, time.perf_counter() - started
 
 
@@ -60,7 +61,7 @@ def continue_greedy(model, logits, cache, steps: int, eos: int) -> list[int]:
             if token == eos:
                 break
             tokens.append(token)
-            logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(torch.tensor([[token]]), **cache_argument(model, cache), use_cache=True).logits[:, -1]
     return tokens
 
 

@@ -31,6 +31,7 @@ import transformers
 
 import kvpass
 from kvpass.eval.models import load_smollm2
+from kvpass.runtime.call_arguments import cache_argument
 
 KEEPS = (0.5, 0.25, 0.1)
 METHODS = ("similarity", "dominant", "fastv")
@@ -72,7 +73,7 @@ def prefill(model: torch.nn.Module, inputs: dict, timer: Timer) -> dict[str, flo
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(**inputs, past_key_values=cache, use_cache=True)
+        model(**inputs, **cache_argument(model, cache), use_cache=True)
     figures = timer.spans()
     figures["kv_bytes"] = kvpass.cache_bytes(cache)
     patches = getattr(cache, "_kvpass_patches", None)

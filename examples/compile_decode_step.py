@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpass
+from kvpass.runtime.call_arguments import cache_keyword
 from hf_generate import load
 
 
@@ -44,13 +45,15 @@ def main(argv: list[str] | None = None) -> None:
         captured.extend(str(node.target) for node in graph_module.graph.nodes if "kvpass" in str(node.target))
         return torch._dynamo.lookup_backend(args.backend)(graph_module, example_inputs)
 
+    keyword = cache_keyword(model)  # resolved once, outside the compiled step
+
     def step(token, cache):
-        return model(token, past_key_values=cache, use_cache=True).logits
+        return model(token, **{keyword: cache}, use_cache=True).logits
 
     eager_cache, compiled_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
     with torch.no_grad():
-        token = model(ids, past_key_values=eager_cache, use_cache=True).logits[:, -1:].argmax(-1)
-        model(ids, past_key_values=compiled_cache, use_cache=True)
+        token = model(ids, **{keyword: eager_cache}, use_cache=True).logits[:, -1:].argmax(-1)
+        model(ids, **{keyword: compiled_cache}, use_cache=True)
         for index in range(4):  # until a step evicts (one in two at budget 0.5); each state compiles anew
             eager = step(token, eager_cache)
             compiled = torch.compile(step, fullgraph=True, backend=backend)(token, compiled_cache)

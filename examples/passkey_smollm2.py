@@ -18,13 +18,14 @@ from transformers import DynamicCache
 import kvpass
 from kvpass.eval.models import load_smollm2
 from kvpass.eval.passkey import is_correct, make_sample
+from kvpass.runtime.call_arguments import cache_argument
 
 
 def answer(model, tokenizer, prompt_ids):
     """(new tokens, KV bytes held after the prompt)."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model.generate(prompt_ids, past_key_values=cache, max_new_tokens=10, do_sample=False,
+        out = model.generate(prompt_ids, **cache_argument(model, cache), max_new_tokens=10, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id)
     return out[0, prompt_ids.shape[-1]:], kvpass.cache_bytes(cache)
 

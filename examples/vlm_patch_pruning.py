@@ -19,6 +19,7 @@ import torch
 import transformers
 
 import kvpass
+from kvpass.runtime.call_arguments import output_cache
 
 IMAGE_TOKEN = 511
 
@@ -58,7 +59,7 @@ def main() -> None:
     patches = figures["PrunePatches"]
     print(f"image tokens: {patches['image_tokens_in']} in, {patches['image_tokens_out']} reach the language model")
     print(f"language model sequence: {patches['lm_sequence_length']} tokens instead of {patches['sequence_length']}")
-    print(f"KV cache: {figures['kv_bytes']} bytes, unmodified model {kvpass.cache_bytes(full.past_key_values)} "
+    print(f"KV cache: {figures['kv_bytes']} bytes, unmodified model {kvpass.cache_bytes(output_cache(full))} "
           f"(x{figures['kv_bytes'] / figures['full_kv_bytes']:.3f}, budget {args.budget})")
     print("new tokens:", out[0, prompt.numel():].tolist())
 
