@@ -28,10 +28,13 @@ def parse_method(spec: str) -> tuple[str | None, dict[str, Any]]:
     options: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
+        if value in ("True", "False"):
+            options[key] = value == "True"
+            continue
         try:
             options[key] = float(value) if "." in value else int(value)
         except ValueError:
-            raise ValueError(f"method spec {spec!r}: option {item!r} must be key=number") from None
+            raise ValueError(f"method spec {spec!r}: option {item!r} must be key=number or key=True/False") from None
     return (None if name == "default" else name), options
 
 

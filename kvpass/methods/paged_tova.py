@@ -4,7 +4,12 @@ On the varied suite the two fail in opposite modes: ||V|| / ||K|| needs no query
 when the context is compressed before the question arrives, and misses what the question asks
 for once it is there; TOVA's attention is the reverse. Their scales are unrelated (a norm ratio
 against a probability), so each is turned into its quantile among the layer's cached tokens
-and the two quantiles are averaged, weighted by `attention_weight`.
+and the two quantiles are combined, with `attention_weight` setting the attention's share:
+averaged (default), or interleaved (`interleave=True`: a token ranks by whichever of its two
+quantiles is nearer the top, the attention's distance to the top stretched by 1 / weight and the
+ratio's by 1 / (1 - weight), so at every budget about `attention_weight` of what is kept is taken
+for its attention and the rest for its ratio, and a token at the top of either list is kept
+however low it ranks on the other).
 """
 
 from dataclasses import dataclass
@@ -13,7 +18,7 @@ import torch
 
 from kvpass.methods.base import Method, Observation, Stat
 from kvpass.methods.paged import value_key_ratio
-from kvpass.validation import real
+from kvpass.validation import boolean, real
 
 
 @dataclass
@@ -40,15 +45,22 @@ class PagedTOVA(Method):
     attention_weight: float = 0.25
     """Weight of the attention quantile; the ||V|| / ||K|| quantile gets the rest. 0.25 was chosen on
     the suite's development split over 0.5 (and over ||V|| / ||K|| alone, weight 0): see the README."""
+    interleave: bool = False
+    """Rank by the nearer-to-top of the two weighted quantiles instead of by their weighted mean."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.attention_weight = real(self.attention_weight, "PagedTOVA: attention_weight", 0.0, 1.0,
                                      meaning="weight of the attention quantile")
+        self.interleave = boolean(self.interleave, "PagedTOVA: interleave")
 
     def score(self, obs: Observation) -> torch.Tensor:
         weight, real = self.attention_weight, obs.slots >= 0
-        return (1 - weight) * _quantiles(value_key_ratio(obs), real) + weight * _quantiles(obs.stat.float(), real)
+        ratio, attention = _quantiles(value_key_ratio(obs), real), _quantiles(obs.stat.float(), real)
+        if not self.interleave:
+            return (1 - weight) * ratio + weight * attention
+        distances = [(1 - quantile) / share for quantile, share in ((ratio, 1 - weight), (attention, weight)) if share]
+        return -torch.stack(distances).amin(0)
 
 
 def _quantiles(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
