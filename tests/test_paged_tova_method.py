@@ -42,3 +42,22 @@ def test_real_tokens_span_zero_to_one_and_the_weight_blends_the_two_orders() -> 
     assert torch.equal(only_attention.argsort(-1), obs.stat[..., 3:].argsort(-1))
     blended = get_method("paged_tova", attention_weight=0.25).score(obs)[..., 3:]
     torch.testing.assert_close(blended, 0.75 * only_ratio + 0.25 * only_attention)
+
+
+@settings(max_examples=20, deadline=None)
+@given(weight=st.sampled_from([0.125, 0.25, 0.5]), keep=st.integers(20, 200), seed=st.integers(0, 1000))
+def test_interleaving_takes_the_attention_share_of_any_keep_set(weight: float, keep: int, seed: int) -> None:
+    """Whatever the budget, the kept tokens are the top of the attention list and the top of the ratio list,
+    taken in the proportion weight : 1 - weight, and each list's best token is kept."""
+    obs = observation(padding=0, length=400, seed=seed)
+    scores = get_method("paged_tova", attention_weight=weight, interleave=True).score(obs)
+    ratio = get_method("paged_tova", attention_weight=0.0).score(obs)
+    attention = get_method("paged_tova", attention_weight=1.0).score(obs)
+    kept = scores.topk(keep, dim=-1).indices
+    cut = scores.gather(-1, kept).amin(-1, keepdim=True)  # -D: the k-th token's distance
+    for_attention = (attention >= 1 + cut * weight).sum(-1).float()
+    for_ratio = (ratio >= 1 + cut * (1 - weight)).sum(-1).float()
+    share = for_attention / (for_attention + for_ratio)
+    assert (share - weight).abs().max() <= 2 / keep + 1e-6
+    assert (scores.gather(-1, attention.argmax(-1, keepdim=True)) == 0).all()
+    assert (scores.gather(-1, ratio.argmax(-1, keepdim=True)) == 0).all()

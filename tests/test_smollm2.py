@@ -108,13 +108,13 @@ def test_token_filtering_keeps_its_ratio_while_decoding_real_text(smollm2) -> No
     """Decode tokens attend in every layer, while the prefill's filtered ones skipped earlier filtered
     layers, so on real text their redundancy sits above the prefill's (a threshold frozen at the
     prefill's quantile filtered up to 97% of them in the deepest layers). The tracked threshold
-    filters half of the decode tokens that left the recent window in every layer, and the per-layer
-    fraction over prefill + 256 decode steps stays within 2 points of the ratio."""
+    filters half of the decode tokens that left the recent window (none by default) in every layer, and
+    the per-layer fraction over prefill + 256 decode steps stays within 2 points of the ratio."""
     base, tokenizer = smollm2
-    prefill, steps, recent = 1024, 256, 32
+    prefill, steps, recent = 1024, 256, kvpass.FilterTokens.recent
     ids = tokenizer(corpus.text("dev"), add_special_tokens=False, return_tensors="pt").input_ids[:, :prefill + steps]
     model = kvpass.optimize(copy.deepcopy(base), budget=1.0,
-                            transforms=[kvpass.FilterTokens(0.5, recent=recent), kvpass.Evict()])
+                            transforms=[kvpass.FilterTokens(0.5), kvpass.Evict()])
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids[:, :prefill], past_key_values=cache, use_cache=True)
