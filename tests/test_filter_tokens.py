@@ -283,11 +283,11 @@ def test_eviction_takes_the_budget_filtering_leaves() -> None:
     """The filtered layer's cap sits at what filtering keeps; the other layer gets the rest of the budget."""
     base = tiny("llama")
     model = kvpass.optimize(copy.deepcopy(base), budget=0.7, transforms=[
-        kvpass.FilterTokens(0.5, layers=[FILTERED]), kvpass.Evict()])
+        kvpass.FilterTokens(0.5, layers=[FILTERED], recent=32), kvpass.Evict()])
     plan = model.kvpass_plan
     budgets = [plan.budgets[site.name] for site in plan.sites]
     assert budgets[FILTERED] == 0.5 and budgets[0] == pytest.approx(0.9)
-    # anchors, then threshold, decode step and count, then the decode queue
+    # anchors, then threshold, decode step and count, then the decode queue (a byte per `recent` step)
     assert plan.reserved_bytes == {plan.sites[FILTERED].name: 2 * 2 * 16 * 4 + 12 + 32}
     assert plan.kv_bytes(1000) <= 0.7 * plan.full_kv_bytes(1000)
 
