@@ -250,11 +250,13 @@ def test_forget_takes_a_position_out_only_where_every_row_and_head_holds_it() ->
     assert not cache.forget(3) and cache.keys.shape[-2] == 3
 
 
+@pytest.mark.parametrize("decode_step", [0.2, 0.0])
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
-def test_achieved_ratio_over_prefill_and_decode(ratio) -> None:
-    """Within 2 points per layer over a long prefill plus 256 decode steps (the decode threshold tracks the ratio)."""
-    model = kvpass.optimize(tiny("llama"), budget=1.0, transforms=[kvpass.FilterTokens(ratio, layers="tail"),
-                                                                    kvpass.Evict()])
+def test_achieved_ratio_over_prefill_and_decode(ratio, decode_step) -> None:
+    """Within 2 points per layer over a long prefill plus 256 decode steps, with the decode threshold tracking
+    the ratio (default) or frozen at the prefill's quantile (`decode_step=0`)."""
+    model = kvpass.optimize(tiny("llama"), budget=1.0, transforms=[
+        kvpass.FilterTokens(ratio, layers="tail", decode_step=decode_step), kvpass.Evict()])
     decode(model, prompt(1024, seed=3), prompt(256, seed=4))
     layers = kvpass.stats(model)["FilterTokens"]["layers"]
     assert len(layers) == 1
@@ -371,6 +373,7 @@ def test_plan_with_filtering_round_trips_and_applies(tmp_path) -> None:
     ({"ratio": 0.5, "layers": 1.5}, "layers must be"),
     ({"ratio": 0.5, "gamma": 1.0}, "gamma must be"),
     ({"ratio": 0.5, "warmup": -1}, "warmup must be"),
+    ({"ratio": 0.5, "decode_step": -0.1}, "decode_step must be a number in \\[0, inf\\]"),
 ])
 def test_bad_options_are_refused(options, message) -> None:
     with pytest.raises(ValueError, match=message):

@@ -9,9 +9,9 @@ which are filtered:
   the last one filtered as the threshold;
 * a single-token call (a decode step) filters its token when the score reaches the threshold,
   which then tracks the `ratio` quantile of the decode scores (Robbins–Monro): each step moves it
-  up by `DECODE_STEP` x (1 - ratio) standard deviations of the prefill's scores when it filtered,
-  down by `DECODE_STEP` x ratio when it kept, so the decode steps filter `ratio` of their tokens
-  in the long run. A frozen threshold did not: decode tokens attend in every layer, while half
+  up by `decode_step` x (1 - ratio) standard deviations of the prefill's scores when it filtered,
+  down by `decode_step` x ratio when it kept, so the decode steps filter `ratio` of their tokens
+  in the long run (`decode_step=0` freezes it at the prefill's quantile). A frozen threshold did not: decode tokens attend in every layer, while half
   the prefill's skipped attention in earlier filtered layers, so in deep layers their keys and
   values sit closer to the anchors than the prefill's did (SmolLM2, dev text, ratio 0.5: 0.6-0.97
   of decode tokens filtered in the deeper tail layers, against 0.5 in the first).
@@ -59,9 +59,6 @@ THRESHOLD_BYTES = 4
 STEP_BYTES = 4
 QUEUED_BYTES = 1
 COUNT_BYTES = 4
-DECODE_STEP = 0.2
-"""How far one decode decision moves a row's threshold, in standard deviations of its prefill scores:
-small enough that the threshold settles, large enough to correct the prefill's bias in tens of steps."""
 
 
 @dataclass
@@ -76,7 +73,7 @@ class FilterState:
     threshold: torch.Tensor | None
     """[B] float32: the last multi-token call's quantile, tracked by the decode steps since; +inf before one."""
     step: torch.Tensor | None
-    """[B] float32: `DECODE_STEP` x the standard deviation of the last multi-token call's eligible scores."""
+    """[B] float32: `decode_step` x the standard deviation of the last multi-token call's eligible scores."""
     queued: torch.Tensor | None
     """[B, n] bool, n <= recent: the decisions on the newest n decode tokens, oldest first."""
     tokens: int = 0
@@ -123,6 +120,8 @@ class TokenFilter:
     """A filtered decode token leaves the cache this many steps later; a multi-token call's last tokens are kept."""
     drop_kv: bool
     seed: int
+    decode_step: float
+    """How far one decode decision moves the threshold, in standard deviations of the prefill's scores."""
 
     def __call__(self, cache: CompactedKV, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  positions: TokenPositions | None, padding: torch.Tensor | None,
@@ -207,7 +206,7 @@ class TokenFilter:
             ranked.shape[-1], device=ranked.device).expand_as(order.indices))
         last = order.values.gather(-1, (count - 1).clamp_min(0)[:, None])[:, 0]
         state.threshold = torch.where(count > 0, last, float("inf"))
-        state.step = DECODE_STEP * _spread(scores, eligible)
+        state.step = self.decode_step * _spread(scores, eligible)
         return eligible & (rank < count[:, None])
 
     def _queue(self, cache: CompactedKV, state: FilterState, filtered: torch.Tensor,

@@ -49,7 +49,10 @@ class FilterTokens(Transform):
     `recent` tokens are not filtered. `fusion`: how key and value similarity to the
     anchors combine ('joint': variance-aware, see `kvpass.kernels.similarity`; 'key', 'value':
     ablations; 'random': a control at the same ratio, seeded by `seed`). `gamma`: the anchors'
-    moving-average factor. `ratio=0` changes nothing. `kvpass.stats(model)["FilterTokens"]`
+    moving-average factor. `decode_step`: how far each decode decision moves the threshold towards
+    the `ratio` quantile of the decode scores, in standard deviations of the prefill's scores (0.2,
+    chosen on dev text; 0 freezes it at the prefill's quantile, which on real text over-filters the
+    deeper layers). `ratio=0` changes nothing. `kvpass.stats(model)["FilterTokens"]`
     reports the achieved fraction per layer.
 
     Needs `kvpass.Evict` in the same transforms (at budget 1 it evicts nothing) and a transformers
@@ -73,6 +76,7 @@ class FilterTokens(Transform):
     gamma: float = 0.9
     drop_kv: bool = True
     seed: int = 0
+    decode_step: float = 0.2
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSION_CHOICES:
@@ -88,6 +92,8 @@ class FilterTokens(Transform):
                           meaning="the anchors' moving-average factor"),
             "drop_kv": boolean(self.drop_kv, "FilterTokens: drop_kv"),
             "seed": integer(self.seed, "FilterTokens: seed"),
+            "decode_step": real(self.decode_step, "FilterTokens: decode_step", 0.0, math.inf,
+                                meaning="the decode threshold's step in standard deviations of the prefill's scores"),
         }
         for key, value in normalized.items():
             object.__setattr__(self, key, value)
@@ -170,7 +176,7 @@ def _filter_tokens_hf(transform: FilterTokens, target: RewriteTarget) -> None:
     for site in transform.filtered_sites(list(target.sites)):
         token_filter = TokenFilter(transform.name, site.layer, transform.ratio, transform.fusion, transform.gamma,
                                    max(transform.warmup, plan.sinks), transform.recent, transform.drop_kv,
-                                   transform.seed)
+                                   transform.seed, transform.decode_step)
 
         def hand_filter(module, args, kwargs, token_filter=token_filter):
             return (args, {**kwargs, FILTER_KEYWORD: token_filter}) if in_force() else None
