@@ -89,7 +89,8 @@ GQA = [(4, 2), (6, 3), (4, 4), (8, 2)]
 
 @settings(max_examples=10, deadline=None)
 @given(budget=st.floats(0.1, 0.9), geometry=st.sampled_from(GQA), evict_every=st.integers(1, 4),
-       method=st.sampled_from(["h2o", "tova", "snapkv", "knorm", "paged"]), streaming=st.sampled_from([0.0, 0.25, 0.5]))
+       method=st.sampled_from(["h2o", "tova", "snapkv", "knorm", "paged", "paged_tova"]),
+       streaming=st.sampled_from([0.0, 0.25, 0.5]))
 def test_per_head_eviction_holds_the_cap_at_every_step(budget, geometry, evict_every, method, streaming) -> None:
     model = kvpass.optimize(tiny(*geometry), budget=budget, transforms=[
         kvpass.StreamingHeads(streaming, sinks=2, recent=6, importance="random"),
@@ -191,10 +192,11 @@ def masked_oracle(base, ids: torch.Tensor, tokens: list[torch.Tensor], masks: li
     [kvpass.Evict("tova", per_head=True, sinks=2, recent=4)],
     [kvpass.Evict("snapkv", per_head=True, sinks=2, recent=4, window=8, span=1)],
     [kvpass.Evict("paged", per_head=True, sinks=2, recent=4, page_size=4)],
+    [kvpass.Evict("paged_tova", per_head=True, sinks=2, recent=4, page_size=4)],
     [kvpass.StreamingHeads(0.5, sinks=2, recent=8, importance="random")],
     [kvpass.StreamingHeads(1 / 3, sinks=2, recent=8, importance="random"),
      kvpass.Evict("knorm", per_head=True, sinks=2, recent=4, evict_every=2)],
-], ids=["h2o", "tova", "snapkv-span", "paged", "streaming", "streaming+knorm"])
+], ids=["h2o", "tova", "snapkv-span", "paged", "paged_tova", "streaming", "streaming+knorm"])
 def test_decoding_equals_the_full_model_with_each_heads_evicted_keys_masked(transforms) -> None:
     budget = 1.0 if len(transforms) == 1 and isinstance(transforms[0], kvpass.StreamingHeads) else 0.3
     model = kvpass.optimize(tiny(), budget=budget, transforms=transforms)
