@@ -11,10 +11,11 @@ which are filtered:
   which then tracks the `ratio` quantile of the decode scores (Robbins–Monro): each step moves it
   up by `decode_step` x (1 - ratio) standard deviations of the prefill's scores when it filtered,
   down by `decode_step` x ratio when it kept, so the decode steps filter `ratio` of their tokens
-  in the long run (`decode_step=0` freezes it at the prefill's quantile). A frozen threshold did not: decode tokens attend in every layer, while half
-  the prefill's skipped attention in earlier filtered layers, so in deep layers their keys and
-  values sit closer to the anchors than the prefill's did (SmolLM2, dev text, ratio 0.5: 0.6-0.97
-  of decode tokens filtered in the deeper tail layers, against 0.5 in the first).
+  in the long run (`decode_step=0` freezes it at the prefill's quantile). A frozen threshold did
+  not: decode tokens attend in every layer, while half the prefill's skipped attention in earlier
+  filtered layers, so in deep layers their keys and values sit closer to the anchors than the
+  prefill's did (SmolLM2, dev text, ratio 0.5: 0.6-0.97 of decode tokens filtered in the deeper
+  tail layers, against 0.5 in the first).
 
 What a prefill filters is said the way every pruning before attention says it, with the call's
 `TokenPositions` (`kvpass.runtime.compacted_cache`): the cache is given only the kept tokens,
