@@ -21,6 +21,7 @@ from kvpass.errors import UnsupportedModelError
 from kvpass.kernels import similarity
 from kvpass.planning import Plan, SiteSchedule
 from kvpass.runtime.compacted_cache import CompactedKV, TokenPositions
+from kvpass.runtime.call_arguments import cache_argument
 from test_find_attention import CachedDecoder, decode_step_inputs
 from test_transforms import VOCAB, greedy, prompt, tiny
 
@@ -65,9 +66,9 @@ def decode(model, ids: torch.Tensor, steps: torch.Tensor, cache=None):
     cache = cache if cache is not None else DynamicCache(config=model.config)
     logits = []
     with torch.no_grad():
-        logits.append(model(ids, past_key_values=cache, use_cache=True).logits[:, -1])
+        logits.append(model(ids, **cache_argument(model, cache), use_cache=True).logits[:, -1])
         for token in steps.T:
-            logits.append(model(token[:, None], past_key_values=cache, use_cache=True).logits[:, -1])
+            logits.append(model(token[:, None], **cache_argument(model, cache), use_cache=True).logits[:, -1])
     return cache, torch.stack(logits, 1)
 
 
@@ -120,7 +121,7 @@ def test_filtered_tokens_skip_attention_exactly(family, fusion, recent) -> None:
     torch.testing.assert_close(logits[:, 1:], expected[:, length:], rtol=0, atol=2e-5)
     full = DynamicCache(config=base.config)
     with torch.no_grad():
-        base(everything, past_key_values=full, use_cache=True)
+        base(everything, **cache_argument(base, full), use_cache=True)
     layer = cache.layers[FILTERED]
     assert layer.keys.shape[-2] == total - int(hidden.sum())
     torch.testing.assert_close(layer.keys, full.layers[FILTERED].keys[:, :, kept], rtol=0, atol=1e-6)
@@ -134,7 +135,7 @@ def test_keeping_keys_and_values_only_skips_queries() -> None:
     ids = prompt(40)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        logits = model(ids, **cache_argument(model, cache), use_cache=True).logits
     assert cache.layers[FILTERED].keys.shape[-2] == 40
     state = cache.layers[FILTERED].site_cache.state["FilterTokens"]
     assert state.filtered == 20
@@ -200,7 +201,7 @@ def test_filters_among_tokens_pruned_before_the_attention() -> None:
     ids = prompt(length)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        logits = model(ids, **cache_argument(model, cache), use_cache=True).logits
     selected = cache._kvpass_selection.indices[0]
     kept = kept_positions(cache, FILTERED)
     assert logits.shape[1] == keep and len(kept) == keep - keep // 2 and set(kept.tolist()) < set(selected.tolist())
@@ -214,7 +215,7 @@ def test_filters_among_tokens_pruned_before_the_attention() -> None:
         expected = reference(ids, use_cache=False).logits[:, selected]
     torch.testing.assert_close(logits, expected, rtol=0, atol=2e-5)
     with torch.no_grad():
-        model(ids[:, :1], past_key_values=cache, use_cache=True)
+        model(ids[:, :1], **cache_argument(model, cache), use_cache=True)
     assert cache.layers[FILTERED].site_cache.seen == length + 1
 
 
@@ -274,11 +275,11 @@ def test_byte_cap_holds_with_eviction_at_every_step(budget, ratio, length, drop_
         kvpass.FilterTokens(ratio, layers="tail", warmup=4, recent=recent, drop_kv=drop_kv), kvpass.Evict(recent=8)])
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(prompt(length), past_key_values=cache, use_cache=True)
+        model(prompt(length), **cache_argument(model, cache), use_cache=True)
         for step in range(24):
             figures = kvpass.stats(model)
             assert figures["kv_bytes"] <= budget * figures["full_kv_bytes"], (step, figures)
-            model(prompt(1, seed=step), past_key_values=cache, use_cache=True)
+            model(prompt(1, seed=step), **cache_argument(model, cache), use_cache=True)
 
 
 def test_eviction_takes_the_budget_filtering_leaves() -> None:
@@ -315,8 +316,8 @@ def test_batch_rows_decide_alone_and_padding_is_never_filtered() -> None:
     mask = (batch != 0).long()
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache,
-              use_cache=True)
+        model(batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+              **cache_argument(model, cache), use_cache=True)
     slots = cache.layers[FILTERED].site_cache.slots[:, 0]
     for row, alone, pad in ((0, short, 20), (1, long, 0)):
         single, _ = decode(model, alone, alone[:, :0])
@@ -337,15 +338,15 @@ def test_state_lives_with_each_call_cache() -> None:
     together = [[], []]
     with torch.no_grad():
         for which, (ids, _) in enumerate((first, second)):
-            together[which].append(model(ids, past_key_values=caches[which], use_cache=True).logits[:, -1])
+            together[which].append(model(ids, **cache_argument(model, caches[which]), use_cache=True).logits[:, -1])
         for step in range(12):
             for which, (_, steps) in enumerate((first, second)):
-                out = model(steps[:, step:step + 1], past_key_values=caches[which], use_cache=True)
+                out = model(steps[:, step:step + 1], **cache_argument(model, caches[which]), use_cache=True)
                 together[which].append(out.logits[:, -1])
         for which in range(2):
             assert torch.equal(torch.stack(together[which], 1), alone[which])
         without_cache = model(first[0], use_cache=False).logits
-        with_cache = model(first[0], past_key_values=DynamicCache(config=model.config), use_cache=True).logits
+        with_cache = model(first[0], **cache_argument(model, DynamicCache(config=model.config)), use_cache=True).logits
     assert torch.equal(without_cache, with_cache)
 
 

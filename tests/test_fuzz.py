@@ -23,6 +23,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvpass
 from kvpass.hf_attention import attention_implementation
+from kvpass.runtime.call_arguments import cache_argument
 
 VOCAB, DECODE_STEPS = 96, 5
 
@@ -100,9 +101,9 @@ def _check_run(base, pruned, run) -> None:
         if run["explicit_positions"]:
             inputs["position_ids"] = (step_mask.cumsum(-1) - 1).clamp_min(0)[:, -chunk.shape[1]:]
         with torch.no_grad():
-            got = pruned(chunk, past_key_values=compact, **inputs).logits
+            got = pruned(chunk, **cache_argument(pruned, compact), **inputs).logits
             with attention_implementation(base, "kvpass_fuzz_oracle", _masked_attention(visible, step_mask)):
-                expected = base(chunk, past_key_values=full, **inputs).logits
+                expected = base(chunk, **cache_argument(base, full), **inputs).logits
         real = step_mask[:, -chunk.shape[1]:].bool()
         torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4,
                                    msg=lambda m: f"step {step} of {run}: {m}")

@@ -23,6 +23,7 @@ import kvpass.onnx
 from kvpass.cost import BATCH, SEQ
 from kvpass.methods import get_method
 from kvpass.planning import Plan, SiteSchedule, build_plan
+from kvpass.runtime.call_arguments import cache_argument, output_cache
 
 HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4, 2, 16, 128
 
@@ -228,7 +229,7 @@ def test_cap_holds_after_casting_an_optimized_model(base, dtype) -> None:
     token = ids
     with torch.no_grad():
         for step in range(new_tokens + 1):
-            logits = model(token, past_key_values=cache, use_cache=True).logits
+            logits = model(token, **cache_argument(model, cache), use_cache=True).logits
             seen = ids.shape[1] + step
             assert cache.layers[0].keys.dtype == dtype
             assert kvpass.cache_bytes(cache) <= budget * full_bytes(model, seen), step
@@ -247,7 +248,7 @@ def test_an_optimized_model_moved_to_cuda_keeps_tokens_and_cap(base) -> None:
     model = model.to("cuda")
     out = model.generate(ids.cuda(), max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences.cpu(), expected)
-    assert kvpass.cache_bytes(out.past_key_values) <= 0.5 * full_bytes(model, 87)
+    assert kvpass.cache_bytes(output_cache(out)) <= 0.5 * full_bytes(model, 87)
 
 
 # ----------------------------------------------------------------------------------------------- compile
@@ -298,7 +299,7 @@ def test_two_threads_generating_with_one_model_get_what_each_gets_alone(base) ->
             assert not errors
             for ids, result, expected in zip(prompts, results, alone):
                 assert torch.equal(result.sequences, expected)
-                figures = kvpass.stats(result.past_key_values)
+                figures = kvpass.stats(output_cache(result))
                 seen = ids.shape[1] + new - 1
                 assert {site["seen"] for site in figures["sites"].values()} == {seen}
                 assert figures["kv_bytes"] <= 0.3 * full_bytes(model, seen)

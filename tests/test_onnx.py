@@ -20,6 +20,7 @@ from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method, get_method
 from kvpass.onnx.export import export_onnx
 from kvpass.planning import build_plan
+from kvpass.runtime.call_arguments import output_cache
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 4, 2, 16, 2, 128
 
@@ -53,7 +54,7 @@ def prompt(length: int = 120, seed: int = 1) -> torch.Tensor:
 def torch_generate(model, ids: torch.Tensor, new: int):
     """Greedy tokens and the final cache of the torch path."""
     out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
-    return out.sequences.numpy(), out.past_key_values
+    return out.sequences.numpy(), output_cache(out)
 
 
 def test_finds_one_site_per_layer(exported) -> None:
@@ -140,10 +141,10 @@ def test_padded_batch_keeps_what_torch_keeps(exported, base, method) -> None:
     model = kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method, evict_every=1)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
     assert np.array_equal(tokens, out.sequences.numpy())
-    assert_same_cache(generator, out.past_key_values, ids.shape[1] + new - 1)
+    assert_same_cache(generator, output_cache(out), ids.shape[1] + new - 1)
     assert (generator.cache[0][2] >= 0).all()  # padding went first
     for layer, stat in generator.stats.items():
-        np.testing.assert_allclose(stat, out.past_key_values.layers[layer].site_cache.stat.numpy(), atol=1e-5)
+        np.testing.assert_allclose(stat, output_cache(out).layers[layer].site_cache.stat.numpy(), atol=1e-5)
     assert bool(generator.stats) == get_method(method).stat.carried
     assert generator.cache_bytes() <= 0.5 * generator.full_cache_bytes()
 
@@ -164,7 +165,7 @@ def test_evict_every_keeps_what_torch_keeps_and_appends_in_between(exported, bas
     generator = kvpass.onnx.Generator(kvpass.onnx.optimize(proto, budget=0.5, method=method, evict_every=every))
     model = kvpass.optimize(copy.deepcopy(base), budget=0.5, method=method, evict_every=every)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
-    expected, cache = out.sequences.numpy(), out.past_key_values
+    expected, cache = out.sequences.numpy(), output_cache(out)
     assert np.array_equal(generator.generate(ids, max_new_tokens=new, attention_mask=mask), expected)
     for layer in range(LAYERS):
         keys, _, slots = generator.cache[layer]
@@ -429,7 +430,7 @@ def test_smollm2_onnx_tokens_match_torch(tmp_path, one_thread) -> None:
         out = twin.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, return_dict_in_generate=True)
         assert np.array_equal(tokens, out.sequences.numpy()), method
         for layer in (0, 29):
-            site_cache = out.past_key_values.layers[layer].site_cache
+            site_cache = output_cache(out).layers[layer].site_cache
             assert generator.cache[layer][0].shape == tuple(site_cache.keys.shape)
             np.testing.assert_array_equal(generator.cache[layer][2], site_cache.slots.numpy())
             if method == "h2o":

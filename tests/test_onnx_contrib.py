@@ -18,6 +18,7 @@ import kvpass
 import kvpass.onnx
 from kvpass.errors import UnsupportedModelError
 from kvpass.onnx.export import export_onnx
+from kvpass.runtime.call_arguments import output_cache
 
 ort_fusions = pytest.importorskip("onnxscript.rewriter.ort_fusions")
 
@@ -107,7 +108,7 @@ def test_padded_batch_through_multihead_attention(fused, base) -> None:
     out = kvpass.optimize(copy.deepcopy(base), budget=0.5, evict_every=1).generate(
         ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
     assert np.array_equal(tokens, out.sequences.numpy())
-    assert_same_cache(generator, out.past_key_values, ids.shape[1] + new - 1)
+    assert_same_cache(generator, output_cache(out), ids.shape[1] + new - 1)
 
 
 def test_multihead_attention_masking_inside_is_refused_for_scored_methods(fused) -> None:

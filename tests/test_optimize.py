@@ -14,6 +14,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 import kvpass
 from kvpass.errors import UnsupportedModelError
 from kvpass.testing import assert_identity, assert_oracle
+from kvpass.runtime.call_arguments import cache_argument, cache_keyword
 from test_find_attention import CachedDecoder, decode_step_inputs
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 16, 2
@@ -42,7 +43,7 @@ def full_kv_bytes(tokens: int, batch: int = 1) -> int:
 def prefill(model, ids: torch.Tensor) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_argument(model, cache), use_cache=True)
     return cache
 
 
@@ -82,7 +83,7 @@ def test_cap_holds_while_decoding(base, budget, evict_every, method) -> None:
         assert kvpass.cache_bytes(cache) <= budget * full_kv_bytes(seen)
         evictions.append(cache.layers[0].site_cache.evictions)
         with torch.no_grad():
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_argument(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
     if evict_every > 1:  # amortised: fewer evictions than steps
         assert evictions[-1] - evictions[0] < 12
 
@@ -108,7 +109,7 @@ def test_batched_left_padding_and_sampling(base) -> None:
     cache = prefill(model, ids[1:, 9:])
     padded = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=padded, use_cache=True)
+        model(ids, attention_mask=mask, **cache_argument(model, padded), use_cache=True)
     assert (padded.layers[0].site_cache.slots[1] >= 9).all()  # padding is evicted first
     assert cache.get_seq_length() == 31
 
@@ -127,10 +128,11 @@ def test_decode_step_compiles_fullgraph(base) -> None:
     ids = prompt(length=40)
     eager_cache, compiled_cache = prefill(model, ids), prefill(model, ids)
     token = torch.tensor([[3]])
-    step = torch.compile(lambda t, c: model(t, past_key_values=c, use_cache=True).logits, fullgraph=True)
+    keyword = cache_keyword(model)  # resolved outside the compiled step
+    step = torch.compile(lambda t, c: model(t, **{keyword: c}, use_cache=True).logits, fullgraph=True)
     with torch.no_grad():
         compiled = step(token, compiled_cache)
-        eager = model(token, past_key_values=eager_cache, use_cache=True).logits
+        eager = model(token, **cache_argument(model, eager_cache), use_cache=True).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     assert compiled_cache.layers[0].keys.shape == eager_cache.layers[0].keys.shape
 
@@ -148,7 +150,7 @@ def test_decode_step_exports(base) -> None:
             self.cache = cache
 
         def forward(self, token):
-            return model(token, past_key_values=self.cache, use_cache=True).logits
+            return model(token, **cache_argument(model, self.cache), use_cache=True).logits
 
     exported = torch.export.export(DecodeStep(prefill(model, ids)), (token,), strict=False)
     targets = [str(n.target) for n in exported.graph.nodes]

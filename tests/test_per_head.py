@@ -26,6 +26,7 @@ from kvpass.planning.head_schedule import LENGTH_BYTES
 from kvpass.runtime.ragged_cache import RaggedKV
 from kvpass.site import AttentionSite
 from kvpass.streaming_calibration import retrieval_prompts, streaming_errors
+from kvpass.runtime.call_arguments import cache_argument
 
 VOCAB, HEAD_DIM, LAYERS = 128, 16, 2
 
@@ -55,7 +56,7 @@ def decode(model, ids: torch.Tensor, steps: int, check=None) -> tuple[DynamicCac
     cache, logits, token = DynamicCache(config=model.config), [], ids
     with torch.no_grad():
         for step in range(steps):
-            out = model(token, past_key_values=cache, use_cache=True).logits[:, -1:]
+            out = model(token, **cache_argument(model, cache), use_cache=True).logits[:, -1:]
             logits.append(out)
             if check is not None:
                 check(cache, ids.shape[1] + step)
@@ -183,7 +184,7 @@ def masked_oracle(base, ids: torch.Tensor, tokens: list[torch.Tensor], masks: li
     with attention_implementation(base, "kvpass_test_oracle", attention), torch.no_grad():
         for step, token in enumerate([ids, *tokens[:-1]]):
             state["held"] = masks[step - 1] if step else None
-            logits.append(base(token, past_key_values=cache, use_cache=True).logits[:, -1:])
+            logits.append(base(token, **cache_argument(base, cache), use_cache=True).logits[:, -1:])
     return logits
 
 
@@ -272,7 +273,7 @@ def test_batched_left_padded_and_beam_generation() -> None:
     assert torch.equal(out[0], alone[0])  # the unpadded row evicts exactly as alone
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(ids, attention_mask=mask, **cache_argument(model, cache), use_cache=True)
     for layer in cache.layers:
         site_cache = layer.site_cache
         second = site_cache.packed_slots[int(site_cache.lengths[0].sum()):]

@@ -22,6 +22,7 @@ from kvpass.methods import get_method
 from kvpass.planning import Plan, build_plan
 from kvpass.rewrites.fx import find_sites
 from kvpass.site import AttentionSite
+from kvpass.runtime.call_arguments import cache_argument
 from test_optimize import prompt, tiny_llama
 
 SITES = [AttentionSite(f"layers.{i}.attn", i, 8, 2 if i % 2 else 4, 16, None, True) for i in range(6)]
@@ -118,13 +119,13 @@ def test_cache_bytes_of_real_generation_match_the_plan(base, calibrated) -> None
     ids = prompt(length=150)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        logits = model(ids, **cache_argument(model, cache), use_cache=True).logits
         assert kvpass.cache_bytes(cache) == plan.kv_bytes(150)
         slack = sum(plan.schedule(s, 4).kv_bytes_per_token + plan.schedule(s, 4).state_bytes_per_token
                     for s in plan.sites)  # one token per site: the cap rounds down one token at a time
         token = logits[:, -1:].argmax(-1)
         for seen in range(151, 171):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_argument(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
             held = kvpass.cache_bytes(cache)
             assert plan.kv_bytes(seen) - slack <= held <= plan.kv_bytes(seen) <= 0.4 * plan.full_kv_bytes(seen)
 
@@ -162,9 +163,9 @@ def test_reallocation_moves_budget_between_sites_and_never_exceeds_it(base, ever
     hooks = [module.register_forward_hook(within_budget) for name, module in model.named_modules()
              if name in weights]
     with torch.no_grad():
-        token = model(prompt(length=120), past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(prompt(length=120), **cache_argument(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
         for _ in range(30):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_argument(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
     for hook in hooks:
         hook.remove()
     reallocator = cache.layers[0].site_cache.reallocator
@@ -181,7 +182,7 @@ def test_prefill_bytes_match_for_pages_and_absolute_budgets(base, method, budget
     for length in (20, 90):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(prompt(length=length), past_key_values=cache, use_cache=True)
+            model(prompt(length=length), **cache_argument(model, cache), use_cache=True)
         assert kvpass.cache_bytes(cache) == model.kvpass_plan.kv_bytes(length)
 
 

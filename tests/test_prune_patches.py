@@ -26,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import kvpass
 from kvpass.errors import UnsupportedModelError
 from kvpass.hf_attention import attention_implementation
+from kvpass.runtime.call_arguments import cache_argument, output_cache
 
 VOCAB = 128
 IMAGE = VOCAB - 1
@@ -127,7 +128,7 @@ def unpruned_greedy(family: str):
 def prefill(model, batch: dict):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        logits = model(**batch, past_key_values=cache, use_cache=True).logits
+        logits = model(**batch, **cache_argument(model, cache), use_cache=True).logits
     return logits, cache
 
 
@@ -305,7 +306,7 @@ def test_composed_with_evict_the_byte_cap_holds(family, method) -> None:
         figures = kvpass.stats(model)
         out = base.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
                             return_dict_in_generate=True)
-        full = kvpass.cache_bytes(out.past_key_values)  # the unmodified model on the same input
+        full = kvpass.cache_bytes(output_cache(out))  # the unmodified model on the same input
         assert figures["full_kv_bytes"] == full
         assert figures["kv_bytes"] <= budget * full
         assert figures["PrunePatches"]["image_tokens_out"] == image_tokens(family) // 2

@@ -22,6 +22,7 @@ from kvpass.hf_attention import attention_implementation
 from kvpass.memory import cache_bytes
 from kvpass.runtime.hf_selection import SELECTION_ATTRIBUTE, SelectionRule, SelectionState, decide_layer
 from kvpass.runtime.layer_selection import rank_variance_ratio, selected_tokens
+from kvpass.runtime.call_arguments import cache_argument
 
 LAYERS, LENGTH, WINDOW, KEEP = 6, 96, 8, 40
 
@@ -58,7 +59,7 @@ def selecting(transform: kvpass.SelectLayer, budget: float | str = 1.0, base: to
 def prefill(model: torch.nn.Module, ids: torch.Tensor):
     cache = DynamicCache()
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        logits = model(ids, **cache_argument(model, cache), use_cache=True).logits
     return logits, cache
 
 
@@ -128,7 +129,7 @@ def test_one_pass_equals_dense_model_masking_unselected_keys_then_decodes_at_the
     assert indices.shape == (2, KEEP) and bool((indices[:, -WINDOW:] == torch.arange(LENGTH - WINDOW, LENGTH)).all())
     nxt = logits[:, -1].argmax(-1, keepdim=True)
     with torch.no_grad():
-        step = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+        step = model(nxt, **cache_argument(model, cache), use_cache=True).logits[:, -1]
     oracle = masked_oracle(base, torch.cat([ids, nxt], dim=1), 2, indices)
     kept = torch.gather(oracle[:, :LENGTH], 1, indices[..., None].expand(-1, -1, oracle.shape[-1]))
     torch.testing.assert_close(logits, kept, atol=1e-5, rtol=1e-5)
@@ -147,10 +148,12 @@ def test_two_pass_equals_feeding_only_the_selected_tokens_at_their_positions():
     assert [layer.keys.shape[-2] for layer in cache.layers] == [KEEP] * LAYERS
     nxt = logits[:, -1].argmax(-1, keepdim=True)
     with torch.no_grad():
-        step = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+        step = model(nxt, **cache_argument(model, cache), use_cache=True).logits[:, -1]
         reference_cache = DynamicCache()
-        reference = base(torch.gather(ids, 1, indices), position_ids=indices, past_key_values=reference_cache).logits
-        reference_step = base(nxt, position_ids=torch.full((2, 1), LENGTH), past_key_values=reference_cache).logits
+        reference = base(torch.gather(ids, 1, indices), position_ids=indices,
+                         **cache_argument(base, reference_cache)).logits
+        reference_step = base(nxt, position_ids=torch.full((2, 1), LENGTH),
+                              **cache_argument(base, reference_cache)).logits
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step, reference_step[:, -1], atol=1e-5, rtol=1e-5)
 
@@ -220,11 +223,11 @@ def test_byte_cap_holds_at_every_step():
     ids = prompt(length=120)
     with torch.no_grad():
         cache = DynamicCache()
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_argument(model, cache), use_cache=True)
         for _ in range(12):
             figures = kvpass.stats(model)
             assert figures["kv_bytes"] <= 0.5 * figures["full_kv_bytes"]
-            out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            out = model(out.logits[:, -1:].argmax(-1), **cache_argument(model, cache), use_cache=True)
     assert kvpass.stats(model)["SelectLayer"]["tokens_kept"] <= 60
 
 

@@ -13,6 +13,7 @@ import kvpass
 from kvpass.eval import corpus
 from kvpass.eval.models import load_smollm2
 from kvpass.eval.passkey import make_sample
+from kvpass.runtime.call_arguments import cache_argument
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +58,8 @@ def test_half_budget_halves_cache_bytes_at_every_layer(smollm2, long_prompt) -> 
     model = kvpass.optimize(copy.deepcopy(base), budget=0.5)
     full, pruned = DynamicCache(config=base.config), DynamicCache(config=model.config)
     with torch.no_grad():
-        base(long_prompt, past_key_values=full, use_cache=True)
-        model(long_prompt, past_key_values=pruned, use_cache=True)
+        base(long_prompt, **cache_argument(base, full), use_cache=True)
+        model(long_prompt, **cache_argument(model, pruned), use_cache=True)
     assert kvpass.cache_bytes(pruned) <= 0.5 * kvpass.cache_bytes(full)
     for full_layer, pruned_layer in zip(full.layers, pruned.layers):
         assert kvpass.cache_bytes(pruned_layer.site_cache.tensors()) <= 0.5 * kvpass.cache_bytes(
@@ -117,10 +118,10 @@ def test_token_filtering_keeps_its_ratio_while_decoding_real_text(smollm2) -> No
                             transforms=[kvpass.FilterTokens(0.5), kvpass.Evict()])
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids[:, :prefill], past_key_values=cache, use_cache=True)
+        model(ids[:, :prefill], **cache_argument(model, cache), use_cache=True)
         at_prefill = {name: f["filtered"] for name, f in kvpass.stats(cache)["FilterTokens"]["layers"].items()}
         for position in range(prefill, prefill + steps):
-            model(ids[:, position:position + 1], past_key_values=cache, use_cache=True)
+            model(ids[:, position:position + 1], **cache_argument(model, cache), use_cache=True)
     layers = kvpass.stats(cache)["FilterTokens"]["layers"]
     assert len(layers) == 15
     for name, figures in layers.items():

@@ -18,6 +18,7 @@ from kvpass.errors import UnsupportedModelError
 from kvpass.planning import Plan
 from kvpass.testing import assert_cache_within
 from kvpass.transforms import Backend, Phase, PlanningContext, Transform, register, remove_planned_heads
+from kvpass.runtime.call_arguments import cache_argument
 from test_find_attention import CachedDecoder, decode_step_inputs
 
 VOCAB = 128
@@ -125,7 +126,7 @@ def test_weights_and_cache_shrink_by_the_arithmetic() -> None:
     assert attention.o_proj.weight.shape == (64, 32) and attention.o_proj.in_features == 32
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(prompt(50), past_key_values=cache, use_cache=True)
+        model(prompt(50), **cache_argument(model, cache), use_cache=True)
     assert [layer.keys.shape[1] for layer in cache.layers] == [1, 1]
     assert kvpass.cache_bytes(cache) == 2 * (2 * 1 * 50 * head_dim * 4)  # half the unpruned cache
     figures = kvpass.stats(model)
