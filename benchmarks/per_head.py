@@ -27,7 +27,7 @@ import torch
 import kvpass
 from kvpass.eval.models import load_smollm2
 from kvpass.eval.passkey import make_sample as make_passkey
-from kvpass.eval.report import FULL, accuracy_table, save_jsonl
+from kvpass.eval.report import FULL, accuracy_table, as_dicts, load_jsonl, save_jsonl
 from kvpass.eval.runner import MODES, evaluate
 from kvpass.eval.sweep import cache_from_recording, record_prefill
 from kvpass.eval.tasks import COUNTED_TASKS, make_sample, seeds, token_counter
@@ -68,6 +68,10 @@ def run_quality(args, model, tokenizer) -> None:
             print(f"  {task} seed {seed} {time.perf_counter() - started:.0f}s", flush=True)
             if args.out:
                 save_jsonl(rows, args.out)
+    report(args, rows)
+
+
+def report(args, rows) -> None:
     print(f"\nScores (%), SmolLM2-135M-Instruct, ~{args.length} tokens, {args.split} split, {args.samples} samples per task, "
           f"head_floor {args.head_floor}, "
           f"method {kvpass.get_method()}")
@@ -79,8 +83,8 @@ def print_targets(args, rows) -> None:
     """The issue's targets: per-head >= uniform on the mean over tasks at each budget and mode, no task
     more than 2 samples below; streaming at 1/3 >= 90% of the full cache and above random."""
     total: dict[tuple[str, str, str], float] = defaultdict(float)
-    for row in rows:
-        total[(row.task, row.setting, row.mode)] += row.score
+    for row in as_dicts(rows):
+        total[(row["task"], row["setting"], row["mode"])] += row["score"]
     n = args.samples
     print("\nPer-head vs uniform (summed sample scores per task; target: mean >= 0, no task below -2):")
     for budget in args.budgets:
@@ -93,7 +97,7 @@ def print_targets(args, rows) -> None:
                   f"{'met' if mean >= 0 and min(diffs) >= -2 else 'MISSED'}")
     print("\nStreaming heads (target at 1/3, alone: >= 90% of the full cache, and above random):")
     full = sum(total[(t, FULL, MODES[0])] for t in args.tasks)
-    for label in sorted({row.setting for row in rows if row.setting.startswith("streaming")}):
+    for label in sorted({setting for _, setting, _ in total if setting.startswith("streaming")}):
         for mode in MODES:
             got = sum(total[(t, label, mode)] for t in args.tasks)
             print(f"  {label} {mode}: {got:.1f}/{n * len(args.tasks)} = {got / max(full, 1e-9):.2f} of full")
@@ -153,6 +157,7 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="*", default=[1 / 3, 2 / 3])
     parser.add_argument("--random-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default="", help="write result rows to this JSONL file as they come")
+    parser.add_argument("--from-rows", nargs="+", help="print the quality tables of saved rows (from --out), run nothing")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--speed-length", type=int, default=4096)
@@ -163,6 +168,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
+    if args.from_rows:
+        report(args, [row for path in args.from_rows for row in load_jsonl(path)])
+        return
     torch.set_num_threads(args.threads)
     base, tokenizer = load_smollm2()
     model = kvpass.optimize(copy.deepcopy(base), budget=1.0)

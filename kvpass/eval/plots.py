@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from kvpass.eval.report import FULL, _rows, mean_scores, split_label
+from kvpass.eval.report import FULL, as_dicts, mean_scores, split_label
 
 
 def _pyplot():
@@ -32,7 +32,7 @@ def _pyplot():
 def accuracy_vs_budget(rows: Iterable, path: str | Path, tasks: Iterable[str]) -> str:
     """Mean score over `tasks` against the budget, one line per method, one panel per mode."""
     plt = _pyplot()
-    rows = _rows(rows)
+    rows = as_dicts(rows)
     tasks = list(tasks)
     means = mean_scores(rows)
     modes = sorted({r["mode"] for r in rows})
@@ -61,7 +61,7 @@ def niah_heatmap(rows: Iterable, setting: str, mode: str, path: str | Path, titl
     """Needle-in-a-haystack score (%) of `setting` per depth (rows) x prompt length (columns)."""
     plt = _pyplot()
     cells: dict[tuple[float, int], list[float]] = defaultdict(list)
-    for row in _rows(rows):
+    for row in as_dicts(rows):
         if row["task"] == "niah" and row["setting"] == setting and row["mode"] == mode:
             cells[(round(row["depth"], 2), _bucket(row["length"]))].append(row["score"])
     if not cells:

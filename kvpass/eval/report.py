@@ -26,7 +26,8 @@ COUNT_THRESHOLD = 0.6
 """A task counts toward retention when the full cache scores at least this on the dev split."""
 
 
-def _rows(rows: Iterable) -> list[dict]:
+def as_dicts(rows: Iterable) -> list[dict]:
+    """Result rows as dicts, whether fresh (`kvpass.eval.runner.Row`) or loaded from JSONL."""
     return [asdict(r) if is_dataclass(r) else dict(r) for r in rows]
 
 
@@ -46,7 +47,7 @@ def split_label(setting: str) -> tuple[str, float]:
 def mean_scores(rows: Iterable) -> dict[tuple[str, str, str], tuple[float, int]]:
     """(task, setting, mode) -> (mean score, samples)."""
     sums: dict[tuple, list[float]] = defaultdict(list)
-    for row in _rows(rows):
+    for row in as_dicts(rows):
         sums[(row["task"], row["setting"], row["mode"])].append(row["score"])
     return {key: (sum(v) / len(v), len(v)) for key, v in sums.items()}
 
@@ -76,7 +77,7 @@ def retention(rows: Iterable, setting: str, mode: str, tasks: Iterable[str]) -> 
 def accuracy_table(rows: Iterable, modes: Iterable[str], tasks: Iterable[str] | None = None,
                    counted: Iterable[str] = ()) -> str:
     """Markdown: one line per setting and mode, mean score (%) per task, retention over `counted` tasks."""
-    rows = _rows(rows)
+    rows = as_dicts(rows)
     means = mean_scores(rows)
     tasks = list(tasks) if tasks is not None else sorted({r["task"] for r in rows})
     counted = [t for t in counted if t in tasks]
@@ -112,7 +113,7 @@ def _retention_cell(rows: list[dict], setting: str, mode: str, counted: list[str
 
 def save_jsonl(rows: Iterable, path: str | Path) -> None:
     """Write result rows, one JSON object per line."""
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in _rows(rows)))
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in as_dicts(rows)))
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
