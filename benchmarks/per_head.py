@@ -12,6 +12,7 @@ calibration) against the same number of heads chosen at random: alone at budget 
 
     python benchmarks/per_head.py --samples 4 --threads 1
     python benchmarks/per_head.py --skip-quality --speed-length 4096 --threads 1
+    python benchmarks/per_head.py --from-rows a.jsonl b.jsonl --samples 4   # tables of runs split over processes
 """
 
 from __future__ import annotations
