@@ -73,8 +73,9 @@ def given_cache(arguments: dict[str, Any]) -> Any:
 def output_cache(output: Any) -> Any:
     """The cache a model output returns, read under the name it was stored by (reading the old name
     from a 5.24 output would log a deprecation warning)."""
-    if isinstance(output, dict):  # transformers' ModelOutput: only the fields that were set are keys
-        return given_cache(output)
+    if isinstance(output, dict):  # transformers' ModelOutput: only the fields that were set are keys,
+        # and its `get` and `in` translate (and warn about) the old name, so look at the stored keys only
+        return given_cache(dict(output.items()))
     return next((value for name in MODEL_CACHE_KEYWORDS if (value := getattr(output, name, None)) is not None), None)
 
 
