@@ -28,7 +28,7 @@ from kvpass.planning import Plan
 from kvpass.rewrites.onnx import find_sites
 from kvpass.rewrites.onnx_gqa import drop_gqa_repeats
 from kvpass.site import SiteReport
-from kvpass.transforms import Backend, RewriteTarget, Transform
+from kvpass.transforms import Backend, RewriteTarget, StreamingHeads, Transform
 from kvpass.transforms.pipeline import apply, check_transforms, plan_transforms, shorthand_transforms, solve
 
 SERVING_EVICT_EVERY = 16
@@ -92,8 +92,10 @@ def optimize(
     cache as `kvpass_evicted_key_i` / `kvpass_evicted_value_i` (empty on steps that only append, when
     the graph's `present` K/V are the cache).
 
-    `transforms`: ONNX graphs take `kvpass.Evict` only (remove heads in torch before export:
-    `kvpass.export_onnx` of a head-pruned model gives a smaller graph). `evict_every=N` evicts at
+    `transforms`: ONNX graphs take `kvpass.Evict` and `kvpass.StreamingHeads` (with
+    `importance='random'`; calibrated heads come from a torch plan: `kvpass.export_onnx` of an optimized
+    model). Per-head budgets and streaming heads give packed caches (`kvpass.rewrites.onnx_ragged`).
+    Remove heads in torch before export: `kvpass.export_onnx` of a head-pruned model gives a smaller graph. `evict_every=N` evicts at
     most every N steps, deep enough that the budget still holds while the cache grows in between;
     those steps skip scoring, TopK and the gathers (the graph's `If` just appends), which is what
     makes decoding over the pruned cache faster than the full one: the default is
@@ -175,6 +177,11 @@ def _rewritable_sites(graph: ir.Model) -> SiteReport:
 
 def _solve(report: SiteReport, budget, transforms: list[Transform]) -> tuple[Plan, list[Transform]]:
     transforms = check_transforms(transforms, report, Backend.ONNX, "the ONNX graph")
+    calibrated = [t for t in transforms if isinstance(t, StreamingHeads) and t.importance != "random"]
+    if calibrated:
+        raise ValueError(f"StreamingHeads(importance={calibrated[0].importance!r}) calibrates the torch model; on an "
+                         "ONNX graph choose importance='random', or plan the torch model and export it "
+                         "(kvpass.export_onnx)")
     if any(getattr(t, "allocation", "uniform") == "adaptive" for t in transforms):
         raise ValueError("allocation='adaptive' calibrates the torch model; an ONNX graph is planned 'uniform' or "
                          "'pyramid' (or plan the torch model and export it)")

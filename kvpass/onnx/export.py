@@ -27,8 +27,7 @@ from kvpass.onnx import find_attention, optimize
 from kvpass.planning import Plan
 from kvpass.runtime import hf
 from kvpass.rewrites.onnx import MASK_INPUT, MIN_OPSET
-from kvpass.transforms import Evict
-from kvpass.transforms.evict import refuse_ragged
+from kvpass.transforms import Evict, StreamingHeads
 from kvpass.validation import integer
 
 
@@ -63,6 +62,9 @@ def export_onnx(
 
     Inputs: input_ids, position_ids [batch, seq]; attention_mask [batch, cached + seq]; past_k_i / past_v_i [batch, kv_heads, past, head_dim];
     kvpass_past_slots_i and kvpass_evict for pruned layers (fed by `kvpass.onnx.Generator`).
+    A plan whose KV heads keep different numbers of tokens (`Evict(per_head=True)`, `StreamingHeads`)
+    exports packed caches instead: `kvpass_past_packed_{key,value,slots}_i` rows plus
+    `kvpass_past_lengths_i` [batch, kv_heads] (`kvpass.rewrites.onnx_ragged`, which names what it refuses).
 
     Example:
         >>> kvpass.export_onnx(model, "model.onnx", budget=0.5)              # doctest: +SKIP
@@ -84,8 +86,6 @@ def export_onnx(
         raise TypeError("give method= or a plan, not both: the plan (given, or the one the model was optimized "
                         "with) already names its method")
     get_method(method)
-    if plan is not None:
-        refuse_ragged(plan, "kvpass's ONNX graphs (every site keeps one [B, Hkv, T, D] present K/V per layer)")
     windowed = sorted(cache_windows(model))
     if windowed:
         raise UnsupportedModelError(
@@ -163,7 +163,21 @@ def _rename_plan(plan: Plan, torch_sites: list, proto: onnx.ModelProto, own_plan
     if len(names) != len(onnx_sites):
         raise ValueError(f"plan has {len(names)} sites but the exported graph has {len(onnx_sites)} attention sites")
     pairs = list(zip(onnx_sites, names))
-    evict = [record for record in plan.transforms if record["name"] == Evict.name] or [Evict(plan.method).record()]
-    return replace(plan, method=plan.method or get_method(None), budgets={site.name: plan.budgets[name] for site, name in pairs},
+    kept = [record for record in plan.transforms if record["name"] in (Evict.name, StreamingHeads.name)]
+    streaming = {site.name: _kept_positions(plan, name, plan.streaming_heads[name])
+                 for site, name in pairs if plan.streaming_heads.get(name)}
+    if not any(record["name"] == Evict.name for record in kept) and not streaming:
+        kept.append(Evict(plan.method).record())
+    method = plan.method if streaming and plan.method is None else plan.method or get_method(None)
+    return replace(plan, method=method, budgets={site.name: plan.budgets[name] for site, name in pairs},
                    max_tokens={site.name: plan.max_tokens[name] for site, name in pairs if name in plan.max_tokens},
-                   sites=list(onnx_sites), pruned_heads={}, head_importance={}, transforms=evict)
+                   sites=list(onnx_sites), pruned_heads={}, head_importance={}, transforms=kept,
+                   streaming_heads=streaming)
+
+
+def _kept_positions(plan: Plan, site_name: str, heads: list[int]) -> list[int]:
+    """`heads` (original KV head indices) as positions among the heads the export keeps."""
+    removed = set(plan.pruned_heads.get(site_name, ()))
+    site = next(site for site in plan.sites if site.name == site_name)
+    kept = [head for head in range(site.num_kv_heads) if head not in removed]
+    return [kept.index(head) for head in heads]

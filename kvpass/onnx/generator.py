@@ -7,6 +7,10 @@ paths of one plan keep the same tokens. A row whose keep is the cache's length (
 due, as between the evictions of `evict_every` > 1) takes the graph's append-only branch.
 Everything else (scores, top-k, compaction, slots) runs inside the graph.
 
+A graph of a ragged plan (per-head budgets, streaming heads: `kvpass.rewrites.onnx_ragged`) carries
+its pruned sites' caches packed; `kvpass.onnx.packed_site.PackedSite` holds each one and decides its
+evictions by the torch `RaggedKV`'s rule, so both runtimes keep the same tokens in every head.
+
 Padded batches (left padding) follow Hugging Face's `generate`: position ids count each row's
 real tokens only, and the graph's `attention_mask` covers the physical cache, 0 where a row
 still holds padding (its slots are negative; eviction drops padding first).
@@ -56,7 +60,8 @@ class Generator:
     """onnxruntime greedy loop over the compacted cache of a `kvpass.onnx.optimize`d model.
 
     After a call, `cache[layer]` holds that layer's (keys, values, slots) as numpy arrays
-    (slots None for an unpruned layer), the physical cache the next step would read.
+    (slots None for an unpruned layer), the physical cache the next step would read; in a ragged
+    graph the pruned layers are in `packed[layer]` instead (packed rows and per-head lengths).
     Eviction follows the model's schedule, `evict_every` included (`kvpass.onnx.optimize`):
     between evictions the graph only appends. `session_options` (threads, ...) go to onnxruntime;
     `providers` default to `default_providers()`: CUDA when onnxruntime-gpu is installed, else the CPU.
@@ -74,8 +79,14 @@ class Generator:
         if meta is None:
             raise ValueError("path_or_model: no kvpass metadata in this ONNX model; produce it with "
                              "kvpass.onnx.optimize or kvpass.export_onnx")
-        self.sites = json.loads(meta)["sites"]
-        stale = [site["name"] for site in self.sites if site["row"] is not None and "evicted_key" not in site]
+        meta = json.loads(meta)
+        self.sites = meta["sites"]
+        self.ragged = bool(meta.get("ragged"))
+        """The graph carries packed caches (per-head budgets, streaming heads): `packed` holds them."""
+        self.packed: dict = {}
+        """Layer -> `kvpass.onnx.packed_site.PackedSite` of each pruned site of a ragged graph."""
+        stale = [site["name"] for site in self.sites if site["row"] is not None and "evicted_key" not in site
+                 and not self.ragged]
         if stale:
             raise ValueError(f"path_or_model: the pruned sites {stale} return their compacted cache as `present` "
                              "(an older kvpass's rewrite); prune the unpruned graph again with kvpass.onnx.optimize")
@@ -89,7 +100,8 @@ class Generator:
         source = path_or_model if not hasattr(path_or_model, "SerializeToString") else proto.SerializeToString()
         self.session = ort.InferenceSession(source, options, providers=self.providers)
         types = {i.name: i.type for i in self.session.get_inputs()}
-        self.kv_dtype = _NUMPY_TYPES[types[self.sites[0]["past_key"]]]
+        first = self.sites[0]
+        self.kv_dtype = _NUMPY_TYPES[types[first.get("past_packed_key", first["past_key"])]]
         self.output_names = [o.name for o in self.session.get_outputs()]
         vocab = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"), None)
         self.vocab_size: int | None = vocab if isinstance(vocab, int) else None
@@ -118,6 +130,13 @@ class Generator:
         }
         self.stats = {site["layer"]: np.zeros((batch, site["kv_heads"], 0), np.float32)
                       for site in self.sites if "past_stat" in site}
+        if self.ragged:
+            from kvpass.onnx.packed_site import PackedSite
+
+            self.packed = {site["layer"]: PackedSite(site, batch, self.kv_dtype)
+                           for site in self.sites if "present_lengths" in site}
+            for layer in self.packed:
+                del self.cache[layer]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Feed `input_ids` [B, L] after what was seen so far; returns logits [B, L, vocab].
@@ -126,17 +145,22 @@ class Generator:
         must come before a row's real tokens (left padding)."""
         input_ids = self._token_ids(input_ids)
         batch, new = input_ids.shape
-        held = {keys.shape[0] for keys, _, _ in self.cache.values()}
+        held = {keys.shape[0] for keys, _, _ in self.cache.values()} | {
+            site.lengths.shape[0] for site in self.packed.values()}
         if held != {batch}:
             raise ValueError(f"input_ids has {batch} rows but the cache holds {sorted(held) or 'none'}: "
                              "call reset(batch) first")
         real = self._new_tokens_mask(attention_mask, input_ids.shape)
         positions = self.next_position[:, None] + np.cumsum(real, axis=1) - 1
         feeds = {"input_ids": input_ids, POSITION_INPUT: np.where(real, positions, 0)}
-        if self.takes_mask:
+        if self.ragged:
+            feeds.update(self._packed_feeds(real))
+        elif self.takes_mask:
             feeds[MASK_INPUT] = np.concatenate([self._held_mask(), real], axis=1).astype(np.int64)
         rows, evicting = [], {}
         for site in self.sites:
+            if site["layer"] in self.packed:
+                continue
             keys, values, slots = self.cache[site["layer"]]
             feeds[site["past_key"]], feeds[site["past_value"]] = keys, values
             if site["row"] is not None:
@@ -153,6 +177,9 @@ class Generator:
         self.padding = np.concatenate([self.padding, ~real], axis=1)
         self.next_position = self.next_position + real.sum(axis=1)
         for site in self.sites:
+            if site["layer"] in self.packed:
+                self.packed[site["layer"]].update(out)
+                continue
             cache = "evicted" if evicting.get(site["layer"]) else "present"
             slots = out[site["present_slots"]] if site["row"] is not None else None
             self.cache[site["layer"]] = (out[site[f"{cache}_key"]], out[site[f"{cache}_value"]], slots)
@@ -184,6 +211,18 @@ class Generator:
                              "padding; export it again with kvpass.export_onnx")
         return real
 
+    def _packed_feeds(self, real: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs of a ragged graph's packed sites and its mask. Every layer reads the same width: the
+        longest head of any layer; unpruned layers hold every token (so then the width is `seen`, and
+        the mask's cached columns are theirs); packed sites mask by their own slots."""
+        whole = [keys.shape[2] for keys, _, _ in self.cache.values()]
+        width = max(whole + [site.width() for site in self.packed.values()], default=0)
+        past = ~self.padding if whole else np.ones((real.shape[0], width), bool)
+        feeds = {MASK_INPUT: np.concatenate([past, real], axis=1).astype(np.int64)}
+        for site in self.packed.values():
+            feeds.update(site.feeds(real, self.seen + real.shape[1], width))
+        return feeds
+
     def _held_mask(self) -> np.ndarray:
         """bool [B, cached]: the cached tokens that are not padding, in cache order (the same in every layer)."""
         masks = [~self.padding if slots is None else slots[:, 0, :] >= 0 for _, _, slots in self.cache.values()]
@@ -197,11 +236,12 @@ class Generator:
     def cache_bytes(self) -> int:
         """Bytes the cache holds now: keys, values, slots and carried statistics of every layer."""
         held = sum(array.nbytes for layer in self.cache.values() for array in layer if array is not None)
-        return held + sum(stat.nbytes for stat in self.stats.values())
+        return held + sum(stat.nbytes for stat in self.stats.values()) + sum(
+            site.nbytes() for site in self.packed.values())
 
     def full_cache_bytes(self) -> int:
         """Bytes the graph's unpruned cache would hold after the tokens seen so far (same batch, geometry, dtype)."""
-        batch = next(iter(self.cache.values()))[0].shape[0] if self.cache else 0
+        batch = len(self.next_position)
         elements = sum(2 * site["kv_heads"] * site["head_dim"] for site in self.sites)
         return batch * self.seen * elements * np.dtype(self.kv_dtype).itemsize
 

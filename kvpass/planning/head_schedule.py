@@ -6,7 +6,8 @@ heads (`kvpass.StreamingHeads`, DuoAttention: some heads keep only sinks and a r
 The cache then stores every (sequence, KV head) segment packed one after the other, so a head
 costs exactly the rows it holds: K, V, an int32 slot and the method's statistic per row, plus
 one int32 length per head. Tokens appended since the last eviction wait in a tail that every
-head shares (K, V and statistic per head, one slot per token), and are merged in at the next.
+head shares (K, V and statistic per head, one slot per token), and are merged in at the next; the
+cap counts them as rows of every head (`append_bytes`), which is how the ONNX graph stores them.
 
 The byte cap is the one a uniform cache at the same budget has, `SiteSchedule.cap(seen)` tokens
 per head at `kv + state` bytes each, counted over the layer instead of per head: an eviction at
@@ -73,8 +74,10 @@ class HeadSchedule:
 
     @property
     def append_bytes(self) -> int:
-        """Bytes one appended token adds to the tail of one sequence: every head's K, V and statistic, one slot."""
-        return self.kv_heads * (self.head_bytes + self.stat_bytes) + SLOT_BYTES
+        """Bytes one appended token is counted for until the next eviction: a row in every head (K, V,
+        statistic, slot), as the ONNX graph stores it; torch's tail stores one slot per token, a few
+        bytes less, so the one rule keeps both runtimes under the cap and their tokens equal."""
+        return self.kv_heads * self.row_bytes
 
     @property
     def bookkeeping_bytes(self) -> int:
@@ -117,6 +120,49 @@ class HeadSchedule:
         page = self.base.page_size
         return keep if page == 1 else carved + (keep - carved) // page * page
 
+    def split(self, spare) -> tuple:
+        """(tokens every budgeted head keeps first, rows handed out on top) of `spare` rows: the joint
+        split, or an equal quota each and nothing on top."""
+        return self.joint_split(spare) if self.joint else (self.equal_quota(spare), 0)
+
+    def eviction_sizes(self, seen: int) -> tuple[int, tuple[int, int], tuple[int, int]]:
+        """What an eviction at `seen` works with: (rows it keeps at most, each streaming head's (sinks,
+        recent), the carve-outs (sinks, recent) the budgeted heads' ranking protects)."""
+        rows = self.rows(seen)
+        window = self.streaming_window(rows)
+        if self.budgeted == 0:
+            return rows, window, (0, 0)
+        nominal = rows - len(self.streaming) * min(seen, sum(window))
+        share = nominal // self.budgeted if self.joint else self.equal_quota(nominal)
+        return rows, window, self.base.carve_out(share)
+
+    def split_table(self, rows: int, counts) -> list[tuple[int, int]]:
+        """`split(rows - c)` at index c for every count c of `counts` (rows the streaming heads of a
+        sequence keep), zeros elsewhere: the table the keep rule indexes per sequence."""
+        table = [(0, 0)] * (max(counts, default=0) + 1)
+        for count in set(counts) if self.budgeted else ():
+            table[count] = tuple(map(int, self.split(rows - count)))
+        return table
+
+    def wanted(self, counts: list[list[int]]) -> int:
+        """Rows the longest sequence would keep if nothing capped it, from each (sequence, head)'s
+        real tokens: budgeted heads all of them, streaming heads their window."""
+        window = self.streaming_sinks + self.streaming_recent
+        return max(sum(min(c, window) if head in self.streaming else c for head, c in enumerate(row))
+                   for row in counts)
+
+    def due(self, seen: int, tail: int, packed_rows: int | None, wanted: int) -> bool:
+        """Whether an eviction falls due once `seen` tokens have been seen, the last `tail` of them
+        appended since the last eviction. `packed_rows`: rows the longest sequence holds packed (None
+        before the first eviction); `wanted`: `wanted(...)` of the cache now. Evict when over the cap
+        (appended tokens counted at `append_bytes`), or when the tail is `evict_every` tokens and
+        packing keeps every wanted row."""
+        if tail == 0:
+            return False
+        if (packed_rows or 0) * self.row_bytes + self.bookkeeping_bytes + tail * self.append_bytes > self.byte_cap(seen):
+            return True
+        return tail >= self.base.evict_every and self.rows(seen) >= wanted
+
     def held_rows(self, seen):
         """Rows one sequence (no padding) keeps after an eviction at `seen`."""
         rows = self.rows(seen)
@@ -143,6 +189,6 @@ class HeadSchedule:
         packing it keeps every row the heads want (streaming heads at a budget of 1)."""
         whole = seen * self.kv_heads * (self.head_bytes + self.stat_bytes)
         packed = self.held_rows(seen) * self.row_bytes + self.bookkeeping_bytes
-        over = whole > self.byte_cap(seen)
+        over = seen * self.append_bytes + self.bookkeeping_bytes > self.byte_cap(seen)
         trims = (seen >= self.base.evict_every) & (self.rows(seen) >= self.wanted_rows(seen))
         return batch * where(over | trims, packed, whole)

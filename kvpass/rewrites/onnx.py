@@ -250,7 +250,17 @@ def _cache_of(model: ir.Model, value: ir.Value) -> tuple[ir.Value | None, ir.Val
 # ---------------------------------------------------------------- rewriting
 
 def rewrite_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: int) -> None:
-    """Rewrite `model` in place: every site with a budget below 1 also returns its compacted K/V when it evicts."""
+    """Rewrite `model` in place: every site with a budget below 1 also returns its compacted K/V when it
+    evicts. A plan whose KV heads keep different numbers of tokens gets packed caches instead
+    (`kvpass.rewrites.onnx_ragged`)."""
+    if any(plan.head_schedule(site, dtype_bytes) is not None for site in sites):
+        from kvpass.rewrites.onnx_ragged import RECENCY, rewrite_ragged_sites
+
+        _check_rewritable(model, sites, plan.method or RECENCY)
+        meta = rewrite_ragged_sites(model, sites, plan, dtype_bytes)
+        model.metadata_props[METADATA_KEY] = json.dumps({"method": getattr(plan.method, "name", None),
+                                                         "ragged": True, "sites": meta})
+        return
     _check_rewritable(model, sites, plan.method)
     graph = model.graph
     position_ids = next((v for v in graph.inputs if v.name == POSITION_INPUT), None)
@@ -489,7 +499,8 @@ def _add_eviction(model: ir.Model, site: AttentionSite, method: Method, mask: ir
         return value
 
     params = o("Gather", evict, o.const(row), axis=0)
-    new_slots = _new_slots(o, site, params, mask)
+    new = o("Squeeze", o("Sub", o.dim(cache_k, 2), o.dim(x.past_key, 2)), o.const([0]))
+    new_slots = step_slots(o, site, o("Gather", params, o.const(3), axis=0), new, mask)
     state = [cache_k, cache_v, o("Concat", state_input("slots", ir.DataType.INT32), new_slots, axis=2)]
     if method.stat.carried:  # summed over every step, evicting or not: state the graph carries
         new = o("Sub", o.dim(cache_k, 2), o.dim(x.past_key, 2))
@@ -528,13 +539,12 @@ def _empty_tokens(o: _Ops, cache: ir.Value) -> ir.Value:
     return o("Slice", cache, o.const([0]), o.const([0]), o.const([2]))
 
 
-def _new_slots(o: _Ops, site: AttentionSite, params: ir.Value, mask: ir.Value | None) -> ir.Value:
+def step_slots(o: _Ops, site: AttentionSite, seen: ir.Value, new: ir.Value, mask: ir.Value | None) -> ir.Value:
     """int32 [B, Hkv, L]: the new tokens' slots, their places in the sequence (`seen - L` .. `seen - 1`),
     -1 - slot for padding (the last L columns of `mask` are 0), as the torch runtime labels them.
-    Not the position ids: a left-padded row's positions start after its padding, its slots do not."""
-    cache, past = site.match.present_key, site.match.past_key
-    new = o("Squeeze", o("Sub", o.dim(cache, 2), o.dim(past, 2)), o.const([0]))
-    seen = o("Gather", params, o.const(3), axis=0)
+    Not the position ids: a left-padded row's positions start after its padding, its slots do not.
+    `seen`, `new`: int64 scalars, tokens seen after this step and the step's L."""
+    cache = site.match.present_key
     slots = o("Unsqueeze", o("Range", o("Sub", seen, new), seen, o.const(np.int64(1))), o.const([0]))  # [1, L]
     if mask is not None:
         new_columns = o("Slice", mask, o("Unsqueeze", o("Neg", new), o.const([0])),

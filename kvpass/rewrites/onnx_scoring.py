@@ -1,4 +1,4 @@
-"""A method's ranking, written once in torch, as an ONNX function.
+"""A method's ranking (and other eviction rules), written once in torch, as ONNX functions.
 
 The torch runtime ranks cached tokens with `kvpass.methods.selection.ranking_scores` (the
 method's `score`, head averaging, span pooling, pages, +inf for sinks and the recent window,
@@ -70,15 +70,29 @@ def _export(method: Method, dtype: ir.DataType, opset: int) -> ir.Function:
     shapes = {"keys": tokens, "values": tokens, "slots": tokens, "stat": tokens, "seen": None, "sinks": None,
               "recent": None}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(_Ranking(method), example, dynamo=True, dynamic_shapes=shapes,
-                                        opset_version=opset, verbose=False, input_names=list(INPUTS),
-                                        output_names=["scores"])
+        return torch_function(_Ranking(method), example, shapes, INPUTS, f"rank_{method.name}",
+                              f"{method!r}/{dtype.name}", opset)
     except Exception as error:  # noqa: BLE001 - a method whose scoring does not trace has no ONNX form
         raise UnsupportedModelError(
             f"method {method.name!r} has no ONNX scoring: its torch scoring does not export "
             f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+
+
+def torch_function(module: torch.nn.Module, example: tuple, dynamic_shapes: dict, input_names, name: str,
+                   config: str, opset: int) -> ir.Function:
+    """`module` exported (`torch.onnx.export`, `dynamic_shapes` as torch.export takes them) as the
+    ONNX function `kvpass.scoring::<name>_<digest of config>`, one output, its weights as Constants.
+
+    Example:
+        >>> torch_function(torch.nn.ReLU(), (torch.randn(2),), {"x": {0: torch.export.Dim("n")}}, ["x"],
+        ...                "relu", "", 18).name    # doctest: +SKIP
+        'relu_da39a3ee5e'
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, example, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    opset_version=opset, verbose=False, input_names=list(input_names),
+                                    output_names=["output"])
     graph = ir.from_proto(program.model_proto).graph
     constants = [ir.node("Constant", [], {"value": value.const_value}, outputs=[value])
                  for value in graph.initializers.values()]
@@ -91,6 +105,6 @@ def _export(method: Method, dtype: ir.DataType, opset: int) -> ir.Function:
     graph.outputs.clear()
     for value in inputs + outputs:  # a function's signature carries no types or shapes
         value.type, value.shape = None, None
-    body = ir.Graph(inputs, outputs, nodes=nodes, opset_imports={"": opset}, name=f"rank_{method.name}")
-    digest = hashlib.sha1(f"{method!r}/{dtype.name}/{opset}".encode()).hexdigest()[:10]
-    return ir.Function(DOMAIN, f"rank_{method.name}_{digest}", "", graph=body, attributes=[])
+    body = ir.Graph(inputs, outputs, nodes=nodes, opset_imports={"": opset}, name=name)
+    digest = hashlib.sha1(f"{config}/{opset}".encode()).hexdigest()[:10]
+    return ir.Function(DOMAIN, f"{name}_{digest}", "", graph=body, attributes=[])

@@ -19,6 +19,7 @@ buffers; the old ones and the view are released.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from kvpass.methods.selection import ranking_scores
 from kvpass.planning import SLOT_BYTES, SiteSchedule
 from kvpass.planning.head_schedule import HeadSchedule
 from kvpass.runtime.compacted_cache import CompactedKV, TokenPositions
+from kvpass.runtime.ragged_keep import RaggedKeep
 
 if TYPE_CHECKING:
     from kvpass.runtime.reallocation import Reallocator
@@ -106,6 +108,17 @@ class RaggedKV:
         if self.lengths is None:
             return torch.full(self.tail_keys.shape[:2], self.tail_length, device=self.tail_keys.device)
         return self.lengths.long() + self.tail_length
+
+    def head_slots(self) -> list[list[torch.Tensor]]:
+        """[B][Hkv] the slots each (sequence, KV head) holds, in cache order: packed rows, then the tail."""
+        batch, heads = self.batch_size, self.heads.kv_heads
+        device = (self.tail_keys if self.tail_keys is not None else self.lengths).device
+        tail = self._tail_slots(batch, self.seen, device) if self.tail_keys is not None else \
+            torch.zeros(batch, 0, dtype=torch.int32, device=device)
+        if self.lengths is None:
+            return [[tail[row] for _ in range(heads)] for row in range(batch)]
+        segments = self.packed_slots.split(self.lengths.flatten().tolist())
+        return [[torch.cat([segments[row * heads + head], tail[row]]) for head in range(heads)] for row in range(batch)]
 
     def empty(self) -> RaggedKV:
         """A new, empty cache like this one."""
@@ -199,40 +212,24 @@ class RaggedKV:
 
     # ----------------------------------------------------------------- when and what to evict
 
-    def _held_bytes(self) -> int:
-        """Bytes one sequence's cache holds (the longest one) by the arithmetic the schedule caps: once
-        packed, the tail counts a slot per token whether stored or implied, so when eviction falls due
-        does not depend on padding elsewhere in the batch."""
-        heads, tail = self.heads, self.tail_length
-        whole = tail * heads.kv_heads * (heads.head_bytes + heads.stat_bytes)
-        if self.lengths is None:
-            return whole + (tail * SLOT_BYTES if self.tail_slots is not None else 0)
-        packed = int(self.lengths.sum(1).max()) * heads.row_bytes + heads.bookkeeping_bytes
-        return packed + whole + tail * SLOT_BYTES
-
-    def _wanted_rows(self) -> int:
-        """Rows the longest sequence would keep if nothing capped it (padding is never kept)."""
+    def _real_counts(self) -> list[list[int]]:
+        """[B][Hkv] real tokens each (sequence, head) holds: packed rows and the tail's non-padding."""
         real = self.lengths.long() if self.lengths is not None else 0
         tail_real = (self._tail_slots(self.batch_size, self.seen, self.tail_keys.device) >= 0).sum(-1, keepdim=True)
-        counts = real + tail_real
-        streaming = torch.zeros(self.heads.kv_heads, dtype=torch.bool, device=counts.device)
-        streaming[list(self.heads.streaming)] = True
-        window = self.heads.streaming_sinks + self.heads.streaming_recent
-        return int(torch.where(streaming, counts.clamp_max(window), counts).sum(-1).max())
+        return (real + tail_real).expand(self.batch_size, self.heads.kv_heads).tolist()
 
     def _due(self) -> bool:
-        """Evict when over the cap, or (tail of `evict_every` tokens) when packing keeps every wanted row."""
+        """`HeadSchedule.due` of this cache (the ONNX host asks the same of its own state)."""
         if self.tail_keys is None or self.tail_length == 0:
             return False
-        if self._held_bytes() > self.heads.byte_cap(self.seen):
-            return True
-        return self.tail_length >= self.heads.base.evict_every and self.heads.rows(self.seen) >= self._wanted_rows()
+        packed = int(self.lengths.sum(1).max()) if self.lengths is not None else None
+        return self.heads.due(self.seen, self.tail_length, packed, self.heads.wanted(self._real_counts()))
 
     def _evict(self) -> None:
         view = self._padded_view()
         keep = self._keep(*view)
         index = keep.flatten().nonzero().squeeze(1)
-        keys, values, slots, stat, _ = view
+        keys, values, slots, stat = view
         self.packed_keys = keys.flatten(0, 2).index_select(0, index)
         self.packed_values = values.flatten(0, 2).index_select(0, index)
         self.packed_slots = slots.flatten().index_select(0, index)
@@ -241,9 +238,9 @@ class RaggedKV:
         self.tail_keys = self.tail_values = self.tail_slots = self.tail_stat = None
         self.evictions += 1
 
-    def _padded_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _padded_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Every head's tokens (packed, then tail) as [B, Hkv, T, ...] for scoring, padded at the end of
-        short heads with slot -1: (keys, values, slots, stat, real), `real` False on padding of either kind."""
+        short heads with slot -1: (keys, values, slots, stat)."""
         batch, kv_heads, tail = self.batch_size, self.heads.kv_heads, self.tail_length
         device = self.tail_keys.device
         packed = self.lengths.long() if self.lengths is not None else torch.zeros(batch, kv_heads, dtype=torch.long,
@@ -272,49 +269,29 @@ class RaggedKV:
                 stat[index] = st
         shape = (batch, kv_heads, width)
         slots = slots.view(shape)
-        return (keys.view(*shape, -1), values.view(*shape, -1), slots, None if stat is None else stat.view(shape),
-                slots >= 0)
+        return keys.view(*shape, -1), values.view(*shape, -1), slots, None if stat is None else stat.view(shape)
 
-    def _keep(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, stat: torch.Tensor | None,
-              real: torch.Tensor) -> torch.Tensor:
-        """[B, Hkv, T] the tokens the eviction at `seen` keeps: streaming heads their window, the budgeted
-        heads an equal share each, or (`joint`) as many as a joint top-k over the layer hands them.
+    def _keep(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+              stat: torch.Tensor | None) -> torch.Tensor:
+        """[B, Hkv, T] the tokens the eviction at `seen` keeps (`kvpass.runtime.ragged_keep.RaggedKeep`).
 
         The joint top-k compares the heads' own scores (a head whose tokens score high gets more of
         them); each head then keeps its carve-outs, its floor and that many more tokens in the order
         its method ranks them, so a method with a shared keep set still keeps a prefix of the
         layer-wide ranking in every head (its robustness stays; only the depth differs per head)."""
         heads, seen = self.heads, self.seen
-        rows = heads.rows(seen)
-        streaming = torch.zeros(heads.kv_heads, dtype=torch.bool, device=slots.device)
-        streaming[list(heads.streaming)] = True
-        sinks, recent = heads.streaming_window(rows)
-        keep = real & streaming[:, None] & ((slots < sinks) | (slots >= seen - recent))
-        if heads.budgeted == 0:
-            return keep
-        spare = [rows - int(kept) for kept in keep.sum(dim=(1, 2))]
-        nominal = rows - len(heads.streaming) * min(seen, sinks + recent)
-        budgeted = (~streaming).nonzero().squeeze(1)
-        pick = lambda x: x.index_select(1, budgeted) if x is not None else None
+        rows, window, carve = heads.eviction_sizes(seen)
+        rule = keep_rule(heads)
+        counts = rule.streaming_keep(slots, seen, *window).sum(dim=(1, 2)).tolist()
+        splits = torch.tensor(heads.split_table(rows, counts), device=slots.device)
+        budgeted = torch.tensor(rule.budgeted, device=slots.device, dtype=torch.long)
+        pick = lambda x: x.index_select(1, budgeted) if x is not None else None  # noqa: E731
         method = self.method or RECENCY
-        share = nominal // heads.budgeted if heads.joint else heads.equal_quota(nominal)
-        carve = heads.base.carve_out(share)
         observation = Observation(pick(keys), pick(values), pick(slots), pick(stat), seen, self.group_size)
         scores = ranking_scores(method, observation, *carve)
-        candidates = pick(real)
-        rank = _ranks(scores, candidates)
-        if not heads.joint:
-            keep[:, budgeted] = candidates & (rank < _per_sequence([heads.equal_quota(s) for s in spare], rank))
-            return keep
         own = ranking_scores(replace(method, shared_keep_set=False), observation, *carve) \
-            if method.shared_keep_set else scores
-        split = [heads.joint_split(s) for s in spare]
-        first = _per_sequence([f for f, _ in split], rank)
-        rest = candidates & (rank >= first)
-        joint_rank = _ranks(own.flatten(1), rest.flatten(1)).view_as(rank)
-        handed = (rest & (joint_rank < _per_sequence([e for _, e in split], rank))).sum(-1, keepdim=True)
-        keep[:, budgeted] = candidates & (rank < first + handed)
-        return keep
+            if heads.joint and method.shared_keep_set else scores
+        return rule(scores, own, slots, seen, *window, splits)
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep (or reorder, or repeat) batch rows, as beam search and batch filtering need."""
@@ -336,18 +313,10 @@ class RaggedKV:
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
 
 
-def _ranks(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Each entry's place along the last dim among `candidates`, best score first (ties: earlier first);
-    non-candidates come after every candidate."""
-    key = torch.where(candidates, -scores, float("nan"))  # NaN sorts last; -inf (protected) first
-    order = torch.sort(key, dim=-1, stable=True).indices
-    places = torch.arange(key.shape[-1], device=key.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, places)
-
-
-def _per_sequence(counts: list[int], like: torch.Tensor) -> torch.Tensor:
-    """Per-sequence counts as a tensor that broadcasts against `like` [B, ...]."""
-    return torch.tensor(counts, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+@functools.lru_cache(maxsize=None)
+def keep_rule(heads: HeadSchedule) -> RaggedKeep:
+    """The keep rule of a site's ragged cache (one module per head layout)."""
+    return RaggedKeep(heads.kv_heads, heads.streaming, heads.joint)
 
 
 def new_site_cache(schedule: SiteSchedule, heads: HeadSchedule | None, method: Method | None, group_size: int,

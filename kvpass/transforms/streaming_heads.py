@@ -130,3 +130,14 @@ def _streaming_heads_hf(transform: StreamingHeads, target: RewriteTarget) -> Non
     if any(record["name"] == Evict.name for record in target.plan.transforms):
         return
     target.undo.append(bind_plan(target.model, target.sites, target.plan))
+
+
+@register(StreamingHeads, Backend.ONNX)
+def _streaming_heads_onnx(transform: StreamingHeads, target: RewriteTarget) -> None:
+    """Rewrite the graph's sites onto packed caches (a plan made on the torch model, which chose the
+    heads), unless `kvpass.Evict` is in the transforms: its handler rewrites them."""
+    from kvpass.rewrites.onnx import rewrite_sites
+
+    if any(record["name"] == Evict.name for record in target.plan.transforms):
+        return
+    rewrite_sites(target.model, target.sites, target.plan, target.plan.dtype_bytes)
