@@ -184,3 +184,30 @@ def grouped_query_graph(fused: onnx.ModelProto, **attributes) -> onnx.ModelProto
     RemoveUnusedNodesPass()(model)
     graph.sort()
     return ir.to_proto(model)
+
+
+def test_ragged_plans_attend_through_multihead_attention_bias(graphs, base) -> None:
+    """Streaming heads and per-head budgets on the fused graph: MultiHeadAttention takes the per-head mask
+    as its attention_bias over the unpacked cache, and each head keeps what torch keeps."""
+    from test_onnx_ragged import torch_head_slots
+
+    transforms = [kvpass.StreamingHeads(0.5, recent=16, importance="random", seed=1), kvpass.Evict(per_head=True)]
+    pruned = kvpass.onnx.optimize(graphs["MultiHeadAttention"], budget=0.5, transforms=transforms)
+    assert fused_ops(pruned) == fused_ops(graphs["MultiHeadAttention"])
+    generator = kvpass.onnx.Generator(pruned)
+    ids, new = prompt(), 12
+    tokens = generator.generate(ids, max_new_tokens=new)
+    expected, cache = torch_generate(kvpass.optimize(copy.deepcopy(base), budget=0.5, transforms=transforms), ids, new)
+    assert np.array_equal(tokens, expected)
+    assert len(generator.packed) == LAYERS  # every site pruned, packed
+    for layer, site in generator.packed.items():
+        for onnx_heads, torch_heads in zip(site.head_slots(), torch_head_slots(cache.layers[layer].site_cache)):
+            assert all(np.array_equal(a, b) for a, b in zip(onnx_heads, torch_heads))
+
+
+def test_ragged_plans_on_grouped_query_attention_are_refused_by_name(graphs) -> None:
+    """GroupQueryAttention masks by lengths (a prefix of the cache per row), which cannot give KV heads
+    different tokens: refused, naming the op, not served uniform."""
+    with pytest.raises(UnsupportedModelError, match="is a ms_group_query_attention node: kvpass's ONNX ragged cache"):
+        kvpass.onnx.optimize(graphs["GroupQueryAttention"], budget=1.0,
+                             transforms=[kvpass.StreamingHeads(0.5, importance="random")])

@@ -159,7 +159,8 @@ class HeadSchedule:
         packing keeps every wanted row."""
         if tail == 0:
             return False
-        if (packed_rows or 0) * self.row_bytes + self.bookkeeping_bytes + tail * self.append_bytes > self.byte_cap(seen):
+        held = (packed_rows or 0) * self.row_bytes + self.bookkeeping_bytes + tail * self.append_bytes
+        if held > self.byte_cap(seen):
             return True
         return tail >= self.base.evict_every and self.rows(seen) >= wanted
 

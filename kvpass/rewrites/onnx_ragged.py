@@ -10,8 +10,9 @@ and an int32 length per (sequence, head). Inside the step:
 2. **Attend** over `Concat(unpacked, new)` with the site's own mask, which replaces the model's:
    key j is visible to a query when it is a real token of that KV head (slot >= 0), or one of the
    step's tokens at or before the query (a padding query sees itself only), as the torch ragged
-   attention masks. Standard `Attention` takes it as its boolean `attn_mask` [B, Hq, S, W+S]; a
-   decomposed chain applies it in front of its Softmax.
+   attention masks. Standard `Attention` takes it as its boolean `attn_mask` [B, Hq, S, W+S],
+   com.microsoft `MultiHeadAttention` as its `attention_bias`; a decomposed chain applies it in
+   front of its Softmax.
 3. **Keep**: on a step that evicts (the host's `evicting` flag, `HeadSchedule.due`), the same keep
    rule as torch: the method's ranking (`ranking_function`) and `RaggedKeep`, both exported from
    the torch code, over each head's tokens laid out as `RaggedKV`'s padded view (packed rows, then
@@ -22,8 +23,8 @@ and an int32 length per (sequence, head). Inside the step:
 Sites whose heads keep alike in a ragged plan (the layers without streaming heads) take the same
 path with the uniform rule (`CompactedKV`'s top `keep` per head), so every pruned site of the graph
 reads the shared width. Unpruned sites keep the graph's own `[B, Hkv, T, D]` cache and mask.
-Refused by name: com.microsoft fused ops (MultiHeadAttention's bias could express the mask, not
-written yet; GroupQueryAttention reads lengths, not a mask) and `Attention` without a mask input.
+Refused by name: com.microsoft GroupQueryAttention (it masks by lengths: each row's keys are a
+prefix of its cache, the same for every head) and attention nodes without a mask input.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ PARAMETERS = ("evicting", "seen", "width", "keep", "sinks", "recent", "streaming
 after it; the unpacked width; the uniform rule's keep; the ranking's carve-outs; the streaming window."""
 RECENCY = get_method("streaming_llm")
 """How heads are ranked when the plan has no eviction method (streaming heads alone), as in torch."""
-_SUPPORTED = ("onnx_attention", "eager_softmax_chain")
+_SUPPORTED = ("onnx_attention", "eager_softmax_chain", "ms_multihead_attention")
+_MASK_INPUT = {"onnx_attention": 3, "ms_multihead_attention": 5}
+"""Where a fused node takes the mask the rewrite replaces: Attention's attn_mask, MultiHeadAttention's attention_bias."""
 
 
 def rewrite_ragged_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: int) -> list[dict]:
@@ -102,13 +105,13 @@ def _refuse_unsupported(site: AttentionSite) -> None:
     if site.pattern not in _SUPPORTED:
         raise UnsupportedModelError(
             f"attention site {site.name!r} is a {site.pattern} node: kvpass's ONNX ragged cache (per-head budgets, "
-            f"streaming heads) rewrites {list(_SUPPORTED)} (what kvpass.export_onnx writes), applying its own "
-            "per-head mask; com.microsoft GroupQueryAttention takes lengths, not a mask, and MultiHeadAttention "
-            "is not written yet: export the unfused model")
-    anchor = site.match.anchor
-    if site.pattern == "onnx_attention" and (len(anchor.inputs) < 4 or anchor.inputs[3] is None):
-        raise UnsupportedModelError(f"Attention node {site.name!r} takes no attn_mask input, which a ragged cache "
-                                    "replaces with its per-head mask: export with an explicit mask")
+            f"streaming heads) rewrites {list(_SUPPORTED)}, applying its own per-head mask; com.microsoft "
+            "GroupQueryAttention masks by lengths (each row's keys a prefix of its cache), which cannot give KV "
+            "heads different tokens: prune the unfused export, or fuse to MultiHeadAttention")
+    anchor, index = site.match.anchor, _MASK_INPUT.get(site.pattern)
+    if index is not None and (len(anchor.inputs) <= index or anchor.inputs[index] is None):
+        raise UnsupportedModelError(f"{anchor.op_type} node {site.name!r} takes no mask input (input {index}), which a "
+                                    "ragged cache replaces with its per-head mask: export with an explicit mask")
 
 
 def _add_packed_site(model: ir.Model, site: AttentionSite, method: Method, stat_mode: Stat,
@@ -221,6 +224,11 @@ def _apply_mask(o: _Ops, site: AttentionSite, mask: ir.Value) -> None:
     anchor = site.match.anchor
     if site.pattern == "onnx_attention":
         anchor.replace_input_with(3, mask)
+        return
+    if site.pattern == "ms_multihead_attention":  # an additive bias in the query's type
+        dtype = anchor.inputs[5].dtype.numpy() if anchor.inputs[5].dtype is not None else np.float32
+        bias = o("Where", mask, o.const(np.array(0, dtype)), o.const(np.array(np.finfo(dtype).min, dtype)))
+        anchor.replace_input_with(5, bias)
         return
     softmax = site.match.probs.producer()
     logits = softmax.inputs[0]

@@ -29,7 +29,7 @@ from kvpass.errors import UnsupportedModelError
 from kvpass.kernels.ragged import sequence_starts
 from kvpass.methods import Method, Observation, Stat, get_method
 from kvpass.methods.selection import ranking_scores
-from kvpass.planning import SLOT_BYTES, SiteSchedule
+from kvpass.planning import SiteSchedule
 from kvpass.planning.head_schedule import HeadSchedule
 from kvpass.runtime.compacted_cache import CompactedKV, TokenPositions
 from kvpass.runtime.ragged_keep import RaggedKeep
