@@ -170,21 +170,24 @@ def _add_packed_site(model: ir.Model, site: AttentionSite, method: Method, stat_
         zeros = o("ConstantOfShape", o("Concat", o.dim(cache_k, 0), o.const([site.num_kv_heads]), new, axis=0))
         grown = o("Concat", unpacked["stat"], zeros, axis=2)
         state["stat"] = o("Add", grown, _attention_received(o, site, method, cache_k, cache_v, new_slots))
-    view, source = _torch_view(o, state, head_lengths, p["width"], o.dim(new_slots, 2))
+    view, source, rows = _torch_view(o, state, head_lengths, p["width"], o.dim(new_slots, 2))
     evicting = o("Cast", p["evicting"], to=ir.DataType.BOOL)
     rows_kept = o("Not", o("Equal", view["slots"], o.const(np.int32(NOT_A_ROW))))
     keep = o("If", evicting, then_branch=o.branch(
-        "keep", lambda b: [_evict_keep(b, model, site, method, stat_mode, heads, view, source, state, new_slots,
-                                      p, splits, rows_kept)]),
+        "keep", lambda b: [_evict_keep(b, model, site, method, stat_mode, heads, view, source, rows, state,
+                                      new_slots, p, splits, rows_kept)]),
         else_branch=o.branch("append", lambda b: [b("Identity", rows_kept)]))
     keep.dtype = ir.DataType.BOOL
 
-    # 4. repack
+    # 4. repack: the kept view positions, K and V read straight from the cache through the view's rows
     kept = o("Reshape", o("NonZero", o("Reshape", keep, o.const([-1]))), o.const([-1]))
+    cache_rows = o("Gather", o("Reshape", rows, o.const([-1])), kept, axis=0)
     names = {"past_lengths": lengths.name, "params": params.name, "splits": splits.name if splits else None}
-    for kind, value in view.items():
-        flat = o("Reshape", value, o.const([-1, site.head_dim] if kind in ("key", "value") else [-1]))
-        out = o("Gather", flat, kept, axis=0)
+    for kind in packed:
+        if kind in ("key", "value"):
+            out = o("Gather", o("Reshape", state[kind], o.const([-1, site.head_dim])), cache_rows, axis=0)
+        else:
+            out = o("Gather", o("Reshape", view[kind], o.const([-1])), kept, axis=0)
         out.name, out.dtype = f"kvpass_present_packed_{kind}_{layer}", packed[kind].dtype
         out.shape = ir.Shape([f"kept_rows_{layer}", site.head_dim] if kind in ("key", "value") else
                              [f"kept_rows_{layer}"])
@@ -243,33 +246,38 @@ def _apply_mask(o: _Ops, site: AttentionSite, mask: ir.Value) -> None:
 
 
 def _torch_view(o: _Ops, state: dict[str, ir.Value], head_lengths: ir.Value, width: ir.Value,
-                steps: ir.Value) -> tuple[dict[str, ir.Value], ir.Value]:
-    """`state` [B, Hkv, W + S, ...] (unpacked past, then the step) laid out as `RaggedKV`'s padded view:
-    each head's rows, then the step's tokens, then nothing (slot NOT_A_ROW). Span pooling ranks
-    neighbours in this order, so the ONNX and torch rankings see the same neighbours. Also returns
-    the view's source column in `state` [B, Hkv, W + S]."""
+                steps: ir.Value) -> tuple[dict[str, ir.Value], ir.Value, ir.Value]:
+    """The slots (and statistic) of `state` [B, Hkv, W + S] (unpacked past, then the step) laid out as
+    `RaggedKV`'s padded view: each head's rows, then the step's tokens, then nothing (slot NOT_A_ROW).
+    Span pooling ranks neighbours in this order, so the ONNX and torch rankings see the same
+    neighbours. Also returns, per view position, its column in `state` and its row in the flattened
+    [B x Hkv x (W + S), D] K/V (`view_rows`), through which K and V are read only where needed."""
     steps = o("Squeeze", steps, o.const([0]))
     total = o("Add", width, steps)
     position = o("Range", o.const(np.int64(0)), total, o.const(np.int64(1)))  # [W + S]
     held = o("Add", head_lengths, steps)  # [B, Hkv, 1]
     source = o("Where", o("Less", position, head_lengths), position,
                o("Where", o("Less", position, held), o("Add", width, o("Sub", position, head_lengths)), position))
-    view = {kind: o("Gather", o("Reshape", value, o("Concat", o.const([-1]), o.dim(value, 3), axis=0)),
-                    _row_index(o, value, source), axis=0)
-            for kind, value in state.items() if kind in ("key", "value")}
-    view["slots"] = o("Where", o("Less", position, held), o("GatherElements", state["slots"], source, axis=2),
-                      o.const(np.int32(NOT_A_ROW)))
+    view = {"slots": o("Where", o("Less", position, held), o("GatherElements", state["slots"], source, axis=2),
+                      o.const(np.int32(NOT_A_ROW)))}
     if "stat" in state:
         view["stat"] = o("GatherElements", state["stat"], source, axis=2)
-    return view, source
+    return view, source, _row_index(o, state["key"], source)
 
+
+def _view_rows(o: _Ops, cache: ir.Value, rows: ir.Value) -> ir.Value:
+    """K or V [B, Hkv, W + S, D] in the view's order."""
+    dim = o.dim(cache, 3)
+    return o("Reshape", o("Gather", o("Reshape", cache, o("Concat", o.const([-1]), dim, axis=0)), rows, axis=0),
+             o("Concat", o("Shape", rows), dim, axis=0))
 
 def _evict_keep(o: _Ops, model: ir.Model, site: AttentionSite, method: Method, stat_mode: Stat,
-                heads: HeadSchedule | None, view: dict[str, ir.Value], source: ir.Value, state: dict[str, ir.Value],
-                new_slots: ir.Value, p: dict[str, ir.Value], splits: ir.Value | None,
+                heads: HeadSchedule | None, view: dict[str, ir.Value], source: ir.Value, rows: ir.Value,
+                state: dict[str, ir.Value], new_slots: ir.Value, p: dict[str, ir.Value], splits: ir.Value | None,
                 rows_kept: ir.Value) -> ir.Value:
     """bool [B, Hkv, W + S] the rows an eviction keeps: `RaggedKeep` (ragged sites) or the top `keep` per
-    head (`CompactedKV`), over the view."""
+    head (`CompactedKV`), over the view. K and V are laid out as the view only for a ranking that
+    reads them (knorm, value norms; tova and h2o read the statistic alone)."""
     if stat_mode is Stat.NONE:
         stat = o("Cast", view["slots"], to=ir.DataType.FLOAT)  # no statistic: any float of the shape
     elif "stat" in view:
@@ -277,18 +285,23 @@ def _evict_keep(o: _Ops, model: ir.Model, site: AttentionSite, method: Method, s
     else:
         received = _attention_received(o, site, method, state["key"], state["value"], new_slots)
         stat = o("GatherElements", received, source, axis=2)
-    opset = model.opset_imports[""]
+    opset, dtype = model.opset_imports[""], state["key"].dtype
     as_int32 = {name: o("Cast", p[name], to=ir.DataType.INT32) for name in ("seen", "sinks", "recent")}
+    reads_cache = any(value.uses() for value in ranking_function(method, dtype, opset).inputs[:2])
+    unread = o.const(np.zeros((0, 0, 0, 0), dtype.numpy()))
+    inputs = {"key": _view_rows(o, state["key"], rows) if reads_cache else unread,
+              "value": _view_rows(o, state["value"], rows) if reads_cache else unread,
+              "slots": view["slots"], "stat": stat}
 
-    def rank(rule: Method, keys, values, slots, scores_stat) -> ir.Value:
-        function = ranking_function(rule, state["key"].dtype, opset)
+    def rank(rule: Method, chosen: dict[str, ir.Value]) -> ir.Value:
+        function = ranking_function(rule, dtype, opset)
         model.functions[function.identifier()] = function
         model.opset_imports[DOMAIN] = 1
-        return o(function.name, keys, values, slots, scores_stat, as_int32["seen"], as_int32["sinks"],
-                 as_int32["recent"], domain=DOMAIN)
+        return o(function.name, chosen["key"], chosen["value"], chosen["slots"], chosen["stat"], as_int32["seen"],
+                 as_int32["sinks"], as_int32["recent"], domain=DOMAIN)
 
     if heads is None:
-        scores = rank(method, view["key"], view["value"], view["slots"], stat)
+        scores = rank(method, inputs)
         _, top = o("TopK", scores, o("Reshape", p["keep"], o.const([1])), axis=-1, largest=1, sorted=1, outputs=2)
         zeros = o("ConstantOfShape", o("Shape", view["slots"]), value=ir.tensor(np.array([0], np.int64)))
         ones = o("ConstantOfShape", o("Shape", top), value=ir.tensor(np.array([1], np.int64)))
@@ -297,10 +310,10 @@ def _evict_keep(o: _Ops, model: ir.Model, site: AttentionSite, method: Method, s
     rule = RaggedKeep(heads.kv_heads, heads.streaming, heads.joint)
     if rule.budgeted:
         budgeted = o.const(np.array(rule.budgeted, np.int64))
-        pick = {kind: o("Gather", value, budgeted, axis=1) for kind, value in (*view.items(), ("score_stat", stat))}
-        scores = rank(method, pick["key"], pick["value"], pick["slots"], pick["score_stat"])
-        own = rank(replace(method, shared_keep_set=False), pick["key"], pick["value"], pick["slots"],
-                   pick["score_stat"]) if heads.joint and method.shared_keep_set else scores
+        pick = {kind: value if value is unread else o("Gather", value, budgeted, axis=1)
+                for kind, value in inputs.items()}
+        scores = rank(method, pick)
+        own = rank(replace(method, shared_keep_set=False), pick) if heads.joint and method.shared_keep_set else scores
     else:  # no budgeted head: the rule reads none of these
         scores = own = o("Cast", view["slots"], to=ir.DataType.FLOAT)
     function = _keep_function(rule, opset)
