@@ -37,7 +37,7 @@ import torch
 
 from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method, Stat, get_method
-from kvpass.planning import Plan
+from kvpass.planning import Plan, SiteSchedule
 from kvpass.planning.head_schedule import HeadSchedule
 from kvpass.rewrites.onnx import (
     MASK_INPUT,
@@ -92,8 +92,6 @@ def rewrite_ragged_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_b
 
 def head_schedule(record: dict) -> HeadSchedule:
     """The `HeadSchedule` a site's metadata records (`rewrite_ragged_sites`)."""
-    from kvpass.planning import SiteSchedule
-
     return HeadSchedule(**{**record, "base": SiteSchedule(**record["base"]), "streaming": tuple(record["streaming"])})
 
 
