@@ -64,8 +64,8 @@ class PackedSite:
             evicting = bool(self.heads.due(seen, tail, packed_rows, self.heads.wanted(counts)))
             rows, window, (sinks, recent) = self.heads.eviction_sizes(seen)
             keep = 0
-            most = len(self.heads.streaming) * sum(window) if evicting else 0
-            splits = np.array(self.heads.split_table(rows, range(most + 1)), np.int64).reshape(-1, 2)
+            counts = self._streaming_counts(real, seen, window) if evicting else []
+            splits = np.array(self.heads.split_table(rows, counts), np.int64).reshape(-1, 2)
         self._pending = (evicting, tail, padding)
         values = {"evicting": evicting, "seen": seen, "width": width, "keep": keep, "sinks": sinks, "recent": recent,
                   "streaming_sinks": window[0], "streaming_recent": window[1]}
@@ -78,6 +78,20 @@ class PackedSite:
         if splits is not None:
             feeds[entry["splits"]] = splits
         return feeds
+
+    def _streaming_counts(self, real: np.ndarray, seen: int, window: tuple[int, int]) -> list[int]:
+        """Per sequence, the rows its streaming heads keep at this step's eviction (their real tokens in
+        the window), which index the keep rule's split table: the graph counts the same rows."""
+        new, streaming = real.shape[1], self.heads.streaming
+        if not streaming:
+            return [0] * len(real)
+        step = np.arange(seen - new, seen)
+        step = np.where(real, step, -1 - step)
+        counts = []
+        for row, heads in enumerate(self.head_slots()):
+            slots = np.concatenate([heads[head] for head in streaming] + [step[row]] * len(streaming))
+            counts.append(int(((slots >= 0) & ((slots < window[0]) | (slots >= seen - window[1]))).sum()))
+        return counts
 
     def update(self, out: dict[str, np.ndarray]) -> None:
         """Take the step's present packed cache from the graph's outputs `out`."""
