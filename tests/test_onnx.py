@@ -185,13 +185,26 @@ def test_evict_every_keeps_what_torch_keeps_and_appends_in_between(exported, bas
     assert 0 < evictions <= (new - 1) // every + 1  # in between, the cache only grows
 
 
-def test_layers_of_different_budgets_are_refused_by_name(exported) -> None:
-    """The exported graph builds one mask for every layer from `attention_mask`, so layers must hold
-    as many tokens each (before, onnxruntime failed in an Expand node)."""
+def test_layers_of_different_budgets_keep_what_torch_keeps(exported, base) -> None:
+    """The exported graph builds one mask for every layer from `attention_mask`, which cannot fit layers
+    of different lengths (onnxruntime once failed in an Expand node, then kvpass refused such plans):
+    a pyramid plan now gets packed caches, each site masking by its own slots, and keeps torch's tokens."""
+    from test_onnx_ragged import torch_head_slots
+
     _, proto = exported
-    pruned = kvpass.onnx.optimize(proto, budget=0.5, transforms=[kvpass.Evict("knorm", allocation="pyramid")])
-    with pytest.raises(UnsupportedModelError, match="attention_mask: the graph's one attention mask must fit every"):
-        kvpass.onnx.Generator(pruned).generate(prompt(), max_new_tokens=2)
+    (ids, mask), new = padded_batch(), 12
+    transforms = [kvpass.Evict("knorm", allocation="pyramid", evict_every=4)]
+    generator = kvpass.onnx.Generator(kvpass.onnx.optimize(proto, budget=0.5, transforms=transforms))
+    tokens = generator.generate(ids, max_new_tokens=new, attention_mask=mask)
+    model = kvpass.optimize(copy.deepcopy(base), budget=0.5, transforms=transforms)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+    assert np.array_equal(tokens, out.sequences.numpy())
+    lengths = {layer: site.lengths[0, 0] for layer, site in generator.packed.items()}
+    assert len(generator.packed) == LAYERS and len(set(lengths.values())) == LAYERS  # layers of different lengths
+    for layer, site in generator.packed.items():
+        expected = torch_head_slots(output_cache(out).layers[layer].site_cache)
+        for onnx_heads, torch_heads in zip(site.head_slots(), expected):
+            assert all(np.array_equal(a, b) for a, b in zip(onnx_heads, torch_heads))
 
 
 @pytest.mark.parametrize("method", [get_method("tova", span=2), get_method("knorm", shared_keep_set=True),

@@ -7,9 +7,11 @@ paths of one plan keep the same tokens. A row whose keep is the cache's length (
 due, as between the evictions of `evict_every` > 1) takes the graph's append-only branch.
 Everything else (scores, top-k, compaction, slots) runs inside the graph.
 
-A graph of a ragged plan (per-head budgets, streaming heads: `kvpass.rewrites.onnx_ragged`) carries
-its pruned sites' caches packed; `kvpass.onnx.packed_site.PackedSite` holds each one and decides its
-evictions by the torch `RaggedKV`'s rule, so both runtimes keep the same tokens in every head.
+A graph of a ragged plan (per-head budgets, streaming heads), or of one whose layers keep different
+numbers of tokens, carries its pruned sites' caches packed (`kvpass.rewrites.onnx_ragged`);
+`kvpass.onnx.packed_site.PackedSite` holds each one and decides its evictions by the torch runtime's
+rule (`RaggedKV`'s, or `CompactedKV`'s for heads that keep alike), so both keep the same tokens in
+every head.
 
 Padded batches (left padding) follow Hugging Face's `generate`: position ids count each row's
 real tokens only, and the graph's `attention_mask` covers the physical cache, 0 where a row
@@ -61,7 +63,8 @@ class Generator:
 
     After a call, `cache[layer]` holds that layer's (keys, values, slots) as numpy arrays
     (slots None for an unpruned layer), the physical cache the next step would read; in a ragged
-    graph the pruned layers are in `packed[layer]` instead (packed rows and per-head lengths).
+    graph with packed caches the pruned layers are in `packed[layer]` instead (packed rows and
+    per-head lengths).
     Eviction follows the model's schedule, `evict_every` included (`kvpass.onnx.optimize`):
     between evictions the graph only appends. `session_options` (threads, ...) go to onnxruntime;
     `providers` default to `default_providers()`: CUDA when onnxruntime-gpu is installed, else the CPU.
@@ -81,12 +84,13 @@ class Generator:
                              "kvpass.onnx.optimize or kvpass.export_onnx")
         meta = json.loads(meta)
         self.sites = meta["sites"]
-        self.ragged = bool(meta.get("ragged"))
-        """The graph carries packed caches (per-head budgets, streaming heads): `packed` holds them."""
+        self.packed_caches = bool(meta.get("packed"))
+        """The graph carries packed caches (per-head budgets, streaming heads, layers of different
+        budgets): `packed` holds them."""
         self.packed: dict = {}
         """Layer -> `kvpass.onnx.packed_site.PackedSite` of each pruned site of a ragged graph."""
         stale = [site["name"] for site in self.sites if site["row"] is not None and "evicted_key" not in site
-                 and not self.ragged]
+                 and not self.packed_caches]
         if stale:
             raise ValueError(f"path_or_model: the pruned sites {stale} return their compacted cache as `present` "
                              "(an older kvpass's rewrite); prune the unpruned graph again with kvpass.onnx.optimize")
@@ -130,7 +134,7 @@ class Generator:
         }
         self.stats = {site["layer"]: np.zeros((batch, site["kv_heads"], 0), np.float32)
                       for site in self.sites if "past_stat" in site}
-        if self.ragged:
+        if self.packed_caches:
             from kvpass.onnx.packed_site import PackedSite
 
             self.packed = {site["layer"]: PackedSite(site, batch, self.kv_dtype)
@@ -153,7 +157,7 @@ class Generator:
         real = self._new_tokens_mask(attention_mask, input_ids.shape)
         positions = self.next_position[:, None] + np.cumsum(real, axis=1) - 1
         feeds = {"input_ids": input_ids, POSITION_INPUT: np.where(real, positions, 0)}
-        if self.ragged:
+        if self.packed_caches:
             feeds.update(self._packed_feeds(real))
         elif self.takes_mask:
             feeds[MASK_INPUT] = np.concatenate([self._held_mask(), real], axis=1).astype(np.int64)
@@ -229,8 +233,9 @@ class Generator:
         if any(m.shape != masks[0].shape or not np.array_equal(m, masks[0]) for m in masks[1:]):
             raise UnsupportedModelError(
                 "attention_mask: the graph's one attention mask must fit every layer's cache, but this plan has "
-                "layers holding different tokens (allocation='pyramid' or 'adaptive', or layers left unpruned); "
-                "plan every layer alike (allocation='uniform') to serve this graph")
+                "layers holding different tokens (allocation='pyramid' or 'adaptive', or layers left unpruned), "
+                "pruned by an older kvpass; prune the unpruned graph again with kvpass.onnx.optimize, which gives "
+                "such plans packed caches")
         return masks[0]
 
     def cache_bytes(self) -> int:

@@ -251,15 +251,18 @@ def _cache_of(model: ir.Model, value: ir.Value) -> tuple[ir.Value | None, ir.Val
 
 def rewrite_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: int) -> None:
     """Rewrite `model` in place: every site with a budget below 1 also returns its compacted K/V when it
-    evicts. A plan whose KV heads keep different numbers of tokens gets packed caches instead
-    (`kvpass.rewrites.onnx_ragged`)."""
-    if any(plan.head_schedule(site, dtype_bytes) is not None for site in sites):
+    evicts. A plan whose KV heads keep different numbers of tokens, or whose layers keep different
+    numbers (allocation='pyramid' or 'adaptive', layers left unpruned beside pruned ones), gets
+    packed caches instead, each site masking by its own slots (`kvpass.rewrites.onnx_ragged`): the
+    graph's one mask from `attention_mask` cannot fit layers of different lengths."""
+    layers_differ = len({plan.schedule(site, dtype_bytes) for site in sites}) > 1
+    if layers_differ or any(plan.head_schedule(site, dtype_bytes) is not None for site in sites):
         from kvpass.rewrites.onnx_ragged import RECENCY, rewrite_ragged_sites
 
         _check_rewritable(model, sites, plan.method or RECENCY)
         meta = rewrite_ragged_sites(model, sites, plan, dtype_bytes)
         model.metadata_props[METADATA_KEY] = json.dumps({"method": getattr(plan.method, "name", None),
-                                                         "ragged": True, "sites": meta})
+                                                         "packed": True, "sites": meta})
         return
     _check_rewritable(model, sites, plan.method)
     graph = model.graph
