@@ -68,6 +68,15 @@ class SiteSchedule:
     def prunes(self) -> bool:
         return self.fraction < 1.0 or self.max_tokens is not None
 
+    def token_arithmetic(self) -> tuple:
+        """What decides how many tokens the cache holds and keeps, byte sizes as ratios to the K/V
+        bytes: sites with equal values hold the same tokens at every length (layers of different
+        head counts under one budget do)."""
+        kv = self.kv_bytes_per_token
+        return (self.fraction, Fraction(self.state_bytes_per_token, kv), Fraction(self.stat_bytes_per_token, kv),
+                Fraction(self.reserved_bytes, kv), self.sinks, self.recent, self.evict_every, self.max_tokens,
+                self.page_size, self.window, self.shared)
+
     def full(self, seen):
         """Tokens the unmodified site holds once `seen` tokens have been seen."""
         return seen if self.window is None else smin(seen, self.window)

@@ -255,7 +255,7 @@ def rewrite_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: i
     numbers (allocation='pyramid' or 'adaptive', layers left unpruned beside pruned ones), gets
     packed caches instead, each site masking by its own slots (`kvpass.rewrites.onnx_ragged`): the
     graph's one mask from `attention_mask` cannot fit layers of different lengths."""
-    layers_differ = len({plan.schedule(site, dtype_bytes) for site in sites}) > 1
+    layers_differ = len({plan.schedule(site, dtype_bytes).token_arithmetic() for site in sites}) > 1
     if layers_differ or any(plan.head_schedule(site, dtype_bytes) is not None for site in sites):
         from kvpass.rewrites.onnx_ragged import RECENCY, rewrite_ragged_sites
 
