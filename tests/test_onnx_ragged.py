@@ -46,6 +46,9 @@ CASES = {
                                          kvpass.Evict(KNORM_SPAN, evict_every=128)], 23, True),
     "streaming_and_per_head": (0.5, [kvpass.StreamingHeads(0.25, recent=16, importance="random"),
                                      kvpass.Evict("paged", per_head=True)], 23, True),
+    # every head of layer 0 streams: no budgeted head to rank there
+    "a_layer_all_streaming": (0.5, [kvpass.StreamingHeads(0.5, recent=16, importance="random", seed=5),
+                                    kvpass.Evict(per_head=True)], 23, False),
     # a removed head: the graph has fewer heads, the streaming head is named among those kept
     "pruned_heads_streaming_per_head": (0.5, [kvpass.PruneHeads(0.25, importance="random", seed=2),
                                               kvpass.StreamingHeads(0.34, recent=16, importance="random", seed=0),

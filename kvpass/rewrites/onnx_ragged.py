@@ -60,7 +60,7 @@ RECENCY = get_method("streaming_llm")
 """How heads are ranked when the plan has no eviction method (streaming heads alone), as in torch."""
 _SUPPORTED = ("onnx_attention", "eager_softmax_chain", "ms_multihead_attention")
 _MASK_INPUT = {"onnx_attention": 3, "ms_multihead_attention": 5}
-"""Where a fused node takes the mask the rewrite replaces: Attention's attn_mask, MultiHeadAttention's attention_bias."""
+"""Which input of the node is the mask the rewrite replaces: attn_mask, or MultiHeadAttention's attention_bias."""
 
 
 def rewrite_ragged_sites(model: ir.Model, sites: SiteReport, plan: Plan, dtype_bytes: int) -> list[dict]:
@@ -286,10 +286,16 @@ def _evict_keep(o: _Ops, model: ir.Model, site: AttentionSite, method: Method, s
     opset, dtype = model.opset_imports[""], state["key"].dtype
     as_int32 = {name: o("Cast", p[name], to=ir.DataType.INT32) for name in ("seen", "sinks", "recent")}
     reads_cache = any(value.uses() for value in ranking_function(method, dtype, opset).inputs[:2])
-    unread = o.const(np.zeros((0, 0, 0, 0), dtype.numpy()))
-    inputs = {"key": _view_rows(o, state["key"], rows) if reads_cache else unread,
-              "value": _view_rows(o, state["value"], rows) if reads_cache else unread,
-              "slots": view["slots"], "stat": stat}
+
+    def ranking_inputs(heads_index: ir.Value | None) -> dict[str, ir.Value]:
+        """The ranking's inputs over the view (of the heads `heads_index` picks, or all)."""
+        pick = (lambda value: value) if heads_index is None else (
+            lambda value: o("Gather", value, heads_index, axis=1))
+        if reads_cache:
+            key, value = (pick(_view_rows(o, state[kind], rows)) for kind in ("key", "value"))
+        else:  # the function never reads them: an empty tensor of their type
+            key = value = o.const(np.zeros((0, 0, 0, 0), dtype.numpy()))
+        return {"key": key, "value": value, "slots": pick(view["slots"]), "stat": pick(stat)}
 
     def rank(rule: Method, chosen: dict[str, ir.Value]) -> ir.Value:
         function = ranking_function(rule, dtype, opset)
@@ -299,7 +305,7 @@ def _evict_keep(o: _Ops, model: ir.Model, site: AttentionSite, method: Method, s
                  as_int32["sinks"], as_int32["recent"], domain=DOMAIN)
 
     if heads is None:
-        scores = rank(method, inputs)
+        scores = rank(method, ranking_inputs(None))
         _, top = o("TopK", scores, o("Reshape", p["keep"], o.const([1])), axis=-1, largest=1, sorted=1, outputs=2)
         zeros = o("ConstantOfShape", o("Shape", view["slots"]), value=ir.tensor(np.array([0], np.int64)))
         ones = o("ConstantOfShape", o("Shape", top), value=ir.tensor(np.array([1], np.int64)))
@@ -307,9 +313,7 @@ def _evict_keep(o: _Ops, model: ir.Model, site: AttentionSite, method: Method, s
         return o("And", chosen, rows_kept)
     rule = RaggedKeep(heads.kv_heads, heads.streaming, heads.joint)
     if rule.budgeted:
-        budgeted = o.const(np.array(rule.budgeted, np.int64))
-        pick = {kind: value if value is unread else o("Gather", value, budgeted, axis=1)
-                for kind, value in inputs.items()}
+        pick = ranking_inputs(o.const(np.array(rule.budgeted, np.int64)))
         scores = rank(method, pick)
         own = rank(replace(method, shared_keep_set=False), pick) if heads.joint and method.shared_keep_set else scores
     else:  # no budgeted head: the rule reads none of these
