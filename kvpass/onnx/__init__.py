@@ -95,8 +95,8 @@ def optimize(
     `transforms`: ONNX graphs take `kvpass.Evict` and `kvpass.StreamingHeads` (with
     `importance='random'`; calibrated heads come from a torch plan: `kvpass.export_onnx` of an optimized
     model). Per-head budgets and streaming heads give packed caches (`kvpass.rewrites.onnx_ragged`).
-    Remove heads in torch before export: `kvpass.export_onnx` of a head-pruned model gives a smaller graph. `evict_every=N` evicts at
-    most every N steps, deep enough that the budget still holds while the cache grows in between;
+    Remove heads in torch before export: `kvpass.export_onnx` of a head-pruned model gives a smaller
+    graph. `evict_every=N` evicts at most every N steps, deep enough that the budget still holds while the cache grows in between;
     those steps skip scoring, TopK and the gathers (the graph's `If` just appends), which is what
     makes decoding over the pruned cache faster than the full one: the default is
     `SERVING_EVICT_EVERY` (16; `benchmarks/onnx_serving.py` measures it against 1), where the torch

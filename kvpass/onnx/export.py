@@ -168,7 +168,7 @@ def _rename_plan(plan: Plan, torch_sites: list, proto: onnx.ModelProto, own_plan
                  for site, name in pairs if plan.streaming_heads.get(name)}
     if not any(record["name"] == Evict.name for record in kept) and not streaming:
         kept.append(Evict(plan.method).record())
-    method = plan.method if streaming and plan.method is None else plan.method or get_method(None)
+    method = plan.method if streaming else plan.method or get_method(None)  # streaming alone ranks by recency
     return replace(plan, method=method, budgets={site.name: plan.budgets[name] for site, name in pairs},
                    max_tokens={site.name: plan.max_tokens[name] for site, name in pairs if name in plan.max_tokens},
                    sites=list(onnx_sites), pruned_heads={}, head_importance={}, transforms=kept,
