@@ -30,7 +30,6 @@ import kvpass.onnx
 from kvpass.eval.corpus import text as corpus_text
 from kvpass.eval.models import load_smollm2
 from kvpass.runtime.call_arguments import output_cache
-from kvpass.runtime.ragged_cache import RaggedKV
 
 
 def plans(budget: float) -> dict[str, list]:
@@ -44,14 +43,10 @@ def plans(budget: float) -> dict[str, list]:
 
 def same_slots(generator, cache) -> bool:
     """Every packed (layer, sequence, KV head) holds the torch cache's slots, in order."""
-    for layer, site in generator.packed.items():
-        torch_cache = cache.layers[layer].site_cache
-        expected = torch_cache.head_slots() if isinstance(torch_cache, RaggedKV) else [
-            list(row) for row in torch_cache.slots]
-        for onnx_heads, torch_heads in zip(site.head_slots(), expected):
-            if not all(np.array_equal(a, b.numpy()) for a, b in zip(onnx_heads, torch_heads)):
-                return False
-    return True
+    return all(np.array_equal(onnx_slots, torch_slots.numpy())
+               for layer, site in generator.packed.items()
+               for onnx_heads, torch_heads in zip(site.head_slots(), cache.layers[layer].site_cache.head_slots())
+               for onnx_slots, torch_slots in zip(onnx_heads, torch_heads))
 
 
 def main() -> None:

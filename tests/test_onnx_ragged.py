@@ -13,7 +13,6 @@ from test_onnx import HEAD_DIM, KV_HEADS, padded_batch, prompt, tiny_llama
 import kvpass
 import kvpass.onnx
 from kvpass.runtime.call_arguments import output_cache
-from kvpass.runtime.ragged_cache import RaggedKV
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +22,7 @@ def base():
 
 def torch_head_slots(site_cache) -> list[list[np.ndarray]]:
     """[B][Hkv] the slots each (sequence, head) of a torch site cache holds, in cache order."""
-    if isinstance(site_cache, RaggedKV):
-        return [[slots.numpy() for slots in heads] for heads in site_cache.head_slots()]
-    slots = site_cache.slots.numpy()
-    return [[slots[row, head] for head in range(slots.shape[1])] for row in range(slots.shape[0])]
+    return [[slots.numpy() for slots in heads] for heads in site_cache.head_slots()]
 
 
 KNORM_SPAN = kvpass.methods.get_method("knorm", span=2)

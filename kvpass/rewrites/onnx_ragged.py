@@ -48,7 +48,7 @@ from kvpass.rewrites.onnx import (
     step_slots,
 )
 from kvpass.rewrites.onnx_scoring import DOMAIN, ranking_function, torch_function
-from kvpass.runtime.ragged_keep import RaggedKeep
+from kvpass.runtime.ragged_keep import RaggedKeep, keep_rule
 from kvpass.site import AttentionSite, SiteReport
 
 NOT_A_ROW = -(2**30)
@@ -311,7 +311,7 @@ def _evict_keep(o: _Ops, model: ir.Model, site: AttentionSite, method: Method, s
         ones = o("ConstantOfShape", o("Shape", top), value=ir.tensor(np.array([1], np.int64)))
         chosen = o("Cast", o("ScatterElements", zeros, top, ones, axis=-1), to=ir.DataType.BOOL)
         return o("And", chosen, rows_kept)
-    rule = RaggedKeep(heads.kv_heads, heads.streaming, heads.joint)
+    rule = keep_rule(heads)
     if rule.budgeted:
         pick = ranking_inputs(o.const(np.array(rule.budgeted, np.int64)))
         scores = rank(method, pick)

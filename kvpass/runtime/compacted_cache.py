@@ -123,6 +123,12 @@ class CompactedKV:
         """[B, Hkv] tokens each KV head holds (all alike)."""
         return torch.full(self.keys.shape[:2], self.keys.shape[-2], dtype=torch.long, device=self.keys.device)
 
+    def head_slots(self) -> list[list[torch.Tensor]]:
+        """[B][Hkv] the slots each (sequence, KV head) holds, in cache order (as `RaggedKV.head_slots`)."""
+        batch, heads, length = self.keys.shape[:3]
+        slots = self._past_slots(batch, heads, length, self.keys.device)
+        return [[slots[row, head] for head in range(heads)] for row in range(batch)]
+
     def empty(self) -> "CompactedKV":
         """A new, empty cache like this one (no state)."""
         return CompactedKV(self.schedule, self.method, self.group_size, self.reallocator, self.index)

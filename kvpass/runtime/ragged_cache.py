@@ -19,7 +19,6 @@ buffers; the old ones and the view are released.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -32,7 +31,7 @@ from kvpass.methods.selection import ranking_scores
 from kvpass.planning import SiteSchedule
 from kvpass.planning.head_schedule import HeadSchedule
 from kvpass.runtime.compacted_cache import CompactedKV, TokenPositions
-from kvpass.runtime.ragged_keep import RaggedKeep
+from kvpass.runtime.ragged_keep import keep_rule
 
 if TYPE_CHECKING:
     from kvpass.runtime.reallocation import Reallocator
@@ -311,12 +310,6 @@ class RaggedKV:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
-
-
-@functools.lru_cache(maxsize=None)
-def keep_rule(heads: HeadSchedule) -> RaggedKeep:
-    """The keep rule of a site's ragged cache (one module per head layout)."""
-    return RaggedKeep(heads.kv_heads, heads.streaming, heads.joint)
 
 
 def new_site_cache(schedule: SiteSchedule, heads: HeadSchedule | None, method: Method | None, group_size: int,

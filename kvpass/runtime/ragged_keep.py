@@ -11,7 +11,11 @@ per sequence by how many rows its streaming heads keep, so no `Fraction` arithme
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from kvpass.planning.head_schedule import HeadSchedule
 
 
 class RaggedKeep(torch.nn.Module):
@@ -78,3 +82,9 @@ def ranks(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     places = torch.arange(key.shape[-1], device=key.device).expand_as(order)
     return torch.empty_like(order).scatter_(-1, order, places)
+
+
+@functools.lru_cache(maxsize=None)
+def keep_rule(heads: HeadSchedule) -> RaggedKeep:
+    """The keep rule of a site's ragged cache (one module per head layout), for the runtime and the exporter."""
+    return RaggedKeep(heads.kv_heads, heads.streaming, heads.joint)
