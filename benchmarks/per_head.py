@@ -5,6 +5,8 @@ context-only; one prefill per sample shared by every plan, `kvpass.eval.runner`)
 method at the same byte budget with
   uniform  - every KV head of a layer keeps as many tokens (`kvpass.Evict()`);
   per-head - one joint top-k over the layer's heads, with a per-head floor (`Evict(per_head=True)`);
+  per-head calibrated - fixed per-head shares from calibration's per-head error curves
+             (`Evict(per_head=True, head_allocation="calibrated")`, default calibration prompts);
 and of `kvpass.StreamingHeads(f)` (f of the KV heads keep only 4 sinks + 64 recent tokens, chosen by
 calibration) against the same number of heads chosen at random: alone at budget 1.0, and with
 `Evict()` at 0.5 against `Evict` alone. Then CPU decode tokens/s after a long prompt, ragged
@@ -35,13 +37,18 @@ from kvpass.eval.tasks import COUNTED_TASKS, make_sample, seeds, token_counter
 from kvpass.runtime.call_arguments import cache_argument
 
 
-def plans(model, tokenizer, budgets, fractions, seeds_, head_floor) -> dict[str, kvpass.Plan]:
+PER_HEAD_LABELS = {"joint": "per-head", "calibrated": "per-head calibrated"}
+"""Setting label of each `Evict(head_allocation=...)`."""
+
+
+def plans(model, tokenizer, budgets, fractions, seeds_, head_floor, head_allocations) -> dict[str, kvpass.Plan]:
     """Label -> plan, every one for the same model (sites found once)."""
     result = {FULL: kvpass.plan(model, 1.0, transforms=[kvpass.Evict()])}
     for budget in budgets:
         result[f"uniform@{budget:g}"] = kvpass.plan(model, budget, transforms=[kvpass.Evict()])
-        result[f"per-head@{budget:g}"] = kvpass.plan(model, budget, transforms=[
-            kvpass.Evict(per_head=True, head_floor=head_floor)])
+        for allocation in head_allocations:
+            result[f"{PER_HEAD_LABELS[allocation]}@{budget:g}"] = kvpass.plan(model, budget, transforms=[
+                kvpass.Evict(per_head=True, head_floor=head_floor, head_allocation=allocation)], tokenizer=tokenizer)
     for fraction in fractions:
         chooser = {"calibrated": {}, **{f"random{seed}": {"importance": "random", "seed": seed} for seed in seeds_}}
         for name, options in chooser.items():
@@ -55,7 +62,8 @@ def plans(model, tokenizer, budgets, fractions, seeds_, head_floor) -> dict[str,
 
 def run_quality(args, model, tokenizer) -> None:
     started = time.perf_counter()
-    table = plans(model, tokenizer, args.budgets, args.fractions, args.random_seeds, args.head_floor)
+    table = plans(model, tokenizer, args.budgets, args.fractions, args.random_seeds, args.head_floor,
+                  args.head_allocations)
     print(f"planning {len(table)} plans: {time.perf_counter() - started:.0f}s", flush=True)
     for label, plan in table.items():
         if plan.streaming_heads:
@@ -88,14 +96,16 @@ def print_targets(args, rows) -> None:
         total[(row["task"], row["setting"], row["mode"])] += row["score"]
     n = args.samples
     print("\nPer-head vs uniform (summed sample scores per task; target: mean >= 0, no task below -2):")
-    for budget in args.budgets:
-        for mode in MODES:
-            diffs = [total[(t, f"per-head@{budget:g}", mode)] - total[(t, f"uniform@{budget:g}", mode)]
-                     for t in args.tasks]
-            mean = sum(diffs) / len(diffs) / n * 100
-            print(f"  budget {budget:g} {mode}: mean {mean:+.1f} points, per task "
-                  f"{dict(zip(args.tasks, [round(d, 2) for d in diffs]))} "
-                  f"{'met' if mean >= 0 and min(diffs) >= -2 else 'MISSED'}")
+    labels = [label for label in PER_HEAD_LABELS.values() if any(key[1].startswith(f"{label}@") for key in total)]
+    for label in labels:
+        for budget in args.budgets:
+            for mode in MODES:
+                diffs = [total[(t, f"{label}@{budget:g}", mode)] - total[(t, f"uniform@{budget:g}", mode)]
+                         for t in args.tasks]
+                mean = sum(diffs) / len(diffs) / n * 100
+                print(f"  {label} budget {budget:g} {mode}: mean {mean:+.1f} points, per task "
+                      f"{dict(zip(args.tasks, [round(d, 2) for d in diffs]))} "
+                      f"{'met' if mean >= 0 and min(diffs) >= -2 else 'MISSED'}")
     print("\nStreaming heads (target at 1/3, alone: >= 90% of the full cache, and above random):")
     full = sum(total[(t, FULL, MODES[0])] for t in args.tasks)
     for label in sorted({setting for _, setting, _ in total if setting.startswith("streaming")}):
@@ -152,6 +162,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="samples per task")
     parser.add_argument("--split", choices=["dev", "test"], default="test", help="choose settings on dev, report test")
     parser.add_argument("--head-floor", type=float, default=0.2, help="Evict(per_head=True, head_floor=...)")
+    parser.add_argument("--head-allocations", nargs="+", choices=list(PER_HEAD_LABELS), default=list(PER_HEAD_LABELS),
+                        help="per-head settings to run: Evict(per_head=True, head_allocation=...)")
     parser.add_argument("--length", type=int, default=1500)
     parser.add_argument("--tasks", nargs="+", default=list(COUNTED_TASKS))
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])

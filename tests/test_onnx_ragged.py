@@ -31,6 +31,7 @@ CASES = {
     "per_head_default_padded": (0.5, [kvpass.Evict(per_head=True)], 18, True),
     "per_head_h2o_padded_every3": (0.5, [kvpass.Evict("h2o", per_head=True, evict_every=3)], 23, True),
     "per_head_knorm_span": (0.4, [kvpass.Evict(KNORM_SPAN, per_head=True)], 23, False),
+    "per_head_calibrated_padded": (0.4, [kvpass.Evict("tova", per_head=True, head_allocation="calibrated")], 23, True),
     # one streaming head: the other layer's heads keep alike (the uniform rule, packed too)
     "streaming_beside_uniform_snapkv_padded": (0.5, [kvpass.StreamingHeads(0.25, recent=16, importance="random"),
                                                      kvpass.Evict("snapkv")], 23, True),
@@ -115,6 +116,8 @@ def test_streaming_heads_on_an_onnx_graph_need_a_torch_plan_or_random_heads(base
     proto = kvpass.export_onnx(base, tmp_path / "plain.onnx", budget=1.0)
     with pytest.raises(ValueError, match="importance='output_error'.*calibrates the torch model"):
         kvpass.onnx.optimize(proto, budget=1.0, transforms=[kvpass.StreamingHeads(0.5)])
+    with pytest.raises(ValueError, match="head_allocation='calibrated'.*calibrates the torch model"):
+        kvpass.onnx.optimize(proto, budget=0.5, transforms=[kvpass.Evict(per_head=True, head_allocation="calibrated")])
     pruned = kvpass.onnx.optimize(proto, budget=1.0, transforms=[kvpass.StreamingHeads(0.5, recent=8,
                                                                                        importance="random")])
     generator = kvpass.onnx.Generator(pruned)

@@ -16,13 +16,14 @@ from test_find_attention import CachedDecoder, decode_step_inputs
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvpass
+from kvpass.calibration import Calibration
 from kvpass.cost import BATCH, SEQ
 from kvpass.errors import UnsupportedModelError
 from kvpass.hf_attention import attention_implementation
 from kvpass.kernels.ragged import segment_owners
 from kvpass.methods import get_method
-from kvpass.planning import Plan, build_plan
-from kvpass.planning.head_schedule import LENGTH_BYTES
+from kvpass.planning import Plan, build_plan, calibrated_head_shares
+from kvpass.planning.head_schedule import LENGTH_BYTES, SHARE_UNIT
 from kvpass.runtime.ragged_cache import RaggedKV
 from kvpass.site import AttentionSite
 from kvpass.streaming_calibration import retrieval_prompts, streaming_errors
@@ -91,11 +92,12 @@ GQA = [(4, 2), (6, 3), (4, 4), (8, 2)]
 @settings(max_examples=10, deadline=None)
 @given(budget=st.floats(0.1, 0.9), geometry=st.sampled_from(GQA), evict_every=st.integers(1, 4),
        method=st.sampled_from(["h2o", "tova", "snapkv", "knorm", "paged", "paged_tova"]),
-       streaming=st.sampled_from([0.0, 0.25, 0.5]))
-def test_per_head_eviction_holds_the_cap_at_every_step(budget, geometry, evict_every, method, streaming) -> None:
+       streaming=st.sampled_from([0.0, 0.25, 0.5]), allocation=st.sampled_from(["joint", "calibrated"]))
+def test_per_head_eviction_holds_the_cap_at_every_step(budget, geometry, evict_every, method, streaming,
+                                                       allocation) -> None:
     model = kvpass.optimize(tiny(*geometry), budget=budget, transforms=[
         kvpass.StreamingHeads(streaming, sinks=2, recent=6, importance="random"),
-        kvpass.Evict(method, per_head=True, sinks=2, recent=6, evict_every=evict_every)])
+        kvpass.Evict(method, per_head=True, sinks=2, recent=6, evict_every=evict_every, head_allocation=allocation)])
 
     def check(cache, seen):
         assert kvpass.cache_bytes(cache) <= budget * full_bytes(geometry[1], seen)
@@ -140,6 +142,39 @@ def test_heads_really_differ_and_memory_is_their_rows_plus_lengths() -> None:
     assert kvpass.cache_bytes(cache) <= 0.25 * full_bytes(4, 200)
     figures = kvpass.stats(model)
     assert all(len(site["head_tokens"][0]) == 4 for site in figures["sites"].values())
+
+
+def test_calibrated_shares_set_each_heads_length() -> None:
+    """`head_allocation="calibrated"`: every budgeted head keeps its fixed share of the rows (only what
+    rounding leaves goes by the joint top-k), and the shares follow calibration's error curves."""
+    model = kvpass.optimize(tiny(8, 4), budget=0.25, transforms=[
+        kvpass.Evict("tova", per_head=True, head_allocation="calibrated", sinks=2, recent=4)])
+    plan, seen = model.kvpass_plan, 200
+    assert set(plan.head_shares) == {site.name for site in plan.sites}
+    assert any(len(set(shares)) > 1 for shares in plan.head_shares.values())
+    cache, _ = decode(model, prompt(seen), 1)
+    for layer, site in zip(cache.layers, plan.sites):
+        heads = plan.head_schedule(site, 4)
+        firsts, extra = heads.split(heads.rows(seen))
+        lengths = layer.site_cache.head_lengths()[0].tolist()
+        assert all(first <= length <= first + extra for first, length in zip(firsts, lengths))
+        assert sum(lengths) == sum(firsts) + extra <= heads.rows(seen)
+        assert extra < max(firsts) - min(firsts)  # the shares, not the joint top-k, set the lengths apart
+    assert kvpass.cache_bytes(cache) <= 0.25 * full_bytes(4, seen)
+
+
+def test_calibrated_shares_give_rows_to_the_heads_that_lose_most() -> None:
+    """A head whose output error does not move when cut keeps only its floor; the rest goes to the
+    head whose error falls as it keeps more."""
+    site = AttentionSite("layers.0.attn", 0, 4, 2, 16, None, True)
+    plan = build_plan([site], 0.5, get_method("tova"))
+    grid = 64
+    calibration = Calibration(
+        method="tova", prompt_tokens=[100], entropy={site.name: [0.5, 0.5]}, retention={site.name: [[1.0] * 65] * 2},
+        output_error={site.name: [[0.0] * (grid + 1), [1 - i / grid for i in range(grid + 1)]]}, seconds=0.0)
+    shares = calibrated_head_shares(plan, calibration, head_floor=0.2)[site.name]
+    assert shares[0] == int(0.2 * SHARE_UNIT) and shares[1] > SHARE_UNIT and sum(shares) <= 2 * SHARE_UNIT
+    assert calibrated_head_shares(build_plan([site], 1.0, get_method("tova")), calibration, 0.2) == {}
 
 
 def test_streaming_heads_hold_their_window_and_retrieval_heads_get_the_rest() -> None:
@@ -330,11 +365,12 @@ def test_planned_bytes_stay_within_the_budget(budget, seq_len, evict_every, meth
     assert plan.kv_bytes(seq_len) <= Fraction(budget) * plan.full_kv_bytes(seq_len)
 
 
-@pytest.mark.parametrize("joint,streaming,method", [(True, {}, "paged"), (False, {"layers.1.attn": [0, 2]}, "tova"),
-                                                    (True, {"layers.0.attn": [1]}, "h2o")])
-def test_symbolic_bytes_are_the_ragged_arithmetic(joint, streaming, method) -> None:
+@pytest.mark.parametrize("joint,streaming,method,shares", [
+    (True, {}, "paged", {}), (False, {"layers.1.attn": [0, 2]}, "tova", {}), (True, {"layers.0.attn": [1]}, "h2o", {}),
+    (True, {"layers.0.attn": [1]}, "knorm", {"layers.0.attn": [20, 100], "layers.2.attn": [13, 64, 115]})])
+def test_symbolic_bytes_are_the_ragged_arithmetic(joint, streaming, method, shares) -> None:
     plan = build_plan(SITES, 0.3, get_method(method), evict_every=3)
-    plan.per_head_budgets, plan.streaming_heads = joint, streaming
+    plan.per_head_budgets, plan.streaming_heads, plan.head_shares = joint, streaming, shares
     expression = plan.kv_bytes_expr
     for seq_len in (1, 7, 50, 301, 4095):
         assert expression.subs({SEQ: seq_len, BATCH: 2}) == plan.kv_bytes(seq_len, 2)
@@ -346,9 +382,17 @@ def test_plans_validate_the_new_fields_and_old_plans_load() -> None:
     assert data["format"] == 3
     for field, bad, message in [("streaming_heads", {"layers.0.attn": [3]}, "streaming_heads"),
                                 ("streaming_heads", {"nowhere": [0]}, "not a site"),
-                                ("head_floor", 1.5, "head_floor"), ("per_head_budgets", "yes", "per_head_budgets")]:
+                                ("head_floor", 1.5, "head_floor"), ("per_head_budgets", "yes", "per_head_budgets"),
+                                ("head_shares", {"layers.0.attn": [64, 64, 64]}, "per_head_budgets"),
+                                ("head_shares", {"nowhere": [64]}, "not a site")]:
         with pytest.raises(ValueError, match=message):
             Plan.from_dict({**data, field: bad})
+    per_head = {**data, "per_head_budgets": True}
+    for bad in ([64, 64], [64, 64, -1], [100, 100, 100], [64, 64, 64.0]):
+        with pytest.raises(ValueError, match="head_shares"):
+            Plan.from_dict({**per_head, "head_shares": {"layers.0.attn": bad}})
+    shared = Plan.from_dict({**per_head, "head_shares": {"layers.0.attn": [10, 100, 82]}})
+    assert Plan.from_dict(shared.to_dict()).head_shares == {"layers.0.attn": [10, 100, 82]}
     pruned = {**data, "pruned_heads": {"layers.0.attn": [1]}, "streaming_heads": {"layers.0.attn": [1]}}
     with pytest.raises(ValueError, match="pruned_heads does not remove"):
         Plan.from_dict(pruned)
@@ -369,6 +413,10 @@ def test_bad_options_and_unsupported_targets_are_refused() -> None:
         kvpass.Evict(per_head=True, head_floor=2)
     with pytest.raises(ValueError, match="reallocate"):
         kvpass.Evict(per_head=True, reallocate=8)
+    with pytest.raises(ValueError, match="head_allocation='adaptive'"):
+        kvpass.Evict(per_head=True, head_allocation="adaptive")
+    with pytest.raises(ValueError, match="needs per_head=True"):
+        kvpass.Evict(head_allocation="calibrated")
     with pytest.raises(ValueError, match="fraction"):
         kvpass.StreamingHeads(1.5)
     with pytest.raises(ValueError, match="recent"):

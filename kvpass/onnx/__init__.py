@@ -185,6 +185,9 @@ def _solve(report: SiteReport, budget, transforms: list[Transform]) -> tuple[Pla
     if any(getattr(t, "allocation", "uniform") == "adaptive" for t in transforms):
         raise ValueError("allocation='adaptive' calibrates the torch model; an ONNX graph is planned 'uniform' or "
                          "'pyramid' (or plan the torch model and export it)")
+    if any(getattr(t, "head_allocation", "joint") == "calibrated" for t in transforms):
+        raise ValueError("Evict(head_allocation='calibrated') calibrates the torch model; on an ONNX graph use "
+                         "head_allocation='joint', or plan the torch model and export it (kvpass.export_onnx)")
     return solve(None, report, budget, transforms, dtype_bytes=np.dtype(report[0].dtype).itemsize), transforms
 
 

@@ -172,7 +172,8 @@ def _rename_plan(plan: Plan, torch_sites: list, proto: onnx.ModelProto, own_plan
     return replace(plan, method=method, budgets={site.name: plan.budgets[name] for site, name in pairs},
                    max_tokens={site.name: plan.max_tokens[name] for site, name in pairs if name in plan.max_tokens},
                    sites=list(onnx_sites), pruned_heads={}, head_importance={}, transforms=kept,
-                   streaming_heads=streaming)
+                   streaming_heads=streaming,
+                   head_shares={site.name: plan.head_shares[name] for site, name in pairs if name in plan.head_shares})
 
 
 def _kept_positions(plan: Plan, site_name: str, heads: list[int]) -> list[int]:

@@ -65,7 +65,7 @@ class PackedSite:
             rows, window, (sinks, recent) = self.heads.eviction_sizes(seen)
             keep = 0
             counts = self._streaming_counts(real, seen, window) if evicting else []
-            splits = np.array(self.heads.split_table(rows, counts), np.int64).reshape(-1, 2)
+            splits = np.array(self.heads.split_table(rows, counts), np.int64).reshape(-1, self.heads.budgeted + 1)
         self._pending = (evicting, tail, padding)
         values = {"evicting": evicting, "seen": seen, "width": width, "keep": keep, "sinks": sinks, "recent": recent,
                   "streaming_sinks": window[0], "streaming_recent": window[1]}

@@ -8,9 +8,9 @@ The verb `kvpass.plan(model, ...)` builds one from a model; this package never i
 runtime, so the planner can run without transformers.
 """
 
-from kvpass.planning.allocation import build_plan, curve_at, spread, uniform_plan
+from kvpass.planning.allocation import build_plan, calibrated_head_shares, curve_at, spread, uniform_plan
 from kvpass.planning.record import ALLOCATIONS, FORMAT_VERSION, Plan
 from kvpass.planning.schedule import SLOT_BYTES, STAT_BYTES, SiteSchedule, check_schedule_options, state_bytes_per_token
 
-__all__ = ["Plan", "SiteSchedule", "build_plan", "uniform_plan", "spread", "curve_at", "check_schedule_options",
+__all__ = ["Plan", "SiteSchedule", "build_plan", "calibrated_head_shares", "uniform_plan", "spread", "curve_at", "check_schedule_options",
            "state_bytes_per_token", "ALLOCATIONS", "FORMAT_VERSION", "SLOT_BYTES", "STAT_BYTES"]

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvpass.budget import Budget, parse_budget
 from kvpass.methods import Method
+from kvpass.planning.head_schedule import SHARE_UNIT
 from kvpass.planning.record import ALLOCATIONS, Plan
 from kvpass.planning.schedule import check_schedule_options, state_bytes_per_token
 from kvpass.site import AttentionSite
@@ -171,6 +172,45 @@ def build_plan(
     else:
         plan.max_tokens = _token_caps(plan, parsed, shares, weights, pruned, reference)
     return plan
+
+
+def calibrated_head_shares(plan: Plan, calibration: "Calibration", head_floor: float,
+                           seq_len: int | None = None) -> dict[str, list[int]]:
+    """Site name -> each budgeted KV head's fixed part of an equal share, in 1/SHARE_UNIT units
+    (`Plan.head_shares`): the site's kept fraction spread over its heads as `spread` spreads the
+    global one over sites, by the calibration's per-head output-error curves, each head keeping at
+    least `head_floor` of an equal share. Heads that lose little when cut give rows to those that
+    lose much. Sites that evict nothing, or have one budgeted head, are left out.
+    `seq_len`: the length an absolute budget's token caps are read at (else the fractions).
+
+    Example (head 0 loses nothing when cut, head 1 loses in proportion):
+        >>> from kvpass.calibration import Calibration
+        >>> from kvpass.methods import get_method
+        >>> flat, steep = [0.0] * 65, [1 - i / 64 for i in range(65)]
+        >>> calibration = Calibration("tova", [100], {"a": [0.5, 0.5]}, {"a": [flat, flat]}, {"a": [flat, steep]}, 0.0)
+        >>> plan = build_plan([AttentionSite("a", 0, 4, 2, 16, None, True)], 0.5, get_method("tova"))
+        >>> calibrated_head_shares(plan, calibration, head_floor=0.2)
+        {'a': [12, 115]}
+    """
+    shares = {}
+    for site in plan.sites:
+        fraction = plan.budgets[site.name]
+        if site.name in plan.max_tokens and seq_len:
+            fraction = min(fraction, plan.max_tokens[site.name] / seq_len)
+        removed = set(plan.pruned_heads.get(site.name, ())) | set(plan.streaming_heads.get(site.name, ()))
+        budgeted = [head for head in range(site.num_kv_heads) if head not in removed]
+        if fraction >= 1.0 or len(budgeted) < 2:
+            continue
+        if site.name not in calibration.output_error:
+            raise ValueError(f"calibration has no per-head curves for site {site.name!r}")
+        errors = [calibration.output_error[site.name][head] for head in budgeted]
+        kept = spread([[-e for e in error] for error in errors], [1.0] * len(budgeted), fraction,
+                      head_floor * fraction, 1.0, [1] * len(budgeted))
+        parts = [int(k / fraction * SHARE_UNIT) for k in kept]
+        while sum(parts) > SHARE_UNIT * len(budgeted):  # float rounding up at a whole part
+            parts[parts.index(max(parts))] -= 1
+        shares[site.name] = parts
+    return shares
 
 
 def _float_below(value: Fraction) -> float:

@@ -1,8 +1,10 @@
 """The eviction arithmetic of a site whose KV heads hold different numbers of tokens (a ragged cache).
 
 Two decisions make heads differ: per-head budgets (`kvpass.Evict(per_head=True)`, AdaKV: the
-layer's budget goes to whichever heads' tokens score best, in one joint top-k) and streaming
-heads (`kvpass.StreamingHeads`, DuoAttention: some heads keep only sinks and a recent window).
+layer's budget goes to whichever heads' tokens score best, in one joint top-k; or, with
+`head_allocation="calibrated"`, fixed shares per head chosen at compile time from calibration's
+per-head error curves) and streaming heads (`kvpass.StreamingHeads`, DuoAttention: some heads keep
+only sinks and a recent window).
 The cache then stores every (sequence, KV head) segment packed one after the other, so a head
 costs exactly the rows it holds: K, V, an int32 slot and the method's statistic per row, plus
 one int32 length per head. Tokens appended since the last eviction wait in a tail that every
@@ -26,6 +28,8 @@ from kvpass.planning.schedule import SLOT_BYTES, SiteSchedule
 
 LENGTH_BYTES = 4
 """Each (sequence, KV head) segment of a ragged cache stores its length as one int32."""
+SHARE_UNIT = 64
+"""Fixed per-head shares are whole 1/SHARE_UNIT parts of an equal share (`HeadSchedule.shares`)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,10 @@ class HeadSchedule:
     """The other heads share their rows by one joint top-k over the layer (AdaKV) instead of equally."""
     head_floor: float = 0.2
     """With `joint`: each head first keeps its best `head_floor` share of an equal split (past its carve-outs)."""
+    shares: tuple[int, ...] = ()
+    """With `joint`: each budgeted head's fixed part of an equal split (past its carve-outs), in
+    1/SHARE_UNIT units summing to at most SHARE_UNIT per budgeted head, in place of `head_floor`;
+    the joint top-k hands out only what rounding leaves. Empty: `head_floor` for every head."""
 
     @property
     def prunes(self) -> bool:
@@ -107,13 +115,15 @@ class HeadSchedule:
         return self._pages(keep, sum(self.base.carve_out(keep)))
 
     def joint_split(self, spare) -> tuple:
-        """Joint split of `spare` rows: (tokens every budgeted head keeps first, rows the joint top-k
+        """Joint split of `spare` rows: (tokens each budgeted head keeps first, rows the joint top-k
         hands out on top). First come the carve-outs of an equal share and `head_floor` of what is
-        left of it; the rest, in whole pages, goes to the best-scored tokens of any head."""
+        left of it (or the head's fixed `shares` of it); the rest, in whole pages, goes to the
+        best-scored tokens of any head."""
         share = spare // self.budgeted
         carved = sum(self.base.carve_out(share))
-        first = carved + self._pages(Fraction(self.head_floor) * (share - carved) // 1, 0)
-        return first, self._pages(spare - self.budgeted * first, 0)
+        parts = self.shares or (Fraction(self.head_floor) * SHARE_UNIT,) * self.budgeted
+        firsts = tuple(carved + self._pages(part * (share - carved) // SHARE_UNIT, 0) for part in parts)
+        return firsts, self._pages(spare - sum(firsts), 0)
 
     def _pages(self, keep, carved):
         """`keep` rounded down to whole pages past `carved`."""
@@ -121,9 +131,9 @@ class HeadSchedule:
         return keep if page == 1 else carved + (keep - carved) // page * page
 
     def split(self, spare) -> tuple:
-        """(tokens every budgeted head keeps first, rows handed out on top) of `spare` rows: the joint
-        split, or an equal quota each and nothing on top."""
-        return self.joint_split(spare) if self.joint else (self.equal_quota(spare), 0)
+        """(tokens each budgeted head keeps first, one per head; rows handed out on top) of `spare`
+        rows: the joint split, or an equal quota each and nothing on top."""
+        return self.joint_split(spare) if self.joint else ((self.equal_quota(spare),) * self.budgeted, 0)
 
     def eviction_sizes(self, seen: int) -> tuple[int, tuple[int, int], tuple[int, int]]:
         """What an eviction at `seen` works with: (rows it keeps at most, each streaming head's (sinks,
@@ -136,12 +146,14 @@ class HeadSchedule:
         share = nominal // self.budgeted if self.joint else self.equal_quota(nominal)
         return rows, window, self.base.carve_out(share)
 
-    def split_table(self, rows: int, counts) -> list[tuple[int, int]]:
-        """`split(rows - c)` at index c for every count c of `counts` (rows the streaming heads of a
-        sequence keep), zeros elsewhere: the table the keep rule indexes per sequence."""
-        table = [(0, 0)] * (max(counts, default=0) + 1)
+    def split_table(self, rows: int, counts) -> list[tuple[int, ...]]:
+        """Row c: `split(rows - c)` flattened (each budgeted head's first tokens, then the rows on
+        top) for every count c of `counts` (rows the streaming heads of a sequence keep), zeros
+        elsewhere: the table the keep rule indexes per sequence."""
+        table = [(0,) * (self.budgeted + 1)] * (max(counts, default=0) + 1)
         for count in set(counts) if self.budgeted else ():
-            table[count] = tuple(map(int, self.split(rows - count)))
+            firsts, extra = self.split(rows - count)
+            table[count] = tuple(map(int, (*firsts, extra)))
         return table
 
     def wanted(self, counts: list[list[int]]) -> int:
@@ -172,8 +184,8 @@ class HeadSchedule:
         if self.budgeted == 0:
             return streaming
         if self.joint:
-            first, extra = self.joint_split(spare)
-            budgeted = smin(self.budgeted * seen, self.budgeted * smin(seen, first) + extra)
+            firsts, extra = self.joint_split(spare)
+            budgeted = smin(self.budgeted * seen, sum(smin(seen, first) for first in firsts) + extra)
         else:
             budgeted = self.budgeted * smin(seen, self.equal_quota(spare))
         return streaming + budgeted

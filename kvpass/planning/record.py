@@ -24,7 +24,7 @@ import sympy
 from kvpass.cost import BATCH, SEQ, SiteCost, Symbols, site_cost, smin
 from kvpass.methods import Method, Stat, get_method
 from kvpass.errors import UnsupportedModelError
-from kvpass.planning.head_schedule import HeadSchedule
+from kvpass.planning.head_schedule import SHARE_UNIT, HeadSchedule
 from kvpass.planning.schedule import (STAT_BYTES, SiteSchedule, WindowShare, check_schedule_options,
                                       state_bytes_per_token)
 from kvpass.site import AttentionSite
@@ -89,6 +89,11 @@ class Plan:
     """Each KV head of a site keeps its own number of tokens: the site's budget goes to the best-scored
     tokens of any of its heads in one joint top-k (AdaKV), each head keeping `head_floor` of an equal share."""
     head_floor: float = 0.2
+    head_shares: dict[str, list[int]] = field(default_factory=dict)
+    """Site name -> with per-head budgets, each budgeted KV head's fixed part of an equal share in
+    1/64ths (`HeadSchedule.shares`; kept heads that do not stream, in order), chosen at compile time
+    from calibration (`Evict(per_head=True, head_allocation="calibrated")`). A site absent here
+    splits its budget by the joint top-k."""
     streaming_heads: dict[str, list[int]] = field(default_factory=dict)
     """Site name -> original KV heads that keep only `streaming_sinks` + `streaming_recent` tokens (DuoAttention)."""
     streaming_sinks: int = 4
@@ -150,7 +155,7 @@ class Plan:
         stat = STAT_BYTES if schedule.stat_bytes_per_token else 0
         return HeadSchedule(schedule, pruned.num_kv_heads, pruned.kv_bytes_per_token(dtype_bytes) // pruned.num_kv_heads,
                             stat, streaming, self.streaming_sinks, self.streaming_recent, self.per_head_budgets,
-                            self.head_floor)
+                            self.head_floor, tuple(self.head_shares.get(site.name, ())))
 
     def cache_schedule(self, site: AttentionSite, dtype_bytes: int) -> SiteSchedule | HeadSchedule:
         """What bounds `site`'s cache: its ragged arithmetic when its heads differ, else the uniform one."""
@@ -329,6 +334,18 @@ class Plan:
         if isinstance(self.head_floor, bool) or not isinstance(self.head_floor, (int, float)) \
                 or not 0.0 <= self.head_floor <= 1.0:
             fail(f"head_floor must be a fraction in [0, 1], got {self.head_floor!r}")
+        for name, shares in self.head_shares.items():
+            site = sites.get(name)
+            if site is None:
+                fail(f"head_shares names {name!r}, which is not a site of the plan")
+            removed = set(self.pruned_heads.get(name, ())) | set(self.streaming_heads.get(name, ()))
+            budgeted = site.num_kv_heads - len(removed)
+            if not self.per_head_budgets or not isinstance(shares, list) or len(shares) != budgeted or any(
+                    isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shares) \
+                    or sum(shares) > SHARE_UNIT * budgeted:
+                fail(f"head_shares[{name!r}] must give each of the site's {budgeted} budgeted KV heads a part >= 0 "
+                     f"(in 1/{SHARE_UNIT}ths, summing to at most {SHARE_UNIT * budgeted}) of a plan with "
+                     f"per_head_budgets, got {shares!r}")
         try:
             check_schedule_options(self.streaming_sinks, self.streaming_recent, 1)
         except ValueError as error:

@@ -24,15 +24,16 @@ class RaggedKeep(torch.nn.Module):
     Inputs: `scores`, `own` [B, Hb, T] float32, the budgeted heads' ranking (`own`: per head, for
     the joint top-k of a method that shares one keep set; else the same as `scores`); `slots` int32
     [B, Hkv, T] (negative: padding or no row); `seen`, `sinks`, `recent` int64 scalars (the
-    streaming heads' window); `splits` int64 [C, 2]: (first, extra) for a sequence whose streaming
-    heads keep c rows (`HeadSchedule.split_table`).
+    streaming heads' window); `splits` int64 [C, Hb + 1]: each budgeted head's first tokens, then
+    the rows the joint top-k hands out on top, for a sequence whose streaming heads keep c rows
+    (`HeadSchedule.split_table`).
 
     Example:
         >>> keep = RaggedKeep(kv_heads=3, streaming=(1,), joint=True)
         >>> slots = torch.arange(6, dtype=torch.int32).expand(1, 3, 6)
         >>> scores = torch.tensor([[[5., 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 9]]])
         >>> keep(scores, scores, slots, torch.tensor(6), torch.tensor(1), torch.tensor(1),
-        ...      torch.tensor([[0, 0], [0, 0], [1, 3]])).int()
+        ...      torch.tensor([[0, 0, 0], [0, 0, 0], [1, 1, 3]])).int()
         tensor([[[1, 1, 1, 0, 0, 0],
                  [1, 0, 0, 0, 0, 1],
                  [0, 0, 0, 0, 1, 1]]], dtype=torch.int32)
@@ -56,8 +57,8 @@ class RaggedKeep(torch.nn.Module):
         keep = self.streaming_keep(slots, seen, sinks, recent)
         if not self.budgeted:
             return keep
-        first, extra = splits[keep.sum(dim=(1, 2))].unbind(-1)  # [B] each
-        first, extra = first[:, None, None], extra[:, None, None]
+        split = splits[keep.sum(dim=(1, 2))]  # [B, Hb + 1]
+        first, extra = split[:, :-1, None], split[:, -1:, None]  # [B, Hb, 1], [B, 1, 1]
         budgeted = torch.tensor(self.budgeted, device=slots.device)
         candidates = slots.index_select(1, budgeted) >= 0
         rank = ranks(scores, candidates)

@@ -13,9 +13,13 @@ from typing import Any
 
 from kvpass.errors import UnsupportedModelError
 from kvpass.methods import Method, get_method
-from kvpass.planning import ALLOCATIONS, build_plan, check_schedule_options
+from kvpass.planning import ALLOCATIONS, build_plan, calibrated_head_shares, check_schedule_options
 from kvpass.transforms.base import Backend, Phase, PlanningContext, RewriteTarget, Transform, register
 from kvpass.validation import boolean, integer, real
+
+HEAD_ALLOCATIONS = ("joint", "calibrated")
+"""How `Evict(per_head=True)` splits a site's budget between its KV heads: one joint top-k at every
+eviction (AdaKV), or fixed shares chosen at compile time from calibration."""
 
 
 @dataclass(frozen=True, init=False)
@@ -32,8 +36,11 @@ class Evict(Transform):
     `per_head=True` gives each KV head its own number of tokens (AdaKV): a site's budget goes to
     the best-scored tokens of any of its heads in one joint top-k (GQA query groups' attention
     averaged first; methods with a `shared_keep_set` rank per head here), each head first keeping
-    its carve-outs and `head_floor` of an equal share. The cache is ragged: heads are stored
-    packed, each costing the rows it holds (`kvpass.runtime.ragged_cache`).
+    its carve-outs and `head_floor` of an equal share. `head_allocation="calibrated"` fixes each
+    head's share at compile time instead, from calibration's per-head output-error curves (heads
+    that lose little when cut give rows to those that lose much; still at least `head_floor` of an
+    equal share each). The cache is ragged: heads are stored packed, each costing the rows it holds
+    (`kvpass.runtime.ragged_cache`).
 
     Example:
         >>> import kvpass
@@ -41,6 +48,8 @@ class Evict(Transform):
         16
         >>> kvpass.Evict("tova", per_head=True).per_head
         True
+        >>> kvpass.Evict(per_head=True, head_allocation="calibrated").head_allocation
+        'calibrated'
         >>> model = kvpass.optimize(model, budget=0.5, transforms=[kvpass.Evict("tova", span=2)])  # doctest: +SKIP
     """
 
@@ -56,10 +65,12 @@ class Evict(Transform):
     reallocate: int
     per_head: bool
     head_floor: float
+    head_allocation: str
 
     def __init__(self, method: str | Method | None = None, *, sinks: int = 4, recent: int = 32, evict_every: int = 1,
                  allocation: str = "uniform", floor: float | None = None, ceiling: float = 1.0, reallocate: int = 0,
-                 per_head: bool = False, head_floor: float = 0.2, **method_options: Any) -> None:
+                 per_head: bool = False, head_floor: float = 0.2, head_allocation: str = "joint",
+                 **method_options: Any) -> None:
         sinks, recent, evict_every = check_schedule_options(sinks, recent, evict_every)
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
@@ -72,12 +83,18 @@ class Evict(Transform):
         per_head = boolean(per_head, "Evict: per_head")
         head_floor = real(head_floor, "Evict: head_floor", 0.0, 1.0,
                           meaning="fraction of an equal share every head keeps before the joint top-k")
+        if head_allocation not in HEAD_ALLOCATIONS:
+            raise ValueError(f"Evict: head_allocation={head_allocation!r} is not one of {HEAD_ALLOCATIONS}")
+        if head_allocation != "joint" and not per_head:
+            raise ValueError(f"Evict: head_allocation={head_allocation!r} splits a site's budget between its KV "
+                             "heads, which needs per_head=True")
         if per_head and reallocate:
             raise ValueError("per_head=True cannot be combined with reallocate: re-allocation moves budget between "
                              "sites of uniform caches")
         values = {"method": get_method(method, **method_options), "sinks": sinks, "recent": recent,
                   "evict_every": evict_every, "allocation": allocation, "floor": floor, "ceiling": ceiling,
-                  "reallocate": reallocate, "per_head": per_head, "head_floor": float(head_floor)}
+                  "reallocate": reallocate, "per_head": per_head, "head_floor": float(head_floor),
+                  "head_allocation": head_allocation}
         for key, value in values.items():
             object.__setattr__(self, key, value)
 
@@ -94,7 +111,8 @@ class Evict(Transform):
 
     def decide(self, context: PlanningContext) -> None:
         calibration = None
-        if self.allocation == "adaptive" or context.calibration_source is not None:
+        calibrated_heads = self.per_head and self.head_allocation == "calibrated"
+        if self.allocation == "adaptive" or calibrated_heads or context.calibration_source is not None:
             calibration = context.calibration()
             if calibration.method != self.method.name:
                 raise ValueError(f"calibration was measured for method {calibration.method!r}, not {self.method.name!r}")
@@ -105,6 +123,10 @@ class Evict(Transform):
             pruned_heads=context.pruned_heads, ceilings=context.kept_fraction, reserved_bytes=context.reserved_bytes,
         )
         context.plan.per_head_budgets, context.plan.head_floor = self.per_head, self.head_floor
+        if calibrated_heads:
+            context.plan.streaming_heads = context.streaming_heads
+            context.plan.head_shares = calibrated_head_shares(context.plan, calibration, self.head_floor,
+                                                              context.seq_len)
 
     def stats(self, plan, cache) -> dict[str, Any]:
         layers = [layer.site_cache for layer in getattr(cache, "layers", []) if hasattr(layer, "site_cache")]
