@@ -82,7 +82,7 @@ def run_quality(args, model, tokenizer) -> None:
 
 def report(args, rows) -> None:
     print(f"\nScores (%), SmolLM2-135M-Instruct, ~{args.length} tokens, {args.split} split, {args.samples} samples per task, "
-          f"head_floor {args.head_floor}, "
+          f"head_floor {args.head_floor or 'default'}, "
           f"method {kvpass.get_method()}")
     print(accuracy_table(rows, MODES, args.tasks, counted=args.tasks))
     print_targets(args, rows)
@@ -161,7 +161,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=4, help="samples per task")
     parser.add_argument("--split", choices=["dev", "test"], default="test", help="choose settings on dev, report test")
-    parser.add_argument("--head-floor", type=float, default=0.2, help="Evict(per_head=True, head_floor=...)")
+    parser.add_argument("--head-floor", type=float, help="Evict(per_head=True, head_floor=...) (default: Evict's "
+                        "for each head_allocation)")
     parser.add_argument("--head-allocations", nargs="+", choices=list(PER_HEAD_LABELS), default=list(PER_HEAD_LABELS),
                         help="per-head settings to run: Evict(per_head=True, head_allocation=...)")
     parser.add_argument("--length", type=int, default=1500)

@@ -17,9 +17,13 @@ from kvpass.planning import ALLOCATIONS, build_plan, calibrated_head_shares, che
 from kvpass.transforms.base import Backend, Phase, PlanningContext, RewriteTarget, Transform, register
 from kvpass.validation import boolean, integer, real
 
-HEAD_ALLOCATIONS = ("joint", "calibrated")
-"""How `Evict(per_head=True)` splits a site's budget between its KV heads: one joint top-k at every
-eviction (AdaKV), or fixed shares chosen at compile time from calibration."""
+HEAD_FLOORS = {"joint": 0.2, "calibrated": 0.75}
+"""How `Evict(per_head=True)` splits a site's budget between its KV heads (one joint top-k at every
+eviction, AdaKV; or fixed shares chosen at compile time from calibration), and the `head_floor` each
+defaults to. 0.75 for calibrated shares was chosen on the quality suite's dev split (12 samples per
+task, budgets 0.25 and 0.125, against 0.2 and 0.5; `benchmarks/results/per_head_dev_calibrated.txt`):
+a lower floor starves heads at 0.125, where calibration's short prompts mislead most."""
+HEAD_ALLOCATIONS = tuple(HEAD_FLOORS)
 
 
 @dataclass(frozen=True, init=False)
@@ -36,10 +40,10 @@ class Evict(Transform):
     `per_head=True` gives each KV head its own number of tokens (AdaKV): a site's budget goes to
     the best-scored tokens of any of its heads in one joint top-k (GQA query groups' attention
     averaged first; methods with a `shared_keep_set` rank per head here), each head first keeping
-    its carve-outs and `head_floor` of an equal share. `head_allocation="calibrated"` fixes each
-    head's share at compile time instead, from calibration's per-head output-error curves (heads
-    that lose little when cut give rows to those that lose much; still at least `head_floor` of an
-    equal share each). The cache is ragged: heads are stored packed, each costing the rows it holds
+    its carve-outs and `head_floor` (default 0.2) of an equal share. `head_allocation="calibrated"`
+    fixes each head's share at compile time instead, from calibration's per-head output-error curves
+    (heads that lose little when cut give rows to those that lose much; still at least `head_floor`,
+    default 0.75, of an equal share each). The cache is ragged: heads are stored packed, each costing the rows it holds
     (`kvpass.runtime.ragged_cache`).
 
     Example:
@@ -69,7 +73,7 @@ class Evict(Transform):
 
     def __init__(self, method: str | Method | None = None, *, sinks: int = 4, recent: int = 32, evict_every: int = 1,
                  allocation: str = "uniform", floor: float | None = None, ceiling: float = 1.0, reallocate: int = 0,
-                 per_head: bool = False, head_floor: float = 0.2, head_allocation: str = "joint",
+                 per_head: bool = False, head_floor: float | None = None, head_allocation: str = "joint",
                  **method_options: Any) -> None:
         sinks, recent, evict_every = check_schedule_options(sinks, recent, evict_every)
         if allocation not in ALLOCATIONS:
@@ -81,10 +85,10 @@ class Evict(Transform):
         reallocate = integer(reallocate, "Evict: reallocate", minimum=0,
                              meaning="decoded tokens between re-allocations; 0: off")
         per_head = boolean(per_head, "Evict: per_head")
-        head_floor = real(head_floor, "Evict: head_floor", 0.0, 1.0,
-                          meaning="fraction of an equal share every head keeps before the joint top-k")
         if head_allocation not in HEAD_ALLOCATIONS:
             raise ValueError(f"Evict: head_allocation={head_allocation!r} is not one of {HEAD_ALLOCATIONS}")
+        head_floor = HEAD_FLOORS[head_allocation] if head_floor is None else real(
+            head_floor, "Evict: head_floor", 0.0, 1.0, meaning="fraction of an equal share every KV head keeps at least")
         if head_allocation != "joint" and not per_head:
             raise ValueError(f"Evict: head_allocation={head_allocation!r} splits a site's budget between its KV "
                              "heads, which needs per_head=True")
