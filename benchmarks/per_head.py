@@ -6,7 +6,8 @@ method at the same byte budget with
   uniform  - every KV head of a layer keeps as many tokens (`kvpass.Evict()`);
   per-head - one joint top-k over the layer's heads, with a per-head floor (`Evict(per_head=True)`);
   per-head calibrated - fixed per-head shares from calibration's per-head error curves
-             (`Evict(per_head=True, head_allocation="calibrated")`, default calibration prompts);
+             (`Evict(per_head=True, head_allocation="calibrated")`; default calibration prompts, or
+             with `--calibrate-on-dev N` N dev-split prompts of the suite that no dev run scores);
 and of `kvpass.StreamingHeads(f)` (f of the KV heads keep only 4 sinks + 64 recent tokens, chosen by
 calibration) against the same number of heads chosen at random: alone at budget 1.0, and with
 `Evict()` at 0.5 against `Evict` alone. Then CPU decode tokens/s after a long prompt, ragged
@@ -33,22 +34,27 @@ from kvpass.eval.passkey import make_sample as make_passkey
 from kvpass.eval.report import FULL, accuracy_table, as_dicts, load_jsonl, save_jsonl
 from kvpass.eval.runner import MODES, evaluate
 from kvpass.eval.sweep import cache_from_recording, record_prefill
-from kvpass.eval.tasks import COUNTED_TASKS, make_sample, seeds, token_counter
+from kvpass.eval.tasks import COUNTED_TASKS, encode, make_sample, seeds, token_counter
 from kvpass.runtime.call_arguments import cache_argument
 
 
+DEV_CALIBRATION_START = 500
+"""Dev seeds from here on calibrate (`--calibrate-on-dev`); dev runs score seeds from 0."""
 PER_HEAD_LABELS = {"joint": "per-head", "calibrated": "per-head calibrated"}
 """Setting label of each `Evict(head_allocation=...)`."""
 
 
-def plans(model, tokenizer, budgets, fractions, seeds_, head_floor, head_allocations) -> dict[str, kvpass.Plan]:
-    """Label -> plan, every one for the same model (sites found once)."""
+def plans(model, tokenizer, budgets, fractions, seeds_, head_floor, head_allocations,
+          calibration_prompts=None) -> dict[str, kvpass.Plan]:
+    """Label -> plan, every one for the same model (sites found once). `calibration_prompts`: what
+    calibrated per-head shares are measured on (None: kvpass's default prompts)."""
     result = {FULL: kvpass.plan(model, 1.0, transforms=[kvpass.Evict()])}
     for budget in budgets:
         result[f"uniform@{budget:g}"] = kvpass.plan(model, budget, transforms=[kvpass.Evict()])
         for allocation in head_allocations:
             result[f"{PER_HEAD_LABELS[allocation]}@{budget:g}"] = kvpass.plan(model, budget, transforms=[
-                kvpass.Evict(per_head=True, head_floor=head_floor, head_allocation=allocation)], tokenizer=tokenizer)
+                kvpass.Evict(per_head=True, head_floor=head_floor, head_allocation=allocation)], tokenizer=tokenizer,
+                calibration=calibration_prompts if allocation == "calibrated" else None)
     for fraction in fractions:
         chooser = {"calibrated": {}, **{f"random{seed}": {"importance": "random", "seed": seed} for seed in seeds_}}
         for name, options in chooser.items():
@@ -62,14 +68,20 @@ def plans(model, tokenizer, budgets, fractions, seeds_, head_floor, head_allocat
 
 def run_quality(args, model, tokenizer) -> None:
     started = time.perf_counter()
+    counter = token_counter(tokenizer)
+    calibration_prompts = None
+    if args.calibrate_on_dev:  # dev seeds past any dev run's (DEV_CALIBRATION_START on), one task after another
+        calibration_prompts = [encode(tokenizer, make_sample(COUNTED_TASKS[i % len(COUNTED_TASKS)], "dev", seed,
+                                                             args.length, counter)).prompt_ids
+                               for i, seed in enumerate(seeds("dev", args.calibrate_on_dev, DEV_CALIBRATION_START))]
     table = plans(model, tokenizer, args.budgets, args.fractions, args.random_seeds, args.head_floor,
-                  args.head_allocations)
+                  args.head_allocations, calibration_prompts)
     print(f"planning {len(table)} plans: {time.perf_counter() - started:.0f}s", flush=True)
     for label, plan in table.items():
         if plan.streaming_heads:
             heads = sorted((int(name.split(".")[2]), h) for name, hs in plan.streaming_heads.items() for h in hs)
             print(f"  {label}: streaming (layer, head) {heads}", flush=True)
-    counter, rows = token_counter(tokenizer), []
+    rows = []
     for task in args.tasks:
         for seed in seeds(args.split, args.samples):
             sample = make_sample(task, args.split, seed, args.length, counter)
@@ -165,6 +177,9 @@ def main() -> None:
                         "for each head_allocation)")
     parser.add_argument("--head-allocations", nargs="+", choices=list(PER_HEAD_LABELS), default=list(PER_HEAD_LABELS),
                         help="per-head settings to run: Evict(per_head=True, head_allocation=...)")
+    parser.add_argument("--calibrate-on-dev", type=int, default=0, metavar="N",
+                        help="measure calibrated per-head shares on N dev-split prompts of the suite (0: kvpass's "
+                             "default calibration prompts)")
     parser.add_argument("--length", type=int, default=1500)
     parser.add_argument("--tasks", nargs="+", default=list(COUNTED_TASKS))
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])
