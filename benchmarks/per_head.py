@@ -175,14 +175,14 @@ def main() -> None:
     parser.add_argument("--split", choices=["dev", "test"], default="test", help="choose settings on dev, report test")
     parser.add_argument("--head-floor", type=float, help="Evict(per_head=True, head_floor=...) (default: Evict's "
                         "for each head_allocation)")
-    parser.add_argument("--head-allocations", nargs="+", choices=list(PER_HEAD_LABELS), default=list(PER_HEAD_LABELS),
+    parser.add_argument("--head-allocations", nargs="*", choices=list(PER_HEAD_LABELS), default=list(PER_HEAD_LABELS),
                         help="per-head settings to run: Evict(per_head=True, head_allocation=...)")
     parser.add_argument("--calibrate-on-dev", type=int, default=0, metavar="N",
                         help="measure calibrated per-head shares on N dev-split prompts of the suite (0: kvpass's "
                              "default calibration prompts)")
     parser.add_argument("--length", type=int, default=1500)
     parser.add_argument("--tasks", nargs="+", default=list(COUNTED_TASKS))
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])
+    parser.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25, 0.125])
     parser.add_argument("--fractions", type=float, nargs="*", default=[1 / 3, 2 / 3])
     parser.add_argument("--random-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default="", help="write result rows to this JSONL file as they come")
