@@ -132,7 +132,8 @@ def _add_packed_site(model: ir.Model, site: AttentionSite, method: Method, stat_
         packed["stat"] = graph_input("past_packed_stat", ir.DataType.FLOAT, [rows])
     lengths = graph_input("past_lengths", ir.DataType.INT32, [batch, site.num_kv_heads])
     params = graph_input("ragged", ir.DataType.INT64, [len(PARAMETERS)])
-    splits = graph_input("splits", ir.DataType.INT64, [f"splits_{layer}", heads.budgeted + 1]) if heads is not None else None
+    splits = None if heads is None else graph_input("splits", ir.DataType.INT64,
+                                                     [f"splits_{layer}", heads.budgeted + 1])
     p = {name: o("Gather", params, o.const(index), axis=0) for index, name in enumerate(PARAMETERS)}
 
     # 1. unpack to [B, Hkv, W, ...], rows past a head's length reading the sentinel row
@@ -336,7 +337,8 @@ def _keep_function(rule: RaggedKeep, opset: int) -> ir.Function:
         budgeted = max(len(rule.budgeted), 1)
         example = (torch.rand(batch, budgeted, length), torch.rand(batch, budgeted, length),
                    torch.arange(length, dtype=torch.int32).expand(batch, kv_heads, length).contiguous(),
-                   torch.tensor(20), torch.tensor(2), torch.tensor(3), torch.ones(7, len(rule.budgeted) + 1, dtype=torch.long))
+                   torch.tensor(20), torch.tensor(2), torch.tensor(3),
+                   torch.ones(7, len(rule.budgeted) + 1, dtype=torch.long))
         b, t, c = torch.export.Dim("batch"), torch.export.Dim("tokens"), torch.export.Dim("counts")
         shapes = {"scores": {0: b, 2: t}, "own": {0: b, 2: t}, "slots": {0: b, 2: t}, "seen": None, "sinks": None,
                   "recent": None, "splits": {0: c}}

@@ -90,7 +90,7 @@ class Evict(Transform):
         if head_allocation not in HEAD_ALLOCATIONS:
             raise ValueError(f"Evict: head_allocation={head_allocation!r} is not one of {HEAD_ALLOCATIONS}")
         head_floor = HEAD_FLOORS[head_allocation] if head_floor is None else real(
-            head_floor, "Evict: head_floor", 0.0, 1.0, meaning="fraction of an equal share every KV head keeps at least")
+            head_floor, "Evict: head_floor", 0.0, 1.0, meaning="least fraction of an equal share a KV head keeps")
         if head_allocation != "joint" and not per_head:
             raise ValueError(f"Evict: head_allocation={head_allocation!r} splits a site's budget between its KV "
                              "heads, which needs per_head=True")
