@@ -43,9 +43,10 @@ class Evict(Transform):
     its carve-outs and `head_floor` (default 0.2) of an equal share. `head_allocation="calibrated"`
     fixes each head's share at compile time instead, from calibration's per-head output-error curves
     (heads that lose little when cut give rows to those that lose much; still at least `head_floor`,
-    default 0.75, of an equal share each). Calibrate on prompts like the ones served
-    (`kvpass.optimize(..., calibration=prompts)`): the default prompts are short, and shares measured
-    on them gain less (`benchmarks/results/per_head_dev_calibrated.txt`). The cache is ragged:
+    default 0.75, of an equal share each). Calibrate on long prompts that need retrieval: the ones
+    served, or kvpass's generated ones (`kvpass.optimize(..., calibration=retrieval_prompts(tokenizer,
+    length=1500))`, from `kvpass.streaming_calibration`); the default prompts are short, and shares
+    measured on them gain less (`benchmarks/results/per_head_dev_calibrated.txt`). The cache is ragged:
     heads are stored packed, each costing the rows it holds (`kvpass.runtime.ragged_cache`).
 
     Example:
