@@ -6,9 +6,9 @@ method at the same byte budget with
   uniform  - every KV head of a layer keeps as many tokens (`kvpass.Evict()`);
   per-head - one joint top-k over the layer's heads, with a per-head floor (`Evict(per_head=True)`);
   per-head calibrated - fixed per-head shares from calibration's per-head error curves
-             (`Evict(per_head=True, head_allocation="calibrated")`; default calibration prompts, or
-             with `--calibrate-on-dev N` N dev-split prompts of the suite that no dev run scores, or
-             `--calibrate-on-retrieval N` N of kvpass's generated retrieval prompts);
+             (`Evict(per_head=True, head_allocation="calibrated")`: measured on kvpass's generated
+             retrieval prompts, or with `--calibrate-on-dev N` on N dev-split prompts of the suite that
+             no dev run scores, or with `--short-calibration` on kvpass's two short default prompts);
 and of `kvpass.StreamingHeads(f)` (f of the KV heads keep only 4 sinks + 64 recent tokens, chosen by
 calibration) against the same number of heads chosen at random: alone at budget 1.0, and with
 `Evict()` at 0.5 against `Evict` alone. Then CPU decode tokens/s after a long prompt, ragged
@@ -37,7 +37,7 @@ from kvpass.eval.runner import MODES, evaluate
 from kvpass.eval.sweep import cache_from_recording, record_prefill
 from kvpass.eval.tasks import COUNTED_TASKS, encode, make_sample, seeds, token_counter
 from kvpass.runtime.call_arguments import cache_argument
-from kvpass.streaming_calibration import retrieval_prompts
+from kvpass.calibration import default_prompts
 
 
 DEV_CALIBRATION_START = 500
@@ -76,8 +76,8 @@ def run_quality(args, model, tokenizer) -> None:
         calibration_prompts = [encode(tokenizer, make_sample(COUNTED_TASKS[i % len(COUNTED_TASKS)], "dev", seed,
                                                              args.length, counter)).prompt_ids
                                for i, seed in enumerate(seeds("dev", args.calibrate_on_dev, DEV_CALIBRATION_START))]
-    if args.calibrate_on_retrieval:  # kvpass's own generated retrieval prompts (what StreamingHeads calibrates on)
-        calibration_prompts = retrieval_prompts(tokenizer, count=args.calibrate_on_retrieval, length=args.length)
+    if args.short_calibration:  # what calibrated shares were measured on before they had their own prompts
+        calibration_prompts = default_prompts(tokenizer)
     table = plans(model, tokenizer, args.budgets, args.fractions, args.random_seeds, args.head_floor,
                   args.head_allocations, calibration_prompts)
     print(f"planning {len(table)} plans: {time.perf_counter() - started:.0f}s", flush=True)
@@ -184,9 +184,9 @@ def main() -> None:
     parser.add_argument("--calibrate-on-dev", type=int, default=0, metavar="N",
                         help="measure calibrated per-head shares on N dev-split prompts of the suite (0: kvpass's "
                              "default calibration prompts)")
-    parser.add_argument("--calibrate-on-retrieval", type=int, default=0, metavar="N",
-                        help="measure calibrated per-head shares on N of kvpass's generated retrieval prompts "
-                             "(kvpass.streaming_calibration.retrieval_prompts) of --length tokens")
+    parser.add_argument("--short-calibration", action="store_true",
+                        help="measure calibrated per-head shares on kvpass.calibration.default_prompts (two short "
+                             "texts) instead of Evict's generated retrieval prompts")
     parser.add_argument("--length", type=int, default=1500)
     parser.add_argument("--tasks", nargs="+", default=list(COUNTED_TASKS))
     parser.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25, 0.125])

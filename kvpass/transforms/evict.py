@@ -24,6 +24,9 @@ defaults to. 0.75 for calibrated shares was chosen on the quality suite's dev sp
 task, budgets 0.25 and 0.125, against 0.2 and 0.5; `benchmarks/results/per_head_dev_calibrated.txt`):
 a lower floor starves heads at 0.125, where calibration's short prompts mislead most."""
 HEAD_ALLOCATIONS = tuple(HEAD_FLOORS)
+HEAD_CALIBRATION_TOKENS = 1500
+"""Length of the generated retrieval prompts calibrated per-head shares are measured on when no
+calibration is given (4 of them; the setting measured in `per_head_calibrated_on_retrieval_test.txt`)."""
 
 
 @dataclass(frozen=True, init=False)
@@ -43,10 +46,10 @@ class Evict(Transform):
     its carve-outs and `head_floor` (default 0.2) of an equal share. `head_allocation="calibrated"`
     fixes each head's share at compile time instead, from calibration's per-head output-error curves
     (heads that lose little when cut give rows to those that lose much; still at least `head_floor`,
-    default 0.75, of an equal share each). Calibrate on long prompts that need retrieval: the ones
-    served, or kvpass's generated ones (`kvpass.optimize(..., calibration=retrieval_prompts(tokenizer,
-    length=1500))`, from `kvpass.streaming_calibration`); the default prompts are short, and shares
-    measured on them gain less (`benchmarks/results/per_head_dev_calibrated.txt`). The cache is ragged:
+    default 0.75, of an equal share each). The shares are measured on long prompts that need
+    retrieval: `calibration=` prompts like the ones served, or else four of kvpass's generated ones
+    (`kvpass.streaming_calibration.retrieval_prompts`, 1500 tokens; kvpass's two short default
+    prompts gain much less: `benchmarks/results/per_head_dev_calibrated.txt`). The cache is ragged:
     heads are stored packed, each costing the rows it holds (`kvpass.runtime.ragged_cache`).
 
     Example:
@@ -119,7 +122,7 @@ class Evict(Transform):
     def decide(self, context: PlanningContext) -> None:
         calibration = None
         calibrated_heads = self.per_head and self.head_allocation == "calibrated"
-        if self.allocation == "adaptive" or calibrated_heads or context.calibration_source is not None:
+        if self.allocation == "adaptive" or context.calibration_source is not None:
             calibration = context.calibration()
             if calibration.method != self.method.name:
                 raise ValueError(f"calibration was measured for method {calibration.method!r}, not {self.method.name!r}")
@@ -132,8 +135,19 @@ class Evict(Transform):
         context.plan.per_head_budgets, context.plan.head_floor = self.per_head, self.head_floor
         if calibrated_heads:
             context.plan.streaming_heads = context.streaming_heads
-            context.plan.head_shares = calibrated_head_shares(context.plan, calibration, self.head_floor,
-                                                              context.seq_len)
+            context.plan.head_shares = calibrated_head_shares(
+                context.plan, calibration or self._retrieval_calibration(context), self.head_floor, context.seq_len)
+
+    def _retrieval_calibration(self, context: PlanningContext):
+        """Per-head curves on kvpass's generated long retrieval prompts, when no calibration was given: the
+        two short default prompts hide which heads retrieval needs (`benchmarks/results/per_head_dev_calibrated.txt`)."""
+        from kvpass.calibration import calibrate
+        from kvpass.streaming_calibration import retrieval_prompts
+
+        vocab_size = getattr(getattr(context.model, "config", None), "vocab_size", None)
+        prompts = retrieval_prompts(context.tokenizer, vocab_size, count=4, length=HEAD_CALIBRATION_TOKENS)
+        return calibrate(context.model, self.method, prompts, tokenizer=context.tokenizer, sites=context.sites,
+                         sinks=self.sinks, recent=self.recent)
 
     def stats(self, plan, cache) -> dict[str, Any]:
         layers = [layer.site_cache for layer in getattr(cache, "layers", []) if hasattr(layer, "site_cache")]
