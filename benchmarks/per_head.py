@@ -49,7 +49,7 @@ PER_HEAD_LABELS = {"joint": "per-head", "calibrated": "per-head calibrated"}
 def plans(model, tokenizer, budgets, fractions, seeds_, head_floor, head_allocations,
           calibration_prompts=None) -> dict[str, kvpass.Plan]:
     """Label -> plan, every one for the same model (sites found once). `calibration_prompts`: what
-    calibrated per-head shares are measured on (None: kvpass's default prompts)."""
+    calibrated per-head shares are measured on (None: Evict's generated retrieval prompts)."""
     result = {FULL: kvpass.plan(model, 1.0, transforms=[kvpass.Evict()])}
     for budget in budgets:
         result[f"uniform@{budget:g}"] = kvpass.plan(model, budget, transforms=[kvpass.Evict()])
@@ -182,8 +182,8 @@ def main() -> None:
     parser.add_argument("--head-allocations", nargs="*", choices=list(PER_HEAD_LABELS), default=list(PER_HEAD_LABELS),
                         help="per-head settings to run: Evict(per_head=True, head_allocation=...)")
     parser.add_argument("--calibrate-on-dev", type=int, default=0, metavar="N",
-                        help="measure calibrated per-head shares on N dev-split prompts of the suite (0: kvpass's "
-                             "default calibration prompts)")
+                        help="measure calibrated per-head shares on N dev-split prompts of the suite (0: Evict's "
+                             "generated retrieval prompts)")
     parser.add_argument("--short-calibration", action="store_true",
                         help="measure calibrated per-head shares on kvpass.calibration.default_prompts (two short "
                              "texts) instead of Evict's generated retrieval prompts")

@@ -22,7 +22,8 @@ HEAD_FLOORS = {"joint": 0.2, "calibrated": 0.75}
 eviction, AdaKV; or fixed shares chosen at compile time from calibration), and the `head_floor` each
 defaults to. 0.75 for calibrated shares was chosen on the quality suite's dev split (12 samples per
 task, budgets 0.25 and 0.125, against 0.2 and 0.5; `benchmarks/results/per_head_dev_calibrated.txt`):
-a lower floor starves heads at 0.125, where calibration's short prompts mislead most."""
+a lower floor starved heads at 0.125; the study calibrated on the two short default prompts, before
+the generated retrieval prompts became the default."""
 HEAD_ALLOCATIONS = tuple(HEAD_FLOORS)
 HEAD_CALIBRATION_TOKENS = 1500
 """Length of the generated retrieval prompts calibrated per-head shares are measured on when no
@@ -136,7 +137,8 @@ class Evict(Transform):
         if calibrated_heads:
             context.plan.streaming_heads = context.streaming_heads
             context.plan.head_shares = calibrated_head_shares(
-                context.plan, calibration or self._retrieval_calibration(context), self.head_floor, context.seq_len)
+                context.plan, calibration if context.calibration_source is not None else self._retrieval_calibration(context),
+                self.head_floor, context.seq_len)
 
     def _retrieval_calibration(self, context: PlanningContext):
         """Per-head curves on kvpass's generated long retrieval prompts, when no calibration was given: the
