@@ -21,7 +21,7 @@ from kvpass.errors import UnsupportedModelError
 from kvpass.hf_attention import attention_implementation
 from kvpass.memory import cache_bytes
 from kvpass.runtime.hf_selection import SELECTION_ATTRIBUTE, SelectionRule, SelectionState, decide_layer
-from kvpass.runtime.layer_selection import rank_variance_ratio, selected_tokens
+from kvpass.runtime.layer_selection import consensus_scores, rank_variance_ratio, selected_tokens
 from kvpass.runtime.call_arguments import cache_argument
 
 LAYERS, LENGTH, WINDOW, KEEP = 6, 96, 8, 40
@@ -101,7 +101,8 @@ def test_propagation_shortens_deeper_layers_and_their_caches():
     assert deep < shallow * KEEP / LENGTH * 1.25  # K/V of KEEP tokens plus their int32 slots
     assert [layer.get_seq_length() for layer in cache.layers] == [LENGTH] * LAYERS
     figures = kvpass.stats(model)
-    assert figures["SelectLayer"] == {"layer": 2, "row_layers": [2, 2], "prompt_tokens": LENGTH, "tokens_kept": KEEP}
+    assert figures["SelectLayer"] == {"layer": 2, "row_layers": [2, 2], "row_settled": [], "prompt_tokens": LENGTH,
+                                      "tokens_kept": KEEP}
     assert figures["kv_bytes"] == cache_bytes(cache) < figures["full_kv_bytes"]
 
 
@@ -214,8 +215,37 @@ def test_rank_variance_rule_on_a_constructed_ranking():
         if state.layer is not None:
             break
     assert rank_variance_ratio([layers[1][:1], layers[2][:1]], 5).item() == 0.0
-    assert state.row_layers == [3, 4] and state.layer == 4
-    assert torch.equal(state.indices, selected_tokens(layers[3], 24, 9))
+    assert state.row_layers == [3, 4] and state.layer == 4 and state.row_settled == [True, True]
+    assert torch.equal(state.indices, selected_tokens(consensus_scores(state.history), 24, 9))
+
+
+def test_a_ranking_unsettled_at_max_layer_selects_there_by_the_observed_layers_together():
+    """Rows whose rankings keep changing: nothing passes tau, so the batch selects at max_layer, and by the
+    observed layers' normalised scores averaged, not by the last layer's alone."""
+    generator = torch.Generator().manual_seed(2)
+    layers = [torch.rand(2, 20, generator=generator) for _ in range(4)]
+    rule = SelectionRule(layers=8, first_scored=1, window=4, kernel=3, two_pass=False, tau=0.01, observe=2, keep=9,
+                         max_layer=4)
+    state = SelectionState(length=24, keep=9, active=True)
+    for index, scores in enumerate(layers, start=1):
+        assert state.layer is None
+        state.history = (state.history + [scores])[-rule.observe:]
+        decide_layer(rule, state, index)
+    assert state.layer == 4 and state.row_layers == [4, 4] and state.row_settled == [False, False]
+    together = selected_tokens(consensus_scores(layers[-2:]), 24, 9)
+    assert torch.equal(state.indices, together)
+    assert not torch.equal(together, selected_tokens(layers[-1], 24, 9))  # the choice of scores matters here
+
+
+def test_asl_on_a_model_selects_by_max_layer_and_reports_which_rows_settled():
+    base, ids = tiny_llama(), prompt()
+    model = selecting(kvpass.SelectLayer(tau=1e-6, min_layer=1, observe=2, max_layer=3, keep=KEEP, window=WINDOW),
+                      base=base)
+    logits, cache = prefill(model, ids)
+    figures = kvpass.stats(model)["SelectLayer"]
+    assert figures["layer"] == 3 and figures["row_layers"] == [3, 3] and figures["row_settled"] == [False, False]
+    assert logits.shape[1] == KEEP
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [LENGTH] * 4 + [KEEP] * 2
 
 
 def test_byte_cap_holds_at_every_step():
@@ -245,7 +275,9 @@ def test_left_padded_batch_generates_like_each_row_alone():
 
 @pytest.mark.parametrize("options, message", [
     (dict(tau=0.3, layer=2), "not both"),
-    (dict(layer=2, min_layer=1), "observe and min_layer"),
+    (dict(layer=2, min_layer=1), "observe, min_layer and max_layer"),
+    (dict(layer=2, max_layer=3), "observe, min_layer and max_layer"),
+    (dict(max_layer=-1), "max_layer must be an int >= 0"),
     (dict(kernel=4), "kernel must be odd"),
     (dict(keep=8, window=8), "keep must be an int >= 9"),
     (dict(tau=-1.0), "tau must be a number"),
@@ -260,6 +292,8 @@ def test_refusals_leave_the_model_unchanged():
     base = tiny_llama()
     with pytest.raises(ValueError, match="layer=5 must be at most 4"):
         kvpass.optimize(base, budget=0.5, transforms=[kvpass.SelectLayer(layer=5), kvpass.Evict()])
+    with pytest.raises(ValueError, match=r"max_layer=1 must lie within min_layer=2\.\.4"):
+        kvpass.optimize(base, budget=0.5, transforms=[kvpass.SelectLayer(min_layer=2, max_layer=1), kvpass.Evict()])
     with pytest.raises(UnsupportedModelError, match="needs kvpass.Evict"):
         kvpass.optimize(base, budget=1.0, transforms=[kvpass.SelectLayer(layer=2)])
     assert getattr(base, "kvpass_plan", None) is None and not base.model.layers[3]._forward_pre_hooks

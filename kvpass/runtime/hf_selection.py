@@ -2,7 +2,7 @@
 
 During a prefill (the first call on an empty cache), layers from `first_scored` on report
 SnapKV-style scores through the kvpass attention function (`kvpass_observer`). Once the rule
-picks a layer L (a fixed layer, or ASL's rank-variance test), the decoder layers after L
+picks a layer L (a fixed layer, or ASL's rank-variance test, at `max_layer` at the latest), the decoder layers after L
 receive only the selected tokens' hidden states, with their own rows and columns of the
 attention mask, their own rotary embeddings and position ids; their attention runs on those
 tokens only and their caches hold only those (`kvpass_positions` gives the compacted cache
@@ -30,7 +30,7 @@ from kvpass.errors import UnsupportedModelError
 from kvpass.runtime.call_arguments import MODEL_CACHE_KEYWORDS, cache_keyword, given_cache
 from kvpass.runtime.compacted_cache import TokenPositions
 from kvpass.runtime.hf import POSITIONS_KEYWORD
-from kvpass.runtime.layer_selection import rank_variance_ratio, selected_tokens, window_scores
+from kvpass.runtime.layer_selection import consensus_scores, rank_variance_ratio, selected_tokens, window_scores
 
 SELECTION_ATTRIBUTE = "_kvpass_selection"
 """Where a cache keeps the `SelectionState` of the prefill that filled it."""
@@ -55,14 +55,21 @@ class SelectionRule:
     keep: int | None = None
     """Tokens propagated (selected + window); None: `budget_keep(length)`."""
     budget_keep: Callable[[int], int] | None = None
+    max_layer: int | None = None
+    """ASL: where a ranking still unsettled selects anyway (None: the last layer a selection can be made at)."""
 
     def keep_for(self, length: int) -> int:
         keep = self.keep if self.keep is not None else self.budget_keep(length)
         return max(keep, self.window + 1)
 
     @property
-    def last_selectable(self) -> int:
-        """The deepest layer a selection can be made at: the last layer for two passes, else the one before."""
+    def deepest(self) -> int:
+        """The deepest layer this rule selects at: the fixed layer, ASL's `max_layer`, or else the last layer
+        a selection can be made at (the last layer for two passes, else the one before)."""
+        if self.fixed is not None:
+            return self.fixed
+        if self.max_layer is not None:
+            return self.max_layer
         return self.layers - 1 if self.two_pass else self.layers - 2
 
 
@@ -77,6 +84,8 @@ class SelectionState:
     """The layer the batch selected at (None: none did)."""
     row_layers: list[int | None] = field(default_factory=list)
     """The first layer at which each batch row's ranking was stable (the fixed layer for every row)."""
+    row_settled: list[bool] = field(default_factory=list)
+    """ASL: whether each row's ranking passed the test (False: it selected at `max_layer` unsettled)."""
     propagate_from: int | None = None
     """The first layer that receives only the selected tokens."""
     indices: torch.Tensor | None = None
@@ -89,7 +98,8 @@ class SelectionState:
     """The decoder layers' keyword inputs narrowed to the selected tokens (computed once)."""
 
     def figures(self) -> dict[str, Any]:
-        return {"layer": self.layer, "row_layers": list(self.row_layers), "prompt_tokens": self.length,
+        return {"layer": self.layer, "row_layers": list(self.row_layers), "row_settled": list(self.row_settled),
+                "prompt_tokens": self.length,
                 "tokens_kept": self.keep if self.layer is not None else self.length}
 
 
@@ -208,7 +218,7 @@ def _layer_inputs(rule: SelectionRule, index: int) -> Callable:
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
-        if state.layer is None and rule.first_scored <= index <= rule.last_selectable:
+        if state.layer is None and rule.first_scored <= index <= rule.deepest:
             def observe(query, keys, mask, scale):
                 state.history.append(window_scores(query, keys, mask, scale, rule.window, rule.kernel))
                 state.observed = index
@@ -224,7 +234,7 @@ def _layer_done(rule: SelectionRule, index: int) -> Callable:
 
     def hook(module, args, kwargs, output):
         state = _state(kwargs)
-        if state is None or state.layer is not None or not rule.first_scored <= index <= rule.last_selectable:
+        if state is None or state.layer is not None or not rule.first_scored <= index <= rule.deepest:
             return None
         if state.observed != index:
             raise UnsupportedModelError(
@@ -243,22 +253,27 @@ def _layer_done(rule: SelectionRule, index: int) -> Callable:
 
 
 def decide_layer(rule: SelectionRule, state: SelectionState, index: int) -> None:
-    """Fixed: select at that layer. ASL: each row's first layer whose rank-variance ratio is under tau;
-    the batch selects once every row has, with that layer's scores."""
-    scores = state.history[-1]
+    """Fixed: select at that layer, by its scores. ASL: each row's first layer whose rank-variance ratio is
+    under tau, or `rule.deepest` for a row still unsettled there (tau 0 never selects); the batch selects once
+    every row has, by the observed layers' scores together (`consensus_scores`)."""
+    rows = state.history[-1].shape[0]
     if rule.fixed is not None:
         if index != rule.fixed:
             return
-        state.row_layers = [index] * scores.shape[0]
+        state.row_layers = [index] * rows
+        scores = state.history[-1]
     else:
         if not state.row_layers:
-            state.row_layers = [None] * scores.shape[0]
+            state.row_layers, state.row_settled = [None] * rows, [False] * rows
         ratio = rank_variance_ratio(state.history, state.keep - rule.window)
         for row, value in enumerate(ratio.tolist()):
             if state.row_layers[row] is None and value < rule.tau:
-                state.row_layers[row] = index
+                state.row_layers[row], state.row_settled[row] = index, True
+        if index == rule.deepest and rule.tau > 0:
+            state.row_layers = [index if layer is None else layer for layer in state.row_layers]
         if any(layer is None for layer in state.row_layers):
             return
+        scores = consensus_scores(state.history)
     state.layer = index
     state.indices = selected_tokens(scores, state.length, state.keep)
 

@@ -9,7 +9,8 @@ cheaper and the deeper caches smaller.
 * `SelectLayer(layer=L)` selects at a fixed layer (FastKV);
 * `SelectLayer(tau=0.3)` (ASL) selects at the first layer from `min_layer` whose token ranking
   is stable: the relative variance of the top tokens' ranks over the last `observe` layers is
-  under `tau` (`kvpass.runtime.layer_selection.rank_variance_ratio`);
+  under `tau` (`kvpass.runtime.layer_selection.rank_variance_ratio`), by those layers' scores
+  together; a ranking still unsettled at `max_layer` selects there, which bounds the prefill's cost;
 * `two_pass=True` (GemFilter; ASL_2pass with `tau`) stops at L and runs the whole model again
   on the selected tokens.
 
@@ -37,8 +38,11 @@ class SelectLayer(Transform):
     """Select the prefill tokens that deeper layers see, at a fixed `layer` or where the ranking is stable (`tau`).
 
     `tau` (default 0.3 when no `layer` is given): ASL's threshold on the relative rank variance;
-    0 never selects (eviction alone), a value above 1 selects at `min_layer`. `layer`: a fixed
-    selection layer (not with `tau`). `keep`: tokens propagated, the window included (default:
+    0 never selects (eviction alone), a value above 1 selects at `min_layer`. `max_layer` (default
+    2 * layers // 3): where a prompt whose ranking has not settled selects anyway, so ASL's prefill
+    costs at most a selection there (the authors' rule has no such bound: a prompt that never
+    settles is never pruned). ASL selects by the observed layers' scores together (each layer's
+    normalised, averaged), not by the last one alone. `layer`: a fixed selection layer (not with `tau`). `keep`: tokens propagated, the window included (default:
     what the budget lets a layer hold at the prompt's length). `window`: observation queries
     (always kept). `observe` (default ceil(layers / 4)) and `min_layer` (default layers // 3):
     the ASL rule's layers. `kernel`: the scores' pooling width. `two_pass`: run the model again
@@ -66,6 +70,7 @@ class SelectLayer(Transform):
     window: int = 32
     observe: int | None = None
     min_layer: int | None = None
+    max_layer: int | None = None
     kernel: int = 7
     two_pass: bool = False
 
@@ -73,9 +78,9 @@ class SelectLayer(Transform):
         if self.layer is not None and self.tau is not None:
             raise ValueError("SelectLayer: give tau (adaptive layer) or layer (fixed layer), not both")
         fixed = self.layer is not None
-        if fixed and (self.observe is not None or self.min_layer is not None):
-            raise ValueError("SelectLayer: observe and min_layer belong to the adaptive rule (tau); "
-                             "a fixed layer uses neither")
+        if fixed and (self.observe is not None or self.min_layer is not None or self.max_layer is not None):
+            raise ValueError("SelectLayer: observe, min_layer and max_layer belong to the adaptive rule (tau); "
+                             "a fixed layer uses none of them")
         window = integer(self.window, "SelectLayer: window", minimum=1, meaning="observation queries")
         normalized = {
             "tau": None if fixed else real(DEFAULT_TAU if self.tau is None else self.tau, "SelectLayer: tau", 0.0,
@@ -87,6 +92,8 @@ class SelectLayer(Transform):
             "observe": None if self.observe is None else integer(self.observe, "SelectLayer: observe", minimum=1,
                                                                  meaning="layers the rank variance spans"),
             "min_layer": None if self.min_layer is None else integer(self.min_layer, "SelectLayer: min_layer",
+                                                                     minimum=0),
+            "max_layer": None if self.max_layer is None else integer(self.max_layer, "SelectLayer: max_layer",
                                                                      minimum=0),
             "kernel": integer(self.kernel, "SelectLayer: kernel", minimum=1, meaning="pooling width"),
             "two_pass": boolean(self.two_pass, "SelectLayer: two_pass"),
@@ -110,9 +117,13 @@ class SelectLayer(Transform):
         min_layer = layers // 3 if self.min_layer is None else self.min_layer
         if min_layer > last:
             raise ValueError(f"SelectLayer: min_layer={min_layer} must be at most {last} for a {layers}-layer model")
+        max_layer = min(max(2 * layers // 3, min_layer), last) if self.max_layer is None else self.max_layer
+        if not min_layer <= max_layer <= last:
+            raise ValueError(f"SelectLayer: max_layer={max_layer} must lie within min_layer={min_layer}..{last} "
+                             f"for a {layers}-layer model")
         observe = math.ceil(layers / 4) if self.observe is None else self.observe
         return SelectionRule(layers, min_layer, self.window, self.kernel, self.two_pass, tau=self.tau,
-                             observe=observe, keep=self.keep, budget_keep=budget_keep)
+                             observe=observe, keep=self.keep, budget_keep=budget_keep, max_layer=max_layer)
 
     def decide(self, context: PlanningContext) -> None:
         sites = list(context.sites)
@@ -126,7 +137,8 @@ class SelectLayer(Transform):
         from kvpass.runtime.hf_selection import SELECTION_ATTRIBUTE
 
         state = getattr(cache, SELECTION_ATTRIBUTE, None)
-        return {"layer": None, "row_layers": [], "prompt_tokens": 0, "tokens_kept": 0} if state is None \
+        return {"layer": None, "row_layers": [], "row_settled": [], "prompt_tokens": 0, "tokens_kept": 0} \
+            if state is None \
             else state.figures()
 
 
