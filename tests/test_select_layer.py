@@ -21,7 +21,7 @@ from kvpass.errors import UnsupportedModelError
 from kvpass.hf_attention import attention_implementation
 from kvpass.memory import cache_bytes
 from kvpass.runtime.hf_selection import SELECTION_ATTRIBUTE, SelectionRule, SelectionState, decide_layer
-from kvpass.runtime.layer_selection import consensus_scores, rank_variance_ratio, selected_tokens
+from kvpass.runtime.layer_selection import rank_variance_ratio, selected_tokens
 from kvpass.runtime.call_arguments import cache_argument
 
 LAYERS, LENGTH, WINDOW, KEEP = 6, 96, 8, 40
@@ -216,12 +216,11 @@ def test_rank_variance_rule_on_a_constructed_ranking():
             break
     assert rank_variance_ratio([layers[1][:1], layers[2][:1]], 5).item() == 0.0
     assert state.row_layers == [3, 4] and state.layer == 4 and state.row_settled == [True, True]
-    assert torch.equal(state.indices, selected_tokens(consensus_scores(state.history), 24, 9))
+    assert torch.equal(state.indices, selected_tokens(layers[3], 24, 9))
 
 
-def test_a_ranking_unsettled_at_max_layer_selects_there_by_the_observed_layers_together():
-    """Rows whose rankings keep changing: nothing passes tau, so the batch selects at max_layer, and by the
-    observed layers' normalised scores averaged, not by the last layer's alone."""
+def test_a_ranking_unsettled_at_max_layer_selects_there():
+    """Rows whose rankings keep changing: nothing passes tau, so the batch selects at max_layer, with its scores."""
     generator = torch.Generator().manual_seed(2)
     layers = [torch.rand(2, 20, generator=generator) for _ in range(4)]
     rule = SelectionRule(layers=8, first_scored=1, window=4, kernel=3, two_pass=False, tau=0.01, observe=2, keep=9,
@@ -232,9 +231,7 @@ def test_a_ranking_unsettled_at_max_layer_selects_there_by_the_observed_layers_t
         state.history = (state.history + [scores])[-rule.observe:]
         decide_layer(rule, state, index)
     assert state.layer == 4 and state.row_layers == [4, 4] and state.row_settled == [False, False]
-    together = selected_tokens(consensus_scores(layers[-2:]), 24, 9)
-    assert torch.equal(state.indices, together)
-    assert not torch.equal(together, selected_tokens(layers[-1], 24, 9))  # the choice of scores matters here
+    assert torch.equal(state.indices, selected_tokens(layers[-1], 24, 9))
 
 
 def test_asl_on_a_model_selects_by_max_layer_and_reports_which_rows_settled():

@@ -30,7 +30,7 @@ from kvpass.errors import UnsupportedModelError
 from kvpass.runtime.call_arguments import MODEL_CACHE_KEYWORDS, cache_keyword, given_cache
 from kvpass.runtime.compacted_cache import TokenPositions
 from kvpass.runtime.hf import POSITIONS_KEYWORD
-from kvpass.runtime.layer_selection import consensus_scores, rank_variance_ratio, selected_tokens, window_scores
+from kvpass.runtime.layer_selection import rank_variance_ratio, selected_tokens, window_scores
 
 SELECTION_ATTRIBUTE = "_kvpass_selection"
 """Where a cache keeps the `SelectionState` of the prefill that filled it."""
@@ -253,15 +253,15 @@ def _layer_done(rule: SelectionRule, index: int) -> Callable:
 
 
 def decide_layer(rule: SelectionRule, state: SelectionState, index: int) -> None:
-    """Fixed: select at that layer, by its scores. ASL: each row's first layer whose rank-variance ratio is
-    under tau, or `rule.deepest` for a row still unsettled there (tau 0 never selects); the batch selects once
-    every row has, by the observed layers' scores together (`consensus_scores`)."""
-    rows = state.history[-1].shape[0]
+    """Fixed: select at that layer. ASL: each row's first layer whose rank-variance ratio is under tau, or
+    `rule.deepest` for a row still unsettled there (tau 0 never selects); the batch selects once every row
+    has, with that layer's scores."""
+    scores = state.history[-1]
+    rows = scores.shape[0]
     if rule.fixed is not None:
         if index != rule.fixed:
             return
         state.row_layers = [index] * rows
-        scores = state.history[-1]
     else:
         if not state.row_layers:
             state.row_layers, state.row_settled = [None] * rows, [False] * rows
@@ -273,7 +273,6 @@ def decide_layer(rule: SelectionRule, state: SelectionState, index: int) -> None
             state.row_layers = [index if layer is None else layer for layer in state.row_layers]
         if any(layer is None for layer in state.row_layers):
             return
-        scores = consensus_scores(state.history)
     state.layer = index
     state.indices = selected_tokens(scores, state.length, state.keep)
 

@@ -9,9 +9,6 @@ them from inside a transformers prefill):
   each layer's top-`k` tokens; the variance of each such token's rank across those layers,
   averaged, relative to the variance of their ranks at the first of those layers. A ranking
   that no longer changes gives 0; ranks reshuffled at random give about 1.
-* `consensus_scores`: the observed layers' scores together (each layer's normalised to sum 1,
-  then averaged): what ASL selects by once the test says those layers agree, so one layer's
-  outlier ranking does not decide alone.
 * `selected_tokens`: the top-`k` tokens by score, in sequence order, plus the window.
 """
 
@@ -76,19 +73,6 @@ def rank_variance_ratio(history: list[torch.Tensor], k: int) -> torch.Tensor:
     mean = (first * union).sum(dim=-1, keepdim=True) / count[:, None]
     reference = (((first - mean) ** 2) * union).sum(dim=-1) / count
     return torch.where(reference > 0, spread / reference.clamp_min(1e-12), torch.zeros_like(spread))
-
-
-def consensus_scores(history: list[torch.Tensor]) -> torch.Tensor:
-    """float32 [B, T - window]: the mean over the observed layers of each layer's scores scaled to sum 1 per row.
-
-    With one layer observed its order is that layer's own (a fixed layer selects by its own scores).
-
-    Example:
-        >>> consensus_scores([torch.tensor([[3.0, 1.0]]), torch.tensor([[1.0, 1.0]])])
-        tensor([[0.6250, 0.3750]])
-    """
-    stacked = torch.stack(history).float()
-    return (stacked / stacked.sum(dim=-1, keepdim=True).clamp_min(1e-12)).mean(dim=0)
 
 
 def selected_tokens(scores: torch.Tensor, length: int, keep: int) -> torch.Tensor:

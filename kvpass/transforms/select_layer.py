@@ -9,8 +9,8 @@ cheaper and the deeper caches smaller.
 * `SelectLayer(layer=L)` selects at a fixed layer (FastKV);
 * `SelectLayer(tau=0.3)` (ASL) selects at the first layer from `min_layer` whose token ranking
   is stable: the relative variance of the top tokens' ranks over the last `observe` layers is
-  under `tau` (`kvpass.runtime.layer_selection.rank_variance_ratio`), by those layers' scores
-  together; a ranking still unsettled at `max_layer` selects there, which bounds the prefill's cost;
+  under `tau` (`kvpass.runtime.layer_selection.rank_variance_ratio`); a ranking still unsettled
+  at `max_layer` selects there, which bounds the prefill's cost;
 * `two_pass=True` (GemFilter; ASL_2pass with `tau`) stops at L and runs the whole model again
   on the selected tokens.
 
@@ -39,10 +39,9 @@ class SelectLayer(Transform):
 
     `tau` (default 0.3 when no `layer` is given): ASL's threshold on the relative rank variance;
     0 never selects (eviction alone), a value above 1 selects at `min_layer`. `max_layer` (default
-    2 * layers // 3): where a prompt whose ranking has not settled selects anyway, so ASL's prefill
-    costs at most a selection there (the authors' rule has no such bound: a prompt that never
-    settles is never pruned). ASL selects by the observed layers' scores together (each layer's
-    normalised, averaged), not by the last one alone. `layer`: a fixed selection layer (not with `tau`). `keep`: tokens propagated, the window included (default:
+    layers // 2, FastKV's half depth; chosen over 2 * layers // 3 on the suite's dev split): where a
+    prompt whose ranking has not settled selects anyway, so ASL's prefill costs at most a selection
+    there (the authors' rule has no such bound: a prompt that never settles is never pruned). `layer`: a fixed selection layer (not with `tau`). `keep`: tokens propagated, the window included (default:
     what the budget lets a layer hold at the prompt's length). `window`: observation queries
     (always kept). `observe` (default ceil(layers / 4)) and `min_layer` (default layers // 3):
     the ASL rule's layers. `kernel`: the scores' pooling width. `two_pass`: run the model again
@@ -117,7 +116,7 @@ class SelectLayer(Transform):
         min_layer = layers // 3 if self.min_layer is None else self.min_layer
         if min_layer > last:
             raise ValueError(f"SelectLayer: min_layer={min_layer} must be at most {last} for a {layers}-layer model")
-        max_layer = min(max(2 * layers // 3, min_layer), last) if self.max_layer is None else self.max_layer
+        max_layer = min(max(layers // 2, min_layer), last) if self.max_layer is None else self.max_layer
         if not min_layer <= max_layer <= last:
             raise ValueError(f"SelectLayer: max_layer={max_layer} must lie within min_layer={min_layer}..{last} "
                              f"for a {layers}-layer model")
