@@ -83,7 +83,8 @@ class SelectionState:
     layer: int | None = None
     """The layer the batch selected at (None: none did)."""
     row_layers: list[int | None] = field(default_factory=list)
-    """The first layer at which each batch row's ranking was stable (the fixed layer for every row)."""
+    """The first layer at which each batch row's ranking was stable, or `max_layer` for a row whose ranking never
+    settled (the fixed layer for every row)."""
     row_settled: list[bool] = field(default_factory=list)
     """ASL: whether each row's ranking passed the test (False: it selected at `max_layer` unsettled)."""
     propagate_from: int | None = None

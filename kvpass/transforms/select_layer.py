@@ -41,8 +41,9 @@ class SelectLayer(Transform):
     0 never selects (eviction alone), a value above 1 selects at `min_layer`. `max_layer` (default
     layers // 2, FastKV's half depth; chosen over 2 * layers // 3 on the suite's dev split): where a
     prompt whose ranking has not settled selects anyway, so ASL's prefill costs at most a selection
-    there (the authors' rule has no such bound: a prompt that never settles is never pruned). `layer`: a fixed selection layer (not with `tau`). `keep`: tokens propagated, the window included (default:
-    what the budget lets a layer hold at the prompt's length). `window`: observation queries
+    there (the authors' rule has no such bound: a prompt that never settles is never pruned).
+    `layer`: a fixed selection layer (not with `tau`). `keep`: tokens propagated, the window
+    included (default: what the budget lets a layer hold at the prompt's length). `window`: observation queries
     (always kept). `observe` (default ceil(layers / 4)) and `min_layer` (default layers // 3):
     the ASL rule's layers. `kernel`: the scores' pooling width. `two_pass`: run the model again
     on the selected tokens (GemFilter; a prompt whose ranking never settles under `tau` runs a
