@@ -46,7 +46,7 @@ class SelectLayer(Transform):
     included (default: what the budget lets a layer hold at the prompt's length). `window`: observation queries
     (always kept). `observe` (default ceil(layers / 4)) and `min_layer` (default layers // 3):
     the ASL rule's layers. `kernel`: the scores' pooling width. `two_pass`: run the model again
-    on the selected tokens (GemFilter; a prompt whose ranking never settles under `tau` runs a
+    on the selected tokens (GemFilter; with `tau=0`, which never selects, the second pass is a
     second full prefill). Only a cached prefill (the first call on an empty cache, as in
     `generate`) selects. Needs `kvpass.Evict` in the same `transforms` (its plan
     bounds every layer's cache) and a transformers decoder-only model of the Llama layout.
