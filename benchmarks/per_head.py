@@ -30,6 +30,7 @@ from collections import defaultdict
 import torch
 
 import kvpass
+from kvpass.calibration import default_prompts
 from kvpass.eval.models import load_smollm2
 from kvpass.eval.passkey import make_sample as make_passkey
 from kvpass.eval.report import FULL, accuracy_table, as_dicts, load_jsonl, save_jsonl
@@ -37,7 +38,6 @@ from kvpass.eval.runner import MODES, evaluate
 from kvpass.eval.sweep import cache_from_recording, record_prefill
 from kvpass.eval.tasks import COUNTED_TASKS, encode, make_sample, seeds, token_counter
 from kvpass.runtime.call_arguments import cache_argument
-from kvpass.calibration import default_prompts
 
 
 DEV_CALIBRATION_START = 500
