@@ -25,6 +25,12 @@ from kvpass.budget import Budget
 from kvpass.errors import UnsupportedModelError
 from kvpass.site import SiteReport
 
+CALIBRATION_PROMPTS = ("general", "retrieval")
+"""The kinds of kvpass's own calibration prompts (`PlanningContext.calibration`)."""
+RETRIEVAL_CALIBRATION_TOKENS = 1500
+"""Length of kvpass's generated retrieval calibration prompts (4 of them; calibrated per-head shares were
+measured on this setting in `benchmarks/results/per_head_calibrated_on_retrieval_test.txt`)."""
+
 if TYPE_CHECKING:
     from kvpass.calibration import Calibration
     from kvpass.methods import Method
@@ -85,27 +91,40 @@ class PlanningContext:
     reserved_bytes: dict[str, int] = field(default_factory=dict)
     """Site name -> bytes per sequence a transform holds beside the site's cache (counted in its cap)."""
     plan: "Plan | None" = None
-    _calibration: "Calibration | None" = None
+    _calibrations: "dict[str, Calibration]" = field(default_factory=dict)
 
-    def calibration(self, heads: bool = False) -> "Calibration":
-        """The calibration of the model (measured once, shared by every transform); `heads=True`
-        also needs its per-head removal errors (`kvpass.calibration.head_removal_errors`), measured
-        on the same prompts the first time they are asked for."""
+    def calibration(self, heads: bool = False, prompts: str = "general") -> "Calibration":
+        """The calibration of the model (measured once per kind of prompts, shared by every transform).
+
+        The one the user gave (`calibration_source`) is always used; without it, `prompts` says which of
+        kvpass's own to measure on: "general" (`kvpass.calibration.DEFAULT_TEXT_PROMPTS`, short) or
+        "retrieval" (`kvpass.streaming_calibration.retrieval_prompts`: 4 of `RETRIEVAL_CALIBRATION_TOKENS`,
+        facts deep in long text, which show the heads retrieval needs). `heads=True` also needs the per-head
+        removal errors (`kvpass.calibration.head_removal_errors`), measured on the same prompts the first
+        time they are asked for."""
         from kvpass.calibration import Calibration, calibrate, head_removal_errors, prompt_ids
 
-        if self._calibration is None:
-            source = self.calibration_source
-            if isinstance(source, Calibration):
-                self._calibration = source
-            else:
-                self._calibration = calibrate(self.model, self.eviction_method, source, tokenizer=self.tokenizer,
-                                              sites=self.sites, sinks=self.sinks, recent=self.recent, heads=heads)
-        if heads and not self._calibration.head_error:
-            source = None if isinstance(self.calibration_source, Calibration) else self.calibration_source
-            ids = prompt_ids(self.model, source, self.tokenizer)
-            self._calibration = dataclasses.replace(
-                self._calibration, head_error=head_removal_errors(self.model, ids, self.sites))
-        return self._calibration
+        if prompts not in CALIBRATION_PROMPTS:
+            raise ValueError(f"prompts={prompts!r} is not a kind of calibration prompts; expected one of "
+                             f"{CALIBRATION_PROMPTS}")
+        key = "given" if self.calibration_source is not None else prompts
+        source = self._retrieval_prompts() if key == "retrieval" else self.calibration_source
+        if key not in self._calibrations:
+            self._calibrations[key] = source if isinstance(source, Calibration) else calibrate(
+                self.model, self.eviction_method, source, tokenizer=self.tokenizer, sites=self.sites,
+                sinks=self.sinks, recent=self.recent, heads=heads)
+        measured = self._calibrations[key]
+        if heads and not measured.head_error:
+            ids = prompt_ids(self.model, None if isinstance(source, Calibration) else source, self.tokenizer)
+            measured = self._calibrations[key] = dataclasses.replace(
+                measured, head_error=head_removal_errors(self.model, ids, self.sites))
+        return measured
+
+    def _retrieval_prompts(self) -> list:
+        from kvpass.streaming_calibration import retrieval_prompts
+
+        vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        return retrieval_prompts(self.tokenizer, vocab_size, count=4, length=RETRIEVAL_CALIBRATION_TOKENS)
 
 
 @dataclass

@@ -25,9 +25,6 @@ task, budgets 0.25 and 0.125, against 0.2 and 0.5; `benchmarks/results/per_head_
 a lower floor starved heads at 0.125; the study calibrated on the two short default prompts, before
 the generated retrieval prompts became the default."""
 HEAD_ALLOCATIONS = tuple(HEAD_FLOORS)
-HEAD_CALIBRATION_TOKENS = 1500
-"""Length of the generated retrieval prompts calibrated per-head shares are measured on when no
-calibration is given (4 of them; the setting measured in `per_head_calibrated_on_retrieval_test.txt`)."""
 
 
 @dataclass(frozen=True, init=False)
@@ -137,19 +134,7 @@ class Evict(Transform):
         if calibrated_heads:
             context.plan.streaming_heads = context.streaming_heads
             context.plan.head_shares = calibrated_head_shares(
-                context.plan, calibration if context.calibration_source is not None else self._retrieval_calibration(context),
-                self.head_floor, context.seq_len)
-
-    def _retrieval_calibration(self, context: PlanningContext):
-        """Per-head curves on kvpass's generated long retrieval prompts, when no calibration was given: the
-        two short default prompts hide which heads retrieval needs (`benchmarks/results/per_head_dev_calibrated.txt`)."""
-        from kvpass.calibration import calibrate
-        from kvpass.streaming_calibration import retrieval_prompts
-
-        vocab_size = getattr(getattr(context.model, "config", None), "vocab_size", None)
-        prompts = retrieval_prompts(context.tokenizer, vocab_size, count=4, length=HEAD_CALIBRATION_TOKENS)
-        return calibrate(context.model, self.method, prompts, tokenizer=context.tokenizer, sites=context.sites,
-                         sinks=self.sinks, recent=self.recent)
+                context.plan, context.calibration(prompts="retrieval"), self.head_floor, context.seq_len)
 
     def stats(self, plan, cache) -> dict[str, Any]:
         layers = [layer.site_cache for layer in getattr(cache, "layers", []) if hasattr(layer, "site_cache")]
