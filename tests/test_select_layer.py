@@ -315,3 +315,16 @@ def test_a_model_without_the_llama_layout_is_refused_by_name():
     with pytest.raises(UnsupportedModelError, match=r"no decoder `model.layers` list"):
         kvpass.optimize(gpt2, budget=0.5, transforms=[kvpass.SelectLayer(layer=1), kvpass.Evict()])
     assert getattr(gpt2, "kvpass_plan", None) is None
+
+
+def test_a_decoder_layer_that_drops_keyword_arguments_is_refused_with_the_reason():
+    """StableLM's decoder layer calls self_attn without its **kwargs, so the scores never reach kvpass: the
+    prefill stops with an error that says so, instead of blaming a missing Evict."""
+    from kvpass.eval.coverage import build, prompt as tiny_prompt
+
+    base = build("stablelm")
+    model = kvpass.optimize(copy.deepcopy(base), budget="40 tokens",
+                            transforms=[kvpass.Evict("snapkv", sinks=2, recent=4), kvpass.SelectLayer(layer=0, window=4)])
+    with pytest.raises(UnsupportedModelError, match=r"decoder layer 0 \(StableLmDecoderLayer\).*does not pass its "
+                                                    r"keyword arguments on to self_attn"):
+        prefill(model, tiny_prompt(base, 64))

@@ -239,8 +239,10 @@ def _layer_done(rule: SelectionRule, index: int) -> Callable:
             return None
         if state.observed != index:
             raise UnsupportedModelError(
-                f"SelectLayer: decoder layer {index} did not report attention scores: its attention does not run "
-                "through kvpass (optimize with kvpass.Evict in transforms)")
+                f"SelectLayer: decoder layer {index} ({type(module).__name__}) did not report attention scores. They "
+                "travel as a keyword argument from the decoder layer to kvpass's attention function: either this "
+                "layer does not pass its keyword arguments on to self_attn (so kvpass cannot select in this model), "
+                "or its attention does not run through kvpass (optimize with kvpass.Evict in transforms)")
         state.history = state.history[-(rule.observe if rule.fixed is None else 1):]
         decide_layer(rule, state, index)
         if state.layer is None:
