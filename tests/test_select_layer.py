@@ -63,11 +63,12 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor):
     return logits, cache
 
 
-def masked_oracle(base: torch.nn.Module, ids: torch.Tensor, after: int, indices: torch.Tensor) -> torch.Tensor:
+def masked_oracle(base: torch.nn.Module, ids: torch.Tensor, after: int, indices: torch.Tensor,
+                  prompt_length: int = LENGTH) -> torch.Tensor:
     """The unmodified model whose attention hides every unselected key from the layers after `after`."""
     hidden = torch.ones(ids.shape, dtype=torch.bool)
     hidden[torch.arange(ids.shape[0])[:, None], indices] = False
-    hidden[:, LENGTH:] = False  # tokens decoded after the prompt are seen by every layer
+    hidden[:, prompt_length:] = False  # tokens decoded after the prompt are seen by every layer
 
     def attention(module, query, key, value, mask, **kwargs):
         length = key.shape[-2]
@@ -122,19 +123,40 @@ def test_the_cache_is_found_under_either_keyword_a_caller_uses(keyword: str):
     assert kvpass.stats(model)["kv_bytes"] == cache_bytes(cache)
 
 
-def test_one_pass_equals_dense_model_masking_unselected_keys_then_decodes_at_the_right_positions():
-    base, ids = tiny_llama(), prompt()
-    model = selecting(kvpass.SelectLayer(layer=2, keep=KEEP, window=WINDOW), base=base)
+def assert_one_pass_matches_the_masked_oracle(base: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor,
+                                              layer: int, keep: int, window: int) -> None:
+    """The prefill's logits (kept tokens) and the next decode step equal `masked_oracle`'s (≤ 1e-5)."""
+    length = ids.shape[1]
     logits, cache = prefill(model, ids)
     indices = selection(cache).indices
-    assert indices.shape == (2, KEEP) and bool((indices[:, -WINDOW:] == torch.arange(LENGTH - WINDOW, LENGTH)).all())
+    assert indices.shape == (ids.shape[0], keep)
+    assert bool((indices[:, -window:] == torch.arange(length - window, length)).all())
     nxt = logits[:, -1].argmax(-1, keepdim=True)
     with torch.no_grad():
         step = model(nxt, **cache_argument(model, cache), use_cache=True).logits[:, -1]
-    oracle = masked_oracle(base, torch.cat([ids, nxt], dim=1), 2, indices)
-    kept = torch.gather(oracle[:, :LENGTH], 1, indices[..., None].expand(-1, -1, oracle.shape[-1]))
+    oracle = masked_oracle(base, torch.cat([ids, nxt], dim=1), layer, indices, prompt_length=length)
+    kept = torch.gather(oracle[:, :length], 1, indices[..., None].expand(-1, -1, oracle.shape[-1]))
     torch.testing.assert_close(logits, kept, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step, oracle[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_one_pass_equals_dense_model_masking_unselected_keys_then_decodes_at_the_right_positions():
+    base, ids = tiny_llama(), prompt()
+    model = selecting(kvpass.SelectLayer(layer=2, keep=KEEP, window=WINDOW), base=base)
+    assert_one_pass_matches_the_masked_oracle(base, model, ids, 2, KEEP, WINDOW)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma", "phi3", "olmo2", "granite", "cohere", "phi",
+                                        "mixtral", "qwen2_moe"])
+def test_one_pass_oracle_holds_on_other_decoder_architectures(model_type: str):
+    """Other layouts of the Llama family (QK norms, partial rotary, parallel blocks, MoE, logit scales): the
+    narrowed mask, positions and rotary embeddings must be right for each, as the oracle checks."""
+    from kvpass.eval.coverage import build, prompt as tiny_prompt
+
+    base = build(model_type)
+    model = kvpass.optimize(copy.deepcopy(base), budget=1.0,
+                            transforms=[kvpass.Evict("snapkv"), kvpass.SelectLayer(layer=0, keep=40, window=4)])
+    assert_one_pass_matches_the_masked_oracle(base, model, tiny_prompt(base, 64), 0, 40, 4)
 
 
 def test_two_pass_equals_feeding_only_the_selected_tokens_at_their_positions():
