@@ -147,10 +147,11 @@ def test_one_pass_equals_dense_model_masking_unselected_keys_then_decodes_at_the
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma", "phi3", "olmo2", "granite", "cohere", "phi",
-                                        "mixtral", "qwen2_moe"])
+                                        "mixtral", "qwen2_moe", "granitemoe"])
 def test_one_pass_oracle_holds_on_other_decoder_architectures(model_type: str):
-    """Other layouts of the Llama family (QK norms, partial rotary, parallel blocks, MoE, logit scales): the
-    narrowed mask, positions and rotary embeddings must be right for each, as the oracle checks."""
+    """Other layouts of the Llama family (QK norms, partial rotary, parallel blocks, MoE, logit scales, a layer
+    taking position_ids only through **kwargs): the narrowed mask, positions and rotary embeddings must be right
+    for each, as the oracle checks."""
     from kvpass.eval.coverage import build, prompt as tiny_prompt
 
     base = build(model_type)

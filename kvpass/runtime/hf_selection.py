@@ -35,8 +35,8 @@ from kvpass.runtime.layer_selection import rank_variance_ratio, selected_tokens,
 SELECTION_ATTRIBUTE = "_kvpass_selection"
 """Where a cache keeps the `SelectionState` of the prefill that filled it."""
 LAYER_KEYWORDS = ("attention_mask", "position_ids", "position_embeddings")
-"""What a decoder layer must take as keywords (with its cache, under either of `MODEL_CACHE_KEYWORDS`) for its
-inputs to be narrowed to the selected tokens."""
+"""What a decoder layer must take as keywords, by name or as **kwargs (with its cache, under either of
+`MODEL_CACHE_KEYWORDS`), for its inputs to be narrowed to the selected tokens."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,8 @@ def decoder_layers(model: torch.nn.Module, sites: int) -> tuple[torch.nn.Module,
         missing = [name for name in LAYER_KEYWORDS if name not in parameters]
         if not any(name in parameters for name in MODEL_CACHE_KEYWORDS):
             missing.append(" or ".join(MODEL_CACHE_KEYWORDS))
+        if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+            missing = []  # it takes them as **kwargs; the prefill checks the rest (a scored layer must report)
         if missing:
             raise UnsupportedModelError(f"SelectLayer: decoder layer {index} ({type(layer).__name__}) takes no "
                                         f"{missing}: kvpass narrows those inputs to the selected tokens")
