@@ -4,9 +4,12 @@ Each model type of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` runs in its own subproces
 (a hang or a crash of one does not stop the run), through `kvpass.eval.coverage.check`: find_attention
 geometry against the config, budget 1.0 greedy tokens against the unmodified model, budget 0.5 cache
 bytes against the unmodified model's own cache, generate, and 8 decode steps against the masked-full
-oracle. Prints one row per model type and the counts; `--out` saves the same text.
+oracle. With `--transform select`, the check is prefill token selection instead (`kvpass.SelectLayer`
+at layer 0, half the prompt kept, against the masked-key oracle). Prints one row per model type and the
+counts; `--out` saves the same text.
 
     python benchmarks/coverage.py --out benchmarks/results/coverage.txt
+    python benchmarks/coverage.py --transform select --out benchmarks/results/coverage_select.txt
     python benchmarks/coverage.py llama gemma2 gpt_oss      # some model types only
 """
 
@@ -24,7 +27,7 @@ import time
 STATUSES = ("ok", "refused", "wrong", "crashed", "could not build")
 
 
-def run_worker(model_types: list[str]) -> None:
+def run_worker(model_types: list[str], transform: str) -> None:
     """Worker: check each model type in turn and print its verdict as one JSON line."""
     import dataclasses
     import warnings
@@ -37,17 +40,17 @@ def run_worker(model_types: list[str]) -> None:
     warnings.filterwarnings("ignore")
     for model_type in model_types:
         print("START " + model_type, flush=True)
-        print("VERDICT " + json.dumps(dataclasses.asdict(check(model_type))), flush=True)
+        print("VERDICT " + json.dumps(dataclasses.asdict(check(model_type, transform))), flush=True)
 
 
-def run_isolated(model_types: list[str], timeout: float):
+def run_isolated(model_types: list[str], timeout: float, transform: str):
     """Yield the verdict of every model type, checked in a worker subprocess; a model type that
     hangs past `timeout` seconds or kills its worker is a crash, and a new worker takes the rest."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     remaining = list(model_types)
     while remaining:
-        worker = subprocess.Popen([sys.executable, __file__, "--worker", *remaining], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, env=env)
+        worker = subprocess.Popen([sys.executable, __file__, "--worker", "--transform", transform, *remaining],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         current, started, output = None, time.perf_counter(), []
         while True:
             ready, _, _ = select.select([worker.stdout], [], [], 5.0)
@@ -99,10 +102,12 @@ def main() -> None:
     parser.add_argument("model_types", nargs="*", help="default: every causal LM model type")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model type")
     parser.add_argument("--out", help="also write the table and counts to this file")
+    parser.add_argument("--transform", choices=["evict", "select"], default="evict",
+                        help="what to check: eviction (default) or prefill token selection (SelectLayer)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run_worker(args.model_types)
+        run_worker(args.model_types, args.transform)
         return
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -112,7 +117,7 @@ def main() -> None:
              f"command: python benchmarks/coverage.py {' '.join(sys.argv[1:])}".rstrip(), ""]
     print("\n".join(lines), flush=True)
     verdicts = []
-    for verdict in run_isolated(model_types, args.timeout):
+    for verdict in run_isolated(model_types, args.timeout, args.transform):
         verdicts.append(verdict)
         model_type = verdict["model_type"]
         row = f"{model_type:26s} {verdict['status']:15s} {verdict['kind']:20s} {verdict['seconds']:5.0f}s  {verdict['detail']}"

@@ -12,6 +12,10 @@ period of their layer-type pattern, with windows and chunks smaller than the pro
   `optimize(budget=1.0)` generates the same greedy tokens; at `budget=0.5` the cache after
   prefill holds at most half the unmodified model's bytes, `generate` runs, and 8 decode steps
   equal the masked-full oracle (the unmodified model with the evicted keys masked out);
+* with `transform="select"`, **ok** instead means: `kvpass.SelectLayer(layer=0)` keeping half the
+  prompt gives, on the kept tokens and one decode step after, the logits of the unmodified model
+  whose deeper layers' attention hides the unselected keys (`selection_oracle_mismatch`), and
+  `generate` runs;
 * **refused**: kvpass raised its own error, whose message says what is missing;
 * **wrong**: a check gave a different answer; **crashed**: any other exception;
 * **could not build**: the config, the model or the unmodified model's forward failed.
@@ -72,6 +76,10 @@ DERIVED_WHEN_NONE = ("kv_heads", "head_dim")
 PROMPT_LENGTH = 32
 """Longer than every window above, so sliding layers really drop tokens."""
 DECODE_STEPS = 8
+CHECKED_TRANSFORMS = ("evict", "select")
+"""What `check` can run: eviction (`kvpass.optimize` with a budget) or prefill token selection (`kvpass.SelectLayer`)."""
+SELECTION_WINDOW = 4
+"""Observation queries of the selection check (half the prompt is kept, the window included)."""
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "attention")
 """Layer types whose cache is softmax attention's K/V (other types: state-space, linear, latent, MLP)."""
 TOKEN_ID = re.compile(r".*_token_(id|index)$")
@@ -264,9 +272,12 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor):
     return output_cache(output)
 
 
-def check(model_type: str) -> Verdict:
-    """Build `model_type` tiny and run every check on it (see the module docstring)."""
+def check(model_type: str, transform: str = "evict") -> Verdict:
+    """Build `model_type` tiny and run `transform`'s checks on it (see the module docstring)."""
     import time
+
+    if transform not in CHECKED_TRANSFORMS:
+        raise ValueError(f"transform={transform!r} is not checked; expected one of {CHECKED_TRANSFORMS}")
 
     from kvpass.errors import KVPassError
 
@@ -285,7 +296,10 @@ def check(model_type: str) -> Verdict:
         verdict.seconds = time.perf_counter() - start
         return verdict
     try:
-        verdict.status, verdict.detail = _run_checks(base, ids, expected_tokens, full_cache)
+        if transform == "select":
+            verdict.status, verdict.detail = _run_selection_checks(base, ids)
+        else:
+            verdict.status, verdict.detail = _run_checks(base, ids, expected_tokens, full_cache)
     except KVPassError as error:
         verdict.status, verdict.detail = "refused", _one_line(error)
     except Exception as error:  # noqa: BLE001 - a crash is what the matrix reports
@@ -318,9 +332,23 @@ def _run_checks(base, ids, expected_tokens, full_cache) -> tuple[str, str]:
     return "ok", f"{len(report)} sites, cache x{pruned_bytes / full_bytes:.3f}"
 
 
+def _run_selection_checks(base, ids) -> tuple[str, str]:
+    import kvpass
+
+    keep = ids.shape[1] // 2
+    model = kvpass.optimize(copy.deepcopy(base), budget=1.0, transforms=[
+        kvpass.Evict("snapkv"), kvpass.SelectLayer(layer=0, keep=keep, window=SELECTION_WINDOW)])
+    mismatch = selection_oracle_mismatch(base, model, ids, 0)
+    if mismatch:
+        return "wrong", mismatch
+    greedy(model, ids)
+    return "ok", f"layer 0 selected {keep} of {ids.shape[1]} tokens, equal to the masked-key oracle"
+
+
 # --- the masked-full oracle ------------------------------------------------------------------------
 
 ORACLE = "kvpass_coverage_oracle"
+SELECTION_ORACLE = "kvpass_selection_oracle"
 
 
 def masked_full_oracle_mismatch(base, pruned, ids, steps: int = DECODE_STEPS, atol: float = 1e-4) -> str:
@@ -331,19 +359,12 @@ def masked_full_oracle_mismatch(base, pruned, ids, steps: int = DECODE_STEPS, at
     logical slots the pruned model's cache layer holds for that layer (per KV head). Modules of `base` that
     compute attention themselves get kvpass's interface adapter for it (their own code still runs under the
     model's own implementation)."""
-    from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     from kvpass import hf_attention
     from kvpass.runtime.interface_adapter import adapt_self_computing
 
-    implementation = base.config._attn_implementation
-    original = AttentionInterface._global_mapping.get(implementation)
-    if original is None:  # eager: each modeling file has its own eager function (or none: its modules compute
-        # attention themselves, and the adapter kvpass gives them reaches the interface's SDPA)
-        module = next((m for m in base.modules() if hasattr(m, "layer_idx") and hasattr(m, "config")), None)
-        original = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None) if module else None
-        original = original or AttentionInterface._global_mapping["sdpa"]
+    implementation, original = _attention_function(base)
     adapt_self_computing(base, pruned.kvpass_sites)
     visible: dict[int, torch.Tensor] = {}
     tiled = {base.get_submodule(site.name).layer_idx for site in pruned.kvpass_sites if site.kv_tiled}
@@ -354,14 +375,8 @@ def masked_full_oracle_mismatch(base, pruned, ids, steps: int = DECODE_STEPS, at
             keep = extra[..., -key.shape[-2]:]  # the base cache holds the last keys (sliding layers fewer)
             group = query.shape[1] // keep.shape[1]  # query heads per KV head, in the model's own order
             keep = (keep.repeat(1, group, 1) if module.layer_idx in tiled else keep.repeat_interleave(group, dim=1))
-            keep = keep[:, :, None, :]
-            if attention_mask is None:
-                attention_mask = keep if implementation != "eager" else torch.zeros(keep.shape).masked_fill(
-                    ~keep, torch.finfo(query.dtype).min)
-            elif attention_mask.dtype == torch.bool:
-                attention_mask = attention_mask[..., :key.shape[-2]] & keep
-            else:
-                attention_mask = attention_mask[..., :key.shape[-2]].masked_fill(~keep, torch.finfo(query.dtype).min)
+            attention_mask = _hide_keys(attention_mask, keep[:, :, None, :], query.shape[-2], implementation,
+                                        query.dtype)
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     hf_attention.register(ORACLE, oracle, masks=ALL_MASK_ATTENTION_FUNCTIONS[implementation])
@@ -390,6 +405,87 @@ def masked_full_oracle_mismatch(base, pruned, ids, steps: int = DECODE_STEPS, at
                 token, seen = got.argmax(-1, keepdim=True), seen + 1
         finally:
             hf_attention.set_attn_implementation(base, previous)
+    return ""
+
+
+def _attention_function(base: torch.nn.Module):
+    """(implementation name, the attention function `base` dispatches to) for an oracle to wrap."""
+    from transformers import AttentionInterface
+
+    implementation = base.config._attn_implementation
+    original = AttentionInterface._global_mapping.get(implementation)
+    if original is None:  # eager: each modeling file has its own eager function (or none: its modules compute
+        # attention themselves, and the adapter kvpass gives them reaches the interface's SDPA)
+        module = next((m for m in base.modules() if hasattr(m, "layer_idx") and hasattr(m, "config")), None)
+        original = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None) if module else None
+        original = original or AttentionInterface._global_mapping["sdpa"]
+    return implementation, original
+
+
+def _hide_keys(attention_mask, keep: torch.Tensor, queries: int, implementation: str, dtype: torch.dtype):
+    """The model's attention mask (None, bool or additive) over the last `queries` of T tokens, with the keys
+    where `keep` [B, H, 1, T] is False hidden. None means causal (SDPA's is_causal), so causality is added."""
+    length = keep.shape[-1]
+    if attention_mask is None:
+        keep = keep & torch.ones(queries, length, dtype=torch.bool).tril(length - queries)
+        return keep if implementation != "eager" else torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(dtype).min)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[..., :length] & keep
+    return attention_mask[..., :length].masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def selection_oracle_logits(base: torch.nn.Module, ids: torch.Tensor, after: int, indices: torch.Tensor,
+                            prompt_length: int) -> torch.Tensor:
+    """Logits of `base` on `ids` when the attention of every layer after `after` hides the prompt tokens
+    (the first `prompt_length`) that are not in `indices` [B, K]: what `kvpass.SelectLayer` selecting
+    `indices` at layer `after` must compute for the kept tokens and the tokens decoded after the prompt."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from kvpass import hf_attention
+
+    implementation, original = _attention_function(base)
+    visible = torch.zeros(ids.shape, dtype=torch.bool)
+    visible[torch.arange(ids.shape[0])[:, None], indices] = True
+    visible[:, prompt_length:] = True
+
+    def oracle(module, query, key, value, attention_mask, *args, **kwargs):
+        if module.layer_idx > after:
+            keep = visible[:, None, None, :key.shape[-2]].expand(-1, query.shape[1], -1, -1)
+            attention_mask = _hide_keys(attention_mask, keep, query.shape[-2], implementation, query.dtype)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    hf_attention.register(SELECTION_ORACLE, oracle, masks=ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    previous = hf_attention.set_attn_implementation(base, SELECTION_ORACLE)
+    try:
+        with torch.no_grad():
+            return base(ids).logits
+    finally:
+        hf_attention.set_attn_implementation(base, previous)
+
+
+def selection_oracle_mismatch(base: torch.nn.Module, selecting: torch.nn.Module, ids: torch.Tensor, layer: int,
+                              atol: float = 1e-4) -> str:
+    """'' if `selecting` (optimized with `kvpass.SelectLayer(layer=layer)`) gives, for the prompt `ids`,
+    the logits of `selection_oracle_logits` on the tokens it kept and on one decode step after; else what differed."""
+    from transformers import DynamicCache
+
+    from kvpass.runtime.hf_selection import SELECTION_ATTRIBUTE
+
+    cache = DynamicCache(config=base.config)
+    with torch.no_grad():
+        logits = selecting(ids, **cache_argument(selecting, cache), use_cache=True).logits
+        state = getattr(cache, SELECTION_ATTRIBUTE, None)
+        if state is None or state.indices is None:
+            return "the prefill selected no tokens"
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        step = selecting(token, **cache_argument(selecting, cache), use_cache=True).logits[:, -1]
+    length = ids.shape[1]
+    oracle = selection_oracle_logits(base, torch.cat([ids, token], dim=1), layer, state.indices, length)
+    kept = torch.gather(oracle[:, :length], 1, state.indices[..., None].expand(-1, -1, oracle.shape[-1]))
+    for what, got, want in (("prefill (kept tokens)", logits, kept), ("decode step", step, oracle[:, -1])):
+        if got.shape != want.shape or not torch.allclose(got, want, atol=atol, rtol=1e-4):
+            difference = (got - want).abs().max().item() if got.shape == want.shape else f"shape {tuple(got.shape)}"
+            return f"{what}: logits differ from the masked-key oracle by {difference}"
     return ""
 
 
