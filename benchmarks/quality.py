@@ -62,7 +62,7 @@ def main() -> None:
 
     base, tokenizer = load_smollm2()
     model = kvpass.optimize(copy.deepcopy(base), budget=1.0)
-    plans = make_plans(model, args.methods, args.budgets)
+    plans = make_plans(model, args.methods, args.budgets, tokenizer)
     count_tokens = token_counter(tokenizer)
     print(f"default method: {kvpass.get_method()}; split {args.split}; {args.samples} samples per task; "
           f"{len(plans)} settings x {len(args.modes)} modes", flush=True)

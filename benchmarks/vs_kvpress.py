@@ -107,7 +107,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base, tokenizer = load_smollm2()
     model = kvpass.optimize(copy.deepcopy(base), budget=1.0)
-    plans = make_plans(model, args.methods, args.budgets)
+    plans = make_plans(model, args.methods, args.budgets, tokenizer)
     count_tokens = token_counter(tokenizer)
     samples = [make_sample(task, args.split, seed, args.length, count_tokens)
                for seed in seeds(args.split, args.samples, args.start) for task in args.tasks]

@@ -196,6 +196,27 @@ def test_streaming_heads_hold_their_window_and_retrieval_heads_get_the_rest() ->
     assert kvpass.cache_bytes(cache) == plan.kv_bytes(150) <= 0.4 * full_bytes(3, 150)
 
 
+
+def test_streaming_plans_give_the_budget_to_the_heads_that_keep_their_cache() -> None:
+    """Uniform over the budgeted heads, not the sites: with 3 of 6 KV heads streaming at budget 0.6, each
+    streaming head gets σ = (0.6 * 6 - 3) / 3 = 0.2 of a full head and every other head a whole one, so past
+    window / σ = 50 tokens no budgeted head evicts, whichever layer the random choice put it in."""
+    model = kvpass.optimize(tiny(), budget=0.6, transforms=[
+        kvpass.StreamingHeads(0.5, sinks=2, recent=8, importance="random"), kvpass.Evict("knorm", sinks=2, recent=4)])
+    plan = model.kvpass_plan
+    for site in plan.sites:
+        streaming = len(plan.streaming_heads.get(site.name, []))
+        assert plan.budgets[site.name] == pytest.approx((3 - streaming + 0.2 * streaming) / 3)
+    cache, _ = decode(model, prompt(150), 1)
+    for layer, site in zip(cache.layers, plan.sites):
+        streaming = plan.streaming_heads.get(site.name, [])
+        lengths = [int(length) for length in layer.site_cache.head_lengths()[0]]
+        assert lengths == [10 if head in streaming else 150 for head in range(3)]
+    assert kvpass.cache_bytes(cache) <= 0.6 * full_bytes(3, 150)
+    assert build_plan(plan.sites, 0.4, get_method("knorm"), streaming_heads=plan.streaming_heads).budgets == {
+        site.name: 0.4 for site in plan.sites}  # the budgeted heads need more than the budget: plain uniform
+
+
 # --- the masked-full oracle ---------------------------------------------------------------------
 
 def masked_oracle(base, ids: torch.Tensor, tokens: list[torch.Tensor], masks: list[list[torch.Tensor]]):

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, ui: UI) -> dict[str, Any]:
                          "template (an instruct model)")
     with ui.stage("optimizing and planning every setting"):
         model = kvpass.optimize(copy.deepcopy(base), budget=1.0)
-        plans = make_plans(model, args.methods, args.budgets)
+        plans = make_plans(model, args.methods, args.budgets, tokenizer)
     count_tokens = token_counter(tokenizer)
     jobs = [(task, seed) for seed in seeds(args.split, args.samples) for task in args.tasks]
     rows = []

@@ -54,6 +54,7 @@ def build_plan(
     pruned_heads: dict[str, list[int]] | None = None,
     ceilings: dict[str, float] | None = None,
     reserved_bytes: dict[str, int] | None = None,
+    streaming_heads: dict[str, list[int]] | None = None,
 ) -> Plan:
     """A plan for `sites` within `budget`, evicting with `method` (None: no eviction), spread by `allocation`.
 
@@ -70,6 +71,10 @@ def build_plan(
     its fraction cap and its token cap, so an absolute budget holds at every length.
     `floor` (default: half the fraction) and `ceiling` bound every site's fraction.
     `reallocate` > 0 moves budget between sites while decoding (fraction budgets only).
+
+    With `streaming_heads` (site -> KV heads that keep only a fixed window of tokens), "uniform"
+    is uniform over the heads that keep budgeted tokens: see `streaming_shares` (fraction budgets,
+    when no floor, ceiling or selection transform bounds the sites).
 
     Below budget 1, `ceilings` (site -> the share of tokens a selection transform keeps there)
     bound those sites further, and `reserved_bytes` (site -> bytes per sequence a transform
@@ -128,6 +133,7 @@ def build_plan(
     fraction = min(fraction, 1.0)
     limits = [min(ceiling, limit) for limit in selected]
 
+    floor_given = floor
     floor = fraction / 2 if floor is None else floor
     if not 0.0 <= floor <= fraction:
         raise ValueError(f"floor must be in [0, budget fraction {fraction:.4g}], got {floor!r}")
@@ -149,7 +155,14 @@ def build_plan(
     # Token filtering never selects in a windowed site, so their limits never bind here.
     spread_over = [i for i, site in enumerate(sites) if site.window is None]
     shares = [fraction] * len(sites)
-    if spread_over and (allocation != "uniform" or min(limits) < fraction):
+    by_heads = None
+    if (streaming_heads and allocation == "uniform" and parsed.kind == "fraction" and floor_given is None
+            and ceiling == 1.0 and min(limits) >= 1.0 and len(spread_over) == len(sites)):
+        streaming = [len(streaming_heads.get(site.name, ())) for site in sites]
+        by_heads = streaming_shares([site.num_kv_heads for site in pruned], streaming, weights, fraction)
+    if by_heads is not None:
+        shares = by_heads
+    elif spread_over and (allocation != "uniform" or min(limits) < fraction):
         pick = lambda values: [values[i] for i in spread_over]  # noqa: E731
         if allocation == "uniform":
             part = _fit([1] * len(spread_over), fraction, floor, pick(limits), pick(weights))
@@ -172,6 +185,33 @@ def build_plan(
     else:
         plan.max_tokens = _token_caps(plan, parsed, shares, weights, pruned, reference)
     return plan
+
+
+def streaming_shares(kv_heads: list[int], streaming: list[int], weights: list[int],
+                     fraction: float) -> list[float] | None:
+    """Site fractions that give the budget to the heads that keep budgeted tokens, or None.
+
+    A streaming head holds a fixed window whatever the length; every other head wants all tokens.
+    Each streaming head gets the same share σ of a full head's bytes and every other head a whole
+    head's (site s with h heads, r budgeted: (r + (h - r) σ) / h), σ chosen so that the byte-weighted
+    sum is the budget `fraction` (the sites' bytes per token `weights` split evenly over their
+    heads). Once the length T reaches window / σ, every head keeps all it wants; shorter, the
+    streaming heads' windows shrink to fit; the cap holds at every length, since the shares sum to
+    the budget. None when the budgeted heads alone need the whole budget (then they must evict, and
+    the plain uniform split applies).
+
+    Example:
+        >>> [round(x, 3) for x in streaming_shares([2, 2], [2, 0], [8, 8], 0.55)]
+        [0.1, 1.0]
+    """
+    per_head = [w / h if h else 0 for w, h in zip(weights, kv_heads)]
+    budget = fraction * sum(weights)
+    budgeted = sum(b * (h - s) for b, h, s in zip(per_head, kv_heads, streaming))
+    streamed = sum(b * s for b, s in zip(per_head, streaming))
+    if budget <= budgeted or streamed == 0:
+        return None
+    share = min(1.0, budget / budgeted if not streamed else (budget - budgeted) / streamed)
+    return [(h - s + s * share) / h if h else 1.0 for h, s in zip(kv_heads, streaming)]
 
 
 def calibrated_head_shares(plan: Plan, calibration: "Calibration", head_floor: float,

@@ -129,6 +129,7 @@ class Evict(Transform):
             dtype_bytes=context.dtype_bytes, seq_len=context.seq_len, floor=self.floor, ceiling=self.ceiling,
             sinks=self.sinks, recent=self.recent, evict_every=self.evict_every, reallocate=self.reallocate,
             pruned_heads=context.pruned_heads, ceilings=context.kept_fraction, reserved_bytes=context.reserved_bytes,
+            streaming_heads=context.streaming_heads,
         )
         context.plan.per_head_budgets, context.plan.head_floor = self.per_head, self.head_floor
         if calibrated_heads:

@@ -5,6 +5,9 @@ the attention. `fraction` of the KV heads the model keeps become streaming heads
 their segment of the ragged cache holds `sinks + recent` tokens whatever the length, while the
 retrieval heads keep their whole cache, or, with `kvpass.Evict`, the site's eviction budget
 minus what the streaming heads hold (so at equal bytes they keep more than under `Evict` alone).
+When the budget covers the retrieval heads whole, uniform allocation spreads it over the heads,
+not the layers (`kvpass.planning.streaming_shares`): a layer of retrieval heads gets its whole
+cache and a layer of streaming heads little more than their windows.
 
 Heads are chosen before anything is touched, globally across layers, by calibration: each KV
 head's relative error of the attention block's output when it alone streams, on prompts that
