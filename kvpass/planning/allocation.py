@@ -5,7 +5,8 @@ of the *unmodified* model's cache, so the whole cache stays within half. Structu
 (head pruning) shrink some sites first; eviction then supplies whatever saving is left. How
 the eviction budget is spread is the allocation:
 
-* "uniform": every site the same fraction;
+* "uniform": every site the same fraction (with streaming heads, when the budget covers the
+  others whole: every non-streaming head the same, `streaming_shares`);
 * "pyramid": linearly less with depth (PyramidKV), between a floor and a ceiling;
 * "adaptive": greedy over the calibration's output-error curves (`kvpass.calibration`):
   each quantum of budget goes to the site whose predicted attention-output error falls
@@ -210,7 +211,7 @@ def streaming_shares(kv_heads: list[int], streaming: list[int], weights: list[in
     streamed = sum(b * s for b, s in zip(per_head, streaming))
     if budget <= budgeted or streamed == 0:
         return None
-    share = min(1.0, budget / budgeted if not streamed else (budget - budgeted) / streamed)
+    share = min(1.0, (budget - budgeted) / streamed)
     return [(h - s + s * share) / h if h else 1.0 for h, s in zip(kv_heads, streaming)]
 
 
