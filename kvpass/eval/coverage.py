@@ -276,11 +276,10 @@ def check(model_type: str, transform: str = "evict") -> Verdict:
     """Build `model_type` tiny and run `transform`'s checks on it (see the module docstring)."""
     import time
 
-    if transform not in CHECKED_TRANSFORMS:
-        raise ValueError(f"transform={transform!r} is not checked; expected one of {CHECKED_TRANSFORMS}")
-
     from kvpass.errors import KVPassError
 
+    if transform not in CHECKED_TRANSFORMS:
+        raise ValueError(f"transform={transform!r} is not checked; expected one of {CHECKED_TRANSFORMS}")
     start = time.perf_counter()
     verdict = Verdict(model_type, "could not build")
     try:
