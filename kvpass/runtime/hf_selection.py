@@ -121,11 +121,11 @@ def decoder_layers(model: torch.nn.Module, sites: int) -> tuple[torch.nn.Module,
                                     "sites; one self-attention per decoder layer is needed")
     for index, layer in enumerate(layers):
         parameters = inspect.signature(layer.forward).parameters
-        missing = [name for name in LAYER_KEYWORDS if name not in parameters]
-        if not any(name in parameters for name in MODEL_CACHE_KEYWORDS):
+        # a layer taking **kwargs takes them all; the prefill checks the rest (a scored layer must report)
+        takes_any = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values())
+        missing = [] if takes_any else [name for name in LAYER_KEYWORDS if name not in parameters]
+        if not takes_any and not any(name in parameters for name in MODEL_CACHE_KEYWORDS):
             missing.append(" or ".join(MODEL_CACHE_KEYWORDS))
-        if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
-            missing = []  # it takes them as **kwargs; the prefill checks the rest (a scored layer must report)
         if missing:
             raise UnsupportedModelError(f"SelectLayer: decoder layer {index} ({type(layer).__name__}) takes no "
                                         f"{missing}: kvpass narrows those inputs to the selected tokens")

@@ -108,19 +108,24 @@ class PlanningContext:
             raise ValueError(f"prompts={prompts!r} is not a kind of calibration prompts; expected one of "
                              f"{CALIBRATION_PROMPTS}")
         key = "given" if self.calibration_source is not None else prompts
-        source = self._retrieval_prompts() if key == "retrieval" else self.calibration_source
         if key not in self._calibrations:
-            self._calibrations[key] = source if isinstance(source, Calibration) else calibrate(
-                self.model, self.eviction_method, source, tokenizer=self.tokenizer, sites=self.sites,
+            given = self._source(key)
+            self._calibrations[key] = given if isinstance(given, Calibration) else calibrate(
+                self.model, self.eviction_method, given, tokenizer=self.tokenizer, sites=self.sites,
                 sinks=self.sinks, recent=self.recent, heads=heads)
         measured = self._calibrations[key]
         if heads and not measured.head_error:
-            ids = prompt_ids(self.model, None if isinstance(source, Calibration) else source, self.tokenizer)
+            given = self._source(key)
+            ids = prompt_ids(self.model, None if isinstance(given, Calibration) else given, self.tokenizer)
             measured = self._calibrations[key] = dataclasses.replace(
                 measured, head_error=head_removal_errors(self.model, ids, self.sites))
         return measured
 
-    def _retrieval_prompts(self) -> list:
+    def _source(self, key: str) -> Any:
+        """What calibration `key` is measured on: the user's source, kvpass's general prompts (None), or its
+        generated retrieval prompts (made only when needed)."""
+        if key != "retrieval":
+            return self.calibration_source
         from kvpass.streaming_calibration import retrieval_prompts
 
         vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
